@@ -1,0 +1,459 @@
+"""The acceptance-statistics store: decayed per-(model, bucket, arm) records shared by replicas.
+
+Decoder replicas ``record()`` one ``SpecDecodeStats`` per finished request; the router reads
+``snapshot()``, which only ever touches the in-process cache. Two backends:
+``InProcessStatsStore`` (single machine) and ``RedisStatsStore`` (shared by all replicas).
+
+Every record is decayed with a half-life: before new values are added, both the stored and the
+new figures are scaled by ``0.5 ** (age / half_life_s)`` to the later of the two timestamps.
+``snapshot()`` returns the figures decayed to the time of the call; ``updated_at`` stays the time
+of the last write.
+
+Redis key schema (numbers only: no prompt text, nothing pickled; values are parsed with float()):
+
+* ``{prefix}:{model}:{bucket}:{arm}`` -- a hash per key with the fields ``requests``,
+  ``num_spec_steps``, ``num_drafts``, ``num_draft_tokens``, ``num_accepted_tokens``,
+  ``draft_time_s``, ``verify_time_s``, ``num_output_tokens``, ``decode_time_s``,
+  ``acc_pos:0``, ``acc_pos:1``, ... and ``updated_at`` (unix seconds). Components are
+  percent-encoded (``%`` -> ``%25``, ``:`` -> ``%3A``) so a ``:`` in a name cannot collide.
+  Each write refreshes the hash's TTL.
+* ``{prefix}:index`` -- a sorted set of the hash keys scored by ``updated_at``, so reads need no
+  SCAN; members older than the TTL are pruned on write, and the index shares the TTL.
+
+Each record is applied atomically by one Lua script (decay, add, stamp, EXPIRE, index).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from workers.stats import SpecDecodeStats
+
+log = logging.getLogger(__name__)
+
+_COUNTERS = ("requests", "num_spec_steps", "num_drafts", "num_draft_tokens",
+             "num_accepted_tokens", "draft_time_s", "verify_time_s", "num_output_tokens",
+             "decode_time_s")
+_POS_FIELD = "acc_pos:"
+_OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError,
+                  OSError, asyncio.TimeoutError)
+
+_APPLY_RECORD_LUA = """
+local now, half_life, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local fields = {}
+local current = redis.call('HGETALL', KEYS[1])
+for i = 1, #current, 2 do
+  fields[current[i]] = tonumber(current[i + 1]) or 0
+end
+local old = fields['updated_at'] or now
+fields['updated_at'] = nil
+local stamp = math.max(old, now)
+local keep = 0.5 ^ ((stamp - old) / half_life)
+local add = 0.5 ^ ((stamp - now) / half_life)
+for name, value in pairs(fields) do
+  fields[name] = value * keep
+end
+for i = 4, #ARGV, 2 do
+  fields[ARGV[i]] = (fields[ARGV[i]] or 0) + tonumber(ARGV[i + 1]) * add
+end
+local flat = {'updated_at', stamp}
+for name, value in pairs(fields) do
+  flat[#flat + 1] = name
+  flat[#flat + 1] = value
+end
+redis.call('HSET', KEYS[1], unpack(flat))
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], stamp, KEYS[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class StatsKey:
+    model: str
+    bucket: str
+    arm: str
+
+
+def _decay_factor(age_s: float, half_life_s: float) -> float:
+    return 0.5 ** (max(age_s, 0.0) / half_life_s)
+
+
+def _add_lists(a: list[float], b: list[float]) -> list[float]:
+    longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
+    return [x + (shorter[i] if i < len(shorter) else 0.0) for i, x in enumerate(longer)]
+
+
+@dataclass
+class ArmStats:
+    """The aggregated, decayed record of one ``StatsKey``."""
+
+    requests: float = 0.0
+    num_spec_steps: float = 0.0
+    num_drafts: float = 0.0
+    num_draft_tokens: float = 0.0
+    num_accepted_tokens: float = 0.0
+    accepted_per_pos: list[float] = field(default_factory=list)
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    num_output_tokens: float = 0.0
+    decode_time_s: float = 0.0  # wall-clock decode time of the requests
+    updated_at: float = 0.0
+
+    @classmethod
+    def from_spec_decode(cls, stats: SpecDecodeStats, decode_time_s: float,
+                         now: float) -> ArmStats:
+        return cls(requests=1.0,
+                   num_spec_steps=float(stats.num_spec_steps),
+                   num_drafts=float(stats.num_drafts),
+                   num_draft_tokens=float(stats.num_draft_tokens),
+                   num_accepted_tokens=float(stats.num_accepted_tokens),
+                   accepted_per_pos=[float(n) for n in stats.accepted_per_pos],
+                   draft_time_s=float(stats.draft_time_s),
+                   verify_time_s=float(stats.verify_time_s),
+                   num_output_tokens=float(stats.num_output_tokens),
+                   decode_time_s=float(decode_time_s),
+                   updated_at=now)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens committed per verify step: accepted drafts plus the bonus token."""
+        if not self.num_spec_steps:
+            return 0.0
+        return (self.num_accepted_tokens + self.num_spec_steps) / self.num_spec_steps
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        if not self.num_draft_tokens:
+            return 0.0
+        return self.num_accepted_tokens / self.num_draft_tokens
+
+    @property
+    def goodput_tokens_per_s(self) -> float:
+        if not self.decode_time_s:
+            return 0.0
+        return self.num_output_tokens / self.decode_time_s
+
+    @property
+    def acceptance_rate_per_pos(self) -> list[float]:
+        """Share of drafting steps that accepted the token at each draft position."""
+        if not self.num_drafts:
+            return [0.0] * len(self.accepted_per_pos)
+        return [n / self.num_drafts for n in self.accepted_per_pos]
+
+    def scaled(self, factor: float) -> ArmStats:
+        return replace(self, **{name: getattr(self, name) * factor for name in _COUNTERS},
+                       accepted_per_pos=[n * factor for n in self.accepted_per_pos])
+
+    def decayed(self, now: float, half_life_s: float) -> ArmStats:
+        return self.scaled(_decay_factor(now - self.updated_at, half_life_s))
+
+    def combined(self, other: ArmStats, half_life_s: float) -> ArmStats:
+        """Both decayed to the later timestamp, then added (what the Lua script does)."""
+        stamp = max(self.updated_at, other.updated_at)
+        a, b = self.decayed(stamp, half_life_s), other.decayed(stamp, half_life_s)
+        return ArmStats(**{name: getattr(a, name) + getattr(b, name) for name in _COUNTERS},
+                        accepted_per_pos=_add_lists(a.accepted_per_pos, b.accepted_per_pos),
+                        updated_at=stamp)
+
+    def counter_fields(self) -> dict[str, float]:
+        """The numeric hash fields except ``updated_at``."""
+        fields = {name: float(getattr(self, name)) for name in _COUNTERS}
+        fields.update({f"{_POS_FIELD}{i}": float(n) for i, n in enumerate(self.accepted_per_pos)})
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, str | float]) -> ArmStats:
+        counters = {name: float(fields.get(name, 0.0)) for name in _COUNTERS}
+        positions = {int(name[len(_POS_FIELD):]): float(value)
+                     for name, value in fields.items() if name.startswith(_POS_FIELD)}
+        per_pos = [0.0] * (max(positions) + 1 if positions else 0)
+        for pos, value in positions.items():
+            per_pos[pos] = value
+        return cls(**counters, accepted_per_pos=per_pos,
+                   updated_at=float(fields.get("updated_at", 0.0)))
+
+
+class StatsStore(abc.ABC):
+    """Records acceptance statistics and serves them from an in-process cache."""
+
+    def __init__(self, half_life_s: float, clock: Callable[[], float],
+                 on_availability_change: Callable[[bool], None] | None):
+        if half_life_s <= 0:
+            raise ValueError("half_life_s must be positive")
+        self.half_life_s = half_life_s
+        self.clock = clock
+        self.on_availability_change = on_availability_change
+        self.dropped_writes = 0
+        self.write_errors = 0
+        self.read_errors = 0
+        self._cache: dict[StatsKey, ArmStats] = {}
+
+    @property
+    @abc.abstractmethod
+    def available(self) -> bool: ...
+
+    @property
+    def pending(self) -> int:
+        """Records recorded but not yet written to the backend."""
+        return 0
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start background work; never fails because the backend is down."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop background work, writing what is queued if the backend allows."""
+
+    @abc.abstractmethod
+    def record(self, key: StatsKey, stats: SpecDecodeStats, decode_time_s: float) -> None:
+        """Queue one finished request's statistics; never blocks, never raises on outages."""
+
+    def snapshot(self, model: str | None = None) -> dict[StatsKey, ArmStats]:
+        """Cached figures decayed to now, optionally of one model; never touches the network."""
+        now = self.clock()
+        return {key: stats.decayed(now, self.half_life_s) for key, stats in self._cache.items()
+                if model is None or key.model == model}
+
+    async def flush(self) -> bool:
+        """Write what is queued now; True when nothing is left queued."""
+        return True
+
+    async def refresh(self) -> bool:
+        """Reload the cache from the backend now; True on success."""
+        return True
+
+
+class InProcessStatsStore(StatsStore):
+    """The single-process default: records are merged into the cache as they arrive."""
+
+    def __init__(self, half_life_s: float = 3600.0, clock: Callable[[], float] = time.time,
+                 on_availability_change: Callable[[bool], None] | None = None):
+        super().__init__(half_life_s, clock, on_availability_change)
+
+    @property
+    def available(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        if self.on_availability_change is not None:
+            self.on_availability_change(True)
+
+    async def close(self) -> None:
+        pass
+
+    def record(self, key: StatsKey, stats: SpecDecodeStats, decode_time_s: float) -> None:
+        new = ArmStats.from_spec_decode(stats, decode_time_s, self.clock())
+        current = self._cache.get(key)
+        self._cache[key] = new if current is None else current.combined(new, self.half_life_s)
+
+
+def _escape(component: str) -> str:
+    return component.replace("%", "%25").replace(":", "%3A")
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+
+
+class RedisStatsStore(StatsStore):
+    """Statistics shared through Redis, written in batches and read into a periodic cache."""
+
+    def __init__(self, url: str, prefix: str = "s3d:stats:v1", half_life_s: float = 3600.0,
+                 ttl_s: int = 7 * 24 * 3600, refresh_interval_s: float = 2.0,
+                 flush_interval_s: float = 0.5, max_buffer: int = 10000,
+                 socket_timeout_s: float = 0.5, password: str | None = None,
+                 max_backoff_s: float = 5.0, clock: Callable[[], float] = time.time,
+                 on_availability_change: Callable[[bool], None] | None = None):
+        """``password`` is used when the URL carries none; a password in the URL wins."""
+        super().__init__(half_life_s, clock, on_availability_change)
+        if max_buffer < 1:
+            raise ValueError("max_buffer must be at least 1")
+        self.prefix = prefix
+        self.ttl_s = int(ttl_s)
+        self.refresh_interval_s = refresh_interval_s
+        self.flush_interval_s = flush_interval_s
+        self.max_buffer = max_buffer
+        self.socket_timeout_s = socket_timeout_s
+        self.max_backoff_s = max_backoff_s
+        self._where = _redacted(url)
+        self._redis = aioredis.Redis.from_url(
+            url, password=password, decode_responses=True, socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 1))
+        self._apply_record = self._redis.register_script(_APPLY_RECORD_LUA)
+        self._buffer: deque[tuple[StatsKey, ArmStats]] = deque()
+        self._in_flight = 0
+        self._flush_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self._available: bool | None = None
+
+    @property
+    def available(self) -> bool:
+        return bool(self._available)
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer) + self._in_flight
+
+    @property
+    def index_key(self) -> str:
+        return f"{self.prefix}:index"
+
+    def hash_key(self, key: StatsKey) -> str:
+        return ":".join((self.prefix, _escape(key.model), _escape(key.bucket), _escape(key.arm)))
+
+    def parse_hash_key(self, name: str) -> StatsKey:
+        model, bucket, arm = name[len(self.prefix) + 1:].split(":")
+        return StatsKey(unquote(model), unquote(bucket), unquote(arm))
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._tasks = [
+            asyncio.create_task(self._every(self.flush_interval_s, self.flush)),
+            asyncio.create_task(self._every(self.refresh_interval_s, self.refresh)),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.flush(), timeout=max(2 * self.socket_timeout_s, 1.0))
+        await self._redis.aclose()
+
+    def record(self, key: StatsKey, stats: SpecDecodeStats, decode_time_s: float) -> None:
+        self._enqueue([(key, ArmStats.from_spec_decode(stats, decode_time_s, self.clock()))])
+
+    def _enqueue(self, items: list[tuple[StatsKey, ArmStats]], front: bool = False) -> None:
+        if front:
+            self._buffer.extendleft(reversed(items))
+        else:
+            self._buffer.extend(items)
+        while len(self._buffer) > self.max_buffer:
+            self._buffer.popleft()
+            self.dropped_writes += 1
+
+    async def flush(self) -> bool:
+        async with self._flush_lock:
+            batch = [self._buffer.popleft() for _ in range(len(self._buffer))]
+            if batch:
+                self._in_flight = len(batch)
+                try:
+                    results = await self._write(batch)
+                except asyncio.CancelledError:
+                    self._enqueue(batch, front=True)
+                    raise
+                finally:
+                    self._in_flight = 0
+                self._settle(batch, results)
+            return not self._buffer
+
+    async def _write(self, batch: list[tuple[StatsKey, ArmStats]]) -> list:
+        """One result per record: the script's reply or the error it met."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, stats in batch:
+                    args = [stats.updated_at, self.half_life_s, self.ttl_s]
+                    for name, value in stats.counter_fields().items():
+                        args += [name, value]
+                    await self._apply_record(keys=[self.hash_key(key), self.index_key],
+                                             args=args, client=pipe)
+                return await pipe.execute(raise_on_error=False)
+        except _OUTAGE_ERRORS as exc:
+            return [exc] * len(batch)
+
+    def _settle(self, batch: list[tuple[StatsKey, ArmStats]], results: list) -> None:
+        """Requeue what met an outage; count and drop what the server rejected."""
+        outages = [r for r in results if isinstance(r, _OUTAGE_ERRORS)]
+        rejected = [r for r in results
+                    if isinstance(r, Exception) and not isinstance(r, _OUTAGE_ERRORS)]
+        for error in rejected:
+            log.error("statistics store rejected a record: %r", error)
+        self.write_errors += len(rejected) + bool(outages)
+        self._enqueue([item for item, r in zip(batch, results, strict=True)
+                       if isinstance(r, _OUTAGE_ERRORS)], front=True)
+        self._set_available(not outages, outages[0] if outages else None)
+
+    async def refresh(self) -> bool:
+        try:
+            cache = await self._read()
+        except _OUTAGE_ERRORS as exc:
+            self.read_errors += 1
+            self._set_available(False, exc)
+            return False
+        self._cache = cache
+        self._set_available(True)
+        return True
+
+    async def _read(self) -> dict[StatsKey, ArmStats]:
+        names = await self._redis.zrange(self.index_key, 0, -1)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(name)
+            hashes = await pipe.execute()
+        cache = {}
+        for name, fields in zip(names, hashes, strict=True):
+            if not fields:
+                continue
+            try:
+                cache[self.parse_hash_key(name)] = ArmStats.from_fields(fields)
+            except ValueError as exc:
+                self.read_errors += 1
+                log.warning("skipping malformed statistics hash %s: %s", name, exc)
+        return cache
+
+    async def _every(self, interval_s: float, operation: Callable[[], object]) -> None:
+        delay = interval_s
+        while True:
+            await asyncio.sleep(delay)
+            ok = await operation()
+            delay = interval_s if ok else min(2 * delay, max(self.max_backoff_s, interval_s))
+
+    def _set_available(self, available: bool, error: BaseException | None = None) -> None:
+        if available == self._available:
+            return
+        if not available:
+            log.warning("statistics store at %s unavailable, buffering writes: %r",
+                        self._where, error)
+        elif self._available is False:
+            log.info("statistics store at %s available again", self._where)
+        self._available = available
+        if self.on_availability_change is not None:
+            self.on_availability_change(available)
+
+
+_MEMORY_OPTIONS = ("half_life_s", "clock", "on_availability_change")
+
+
+def make_store(url: str | None, **kwargs) -> StatsStore:
+    """``None`` or ``memory://`` -> in-process store; ``redis://``/``rediss://`` -> Redis.
+
+    Options only the Redis store understands are ignored for the in-process store.
+    """
+    if url is None or url == "memory://":
+        return InProcessStatsStore(**{k: v for k, v in kwargs.items() if k in _MEMORY_OPTIONS})
+    if url.startswith(("redis://", "rediss://")):
+        return RedisStatsStore(url, **kwargs)
+    raise ValueError(f"unsupported statistics store URL scheme: {url.split('://')[0]!r}")

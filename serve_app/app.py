@@ -1,0 +1,454 @@
+"""The Ray Serve application: an OpenAI-compatible ingress in front of a pool of decoders.
+
+``build_app`` (the ``import_path`` of the shipped Serve config) builds the graph from one
+``ServeConfig``. The ingress validates, tokenises, asks the router for an arm and streams from a
+``Decoder`` replica; the replica decodes with that arm step by step beside its other requests and
+records the request's acceptance statistics in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.config import ServeConfig, load_config
+from serve_app.metrics import DecoderMetrics, IngressMetrics
+from serve_app.openai_api import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    error_body,
+    new_id,
+    now,
+    usage,
+)
+
+log = logging.getLogger("s3d.serve")
+
+
+@serve.deployment(name="Decoder")
+class Decoder:
+    """One replica: the model, its step scheduler and the statistics it records."""
+
+    def __init__(self, config: dict):
+        import torch
+
+        from router.store import make_store
+        from workers.engine import Engine
+        from workers.scheduler import StepScheduler
+
+        self.config = ServeConfig.model_validate(config)
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
+        self.engine = Engine.load(self.config.model, self.config.dtype, self.config.device,
+                                  self.config.quantization, self.config.profile)
+        self.scheduler = StepScheduler()
+        self.metrics = DecoderMetrics()
+        self.store = make_store(self.config.redis_url, prefix=self.config.stats_prefix,
+                                on_availability_change=self.metrics.set_store_available)
+        self._store_started = False
+
+    async def _ensure_store(self) -> None:
+        if not self._store_started:
+            self._store_started = True
+            await self.store.start()
+
+    async def check_health(self) -> None:
+        if not self.scheduler.healthy:
+            raise RuntimeError(f"decoder loop stopped: {self.scheduler.error!r}")
+
+    async def queue_length(self) -> int:
+        return self.scheduler.active
+
+    async def generate(self, payload: dict) -> AsyncIterator[dict]:
+        """Stream ``{"text", "token_ids", "finish_reason"}`` deltas; the last one adds figures."""
+        from router.store import StatsKey
+        from workers.sampling import SamplingParams
+        from workers.textstream import StopStrings, TextStream
+
+        await self._ensure_store()
+        params = SamplingParams(payload["temperature"], payload["top_p"], payload["top_k"],
+                                payload.get("seed"))
+        gen = self.engine.generation(payload["prompt_ids"], payload["max_tokens"],
+                                     payload["arm"], params)
+        text = TextStream(self.engine.tokenizer)
+        stops = StopStrings(payload.get("stop") or [])
+        start = time.perf_counter()
+        first_token_at = None
+        finish_reason = None
+        async for tokens in self.scheduler.stream(gen):
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            delta = stops.push(text.push(tokens))
+            if stops.stopped:
+                finish_reason = "stop"
+            elif gen.finished:
+                delta += stops.push(text.flush()) + stops.flush()
+                finish_reason = "stop" if stops.stopped else gen.finish_reason
+            if delta or finish_reason:
+                yield {"text": delta, "token_ids": tokens, "finish_reason": finish_reason}
+            if finish_reason:
+                break
+        elapsed = time.perf_counter() - start
+        decode_time = elapsed - ((first_token_at or start) - start)
+        summary = gen.stats.summary(gen.arm.name)
+        self.metrics.observe_request(gen.stats, gen.arm.name, elapsed,
+                                     (first_token_at or start) - start)
+        self.store.record(StatsKey(self.config.served_model_name, payload["bucket"],
+                                   gen.arm.name), gen.stats, max(decode_time, 1e-6))
+        yield {"text": "", "token_ids": [], "finish_reason": finish_reason or "stop",
+               "usage": usage(len(gen.prompt), len(gen.output)), "spec_decode": summary}
+
+
+def _api_error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def create_api(config: ServeConfig) -> FastAPI:
+    api = FastAPI(title="s3d-serve", version="0.1.0",
+                  description="OpenAI-compatible API over lossless self-speculative decoding.")
+
+    @api.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _api_error_response(exc)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        message = "; ".join(
+            f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e['msg']}"
+            for e in exc.errors()[:5])
+        return JSONResponse(error_body(message or "invalid request", "invalid_request_error",
+                                       loc[0] if loc else None, "invalid_value"), status_code=400)
+
+    @api.middleware("http")
+    async def _limits_and_auth(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
+            return _api_error_response(APIError(
+                413, f"request body exceeds {config.max_body_bytes} bytes", code="body_too_large"))
+        if config.api_keys and request.url.path.startswith("/v1"):
+            header = request.headers.get("authorization", "")
+            key = header[7:] if header.lower().startswith("bearer ") else ""
+            ok = False
+            for candidate in config.api_keys:  # check every key: timing says nothing of which
+                ok |= hmac.compare_digest(key.encode(), candidate.encode())
+            if not ok:
+                return _api_error_response(APIError(
+                    401, "invalid or missing API key", type="authentication_error",
+                    code="invalid_api_key"))
+        return await call_next(request)
+
+    return api
+
+
+class IngressBase:
+    """Request handling; wrapped by ``@serve.ingress`` in ``build_app`` with the config's API."""
+
+    def __init__(self, decoder: DeploymentHandle, config: dict):
+        from transformers import AutoTokenizer
+
+        from router.policy import ArmRouter
+        from router.store import make_store
+        from workers.engine import resolve_profile
+        from workers.model import resolve_model_path
+
+        self.config = ServeConfig.model_validate(config)
+        self.decoder = decoder
+        path = resolve_model_path(self.config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        from transformers import AutoConfig
+
+        from workers.model import check_architecture, fingerprint
+
+        model_config = AutoConfig.from_pretrained(path)
+        check_architecture(model_config)
+        self.context = int(getattr(model_config, "max_position_embeddings", 2048))
+        self.profile = resolve_profile(self.config.profile, fingerprint(model_config),
+                                       model_config.num_hidden_layers)
+        default = self.config.default_arm or self.profile.default_arm
+        self.profile.arm(default)
+        self.store = make_store(self.config.redis_url, prefix=self.config.stats_prefix)
+        self._store_started = False
+        prior = {k: v["tokens_per_s"] for k, v in self.profile.notes.get("measured", {}).items()}
+        self.router = ArmRouter([a.name for a in self.profile.arms], default, prior or None,
+                                self.config.router, estimates=self._estimates)
+        self.metrics = IngressMetrics()
+
+    def _estimates(self, bucket: str):
+        from router.policy import ArmEstimate
+
+        out = {}
+        for key, stats in self.store.snapshot(self.config.served_model_name).items():
+            if key.bucket == bucket and stats.requests > 0:
+                out[key.arm] = ArmEstimate(stats.goodput_tokens_per_s, stats.requests)
+        return out
+
+    async def _ensure_store(self) -> None:
+        if not self._store_started:
+            self._store_started = True
+            await self.store.start()
+
+    # --- request preparation ---------------------------------------------------------------
+
+    def _prompt_ids(self, req: CompletionRequest | ChatCompletionRequest) -> tuple[list[int], str]:
+        if isinstance(req, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            try:
+                out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                         tokenize=True)
+            except Exception as exc:  # a template that rejects the conversation
+                raise APIError(400, f"cannot apply the chat template: {exc}",
+                               param="messages") from exc
+            ids = out["input_ids"] if hasattr(out, "keys") else out
+            return list(ids), "\n".join(m["content"] for m in messages)
+        if isinstance(req.prompt, list):
+            bad = [t for t in req.prompt if not 0 <= t < len(self.tokenizer)]
+            if bad:
+                raise APIError(400, f"token ids out of range: {bad[:5]}", param="prompt")
+            return list(req.prompt), self.tokenizer.decode(req.prompt)
+        return list(self.tokenizer(req.prompt)["input_ids"]), req.prompt
+
+    def _prepare(self, req: SamplingFields, is_chat: bool) -> tuple[list[dict], int]:
+        from router.policy import context_bucket
+
+        cfg = self.config
+        if req.model is not None and req.model not in (cfg.served_model_name, cfg.model):
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves "
+                                f"{cfg.served_model_name!r}", param="model",
+                           code="model_not_found")
+        if req.n > cfg.max_n:
+            raise APIError(400, f"n must be at most {cfg.max_n}", param="n")
+        stops = req.stop_list()
+        if len(stops) > cfg.max_stop:
+            raise APIError(400, f"at most {cfg.max_stop} stop strings", param="stop")
+        if any(len(s) > cfg.max_stop_length for s in stops):
+            raise APIError(400, f"stop strings must be at most {cfg.max_stop_length} characters",
+                           param="stop")
+        max_tokens = req.requested_max_tokens() or cfg.default_max_tokens
+        if max_tokens > cfg.max_tokens_limit:
+            raise APIError(400, f"max_tokens must be at most {cfg.max_tokens_limit}",
+                           param="max_tokens")
+        ids, text = self._prompt_ids(req)
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if len(ids) + max_tokens > self.context:
+            raise APIError(400, f"this model's context is {self.context} tokens; the prompt has "
+                                f"{len(ids)} and max_tokens is {max_tokens}",
+                           param="prompt", code="context_length_exceeded")
+        bucket = context_bucket(text, is_chat, req.temperature, len(ids))
+        try:
+            arm = self.router.choose(bucket, req.arm)
+        except KeyError:
+            names = ", ".join(a.name for a in self.profile.arms)
+            raise APIError(400, f"unknown arm {req.arm!r}; arms: {names}", param="arm") from None
+        self.metrics.observe_arm(arm, pinned=req.arm is not None)
+        payloads = []
+        for i in range(req.n):
+            seed = None if req.seed is None else req.seed + i
+            payloads.append({"prompt_ids": ids, "max_tokens": max_tokens, "arm": arm,
+                             "temperature": req.temperature, "top_p": req.top_p,
+                             "top_k": req.top_k, "seed": seed, "stop": stops, "bucket": bucket})
+        return payloads, len(ids)
+
+    # --- decoding -------------------------------------------------------------------------
+
+    async def _stream(self, payload: dict) -> AsyncIterator[dict]:
+        gen = self.decoder.options(stream=True).generate.remote(payload)
+        try:
+            async for item in gen:
+                yield item
+        except BackPressureError as exc:
+            raise APIError(503, "the server is at capacity; retry later", type="server_error",
+                           code="overloaded",
+                           headers={"Retry-After": str(self.config.retry_after_s)}) from exc
+        finally:
+            gen.cancel()
+
+    async def _merged(self, payloads: list[dict]) -> AsyncIterator[tuple[int, dict]]:
+        """Chunks of all choices, as they come, tagged with the choice index."""
+        if len(payloads) == 1:
+            async for item in self._stream(payloads[0]):
+                yield 0, item
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(index: int, payload: dict) -> None:
+            try:
+                async for item in self._stream(payload):
+                    await queue.put((index, item))
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                await queue.put((index, exc))
+            finally:
+                await queue.put((index, done))
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(payloads)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                index, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def complete(self, req: SamplingFields, is_chat: bool):
+        await self._ensure_store()
+        started = time.perf_counter()
+        payloads, prompt_tokens = self._prepare(req, is_chat)
+        rid = new_id("chatcmpl" if is_chat else "cmpl")
+        obj = "chat.completion" if is_chat else "text_completion"
+        if req.stream:
+            return StreamingResponse(
+                self._sse(req, is_chat, payloads, prompt_tokens, rid, started),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        texts = [""] * len(payloads)
+        finals: list[dict] = [{} for _ in payloads]
+        async for index, item in self._merged(payloads):
+            texts[index] += item["text"]
+            if "spec_decode" in item:
+                finals[index] = item
+        choices = []
+        for i, (text, final) in enumerate(zip(texts, finals)):
+            if is_chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "finish_reason": final.get("finish_reason"), "logprobs": None})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": None,
+                                "finish_reason": final.get("finish_reason")})
+        completion_tokens = sum(f["usage"]["completion_tokens"] for f in finals)
+        self.metrics.observe_latency(time.perf_counter() - started)
+        return {"id": rid, "object": obj, "created": now(), "model": self.config.served_model_name,
+                "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
+                "spec_decode": merge_spec_decode([f["spec_decode"] for f in finals])}
+
+    async def _sse(self, req: SamplingFields, is_chat: bool, payloads: list[dict],
+                   prompt_tokens: int, rid: str, started: float) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if is_chat else "text_completion"
+        created = now()
+        model = self.config.served_model_name
+        finals: dict[int, dict] = {}
+
+        def chunk(choices: list[dict], **extra) -> str:
+            body = {"id": rid, "object": obj, "created": created, "model": model,
+                    "choices": choices, **extra}
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            if is_chat:
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                              "finish_reason": None} for i in range(len(payloads))])
+            async for index, item in self._merged(payloads):
+                final = "spec_decode" in item
+                if final:
+                    finals[index] = item
+                if not item["text"] and not final:
+                    continue
+                if is_chat:
+                    choice = {"index": index, "delta": {"content": item["text"]} if item["text"]
+                              else {}, "finish_reason": item["finish_reason"] if final else None}
+                else:
+                    choice = {"index": index, "text": item["text"], "logprobs": None,
+                              "finish_reason": item["finish_reason"] if final else None}
+                extra = {"spec_decode": item["spec_decode"]} if final else {}
+                yield chunk([choice], **extra)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            if include_usage:
+                completion_tokens = sum(f["usage"]["completion_tokens"] for f in finals.values())
+                yield chunk([], usage=usage(prompt_tokens, completion_tokens),
+                            spec_decode=merge_spec_decode([f["spec_decode"]
+                                                           for f in finals.values()]))
+            self.metrics.observe_latency(time.perf_counter() - started)
+        except APIError as exc:
+            yield f"data: {json.dumps(exc.body())}\n\n"
+        except Exception as exc:  # a replica died mid-stream: end with an error event
+            log.warning("stream %s failed: %r", rid, exc)
+            yield "data: " + json.dumps(error_body(
+                f"the decoder failed mid-stream: {type(exc).__name__}", "server_error",
+                code="decoder_failed")) + "\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def merge_spec_decode(items: list[dict]) -> dict:
+    """One ``spec_decode`` object for a request with several choices."""
+    if len(items) == 1:
+        return items[0]
+    steps = sum(i["num_spec_steps"] for i in items)
+    drafted = sum(i["num_draft_tokens"] for i in items)
+    accepted = sum(i["num_accepted_tokens"] for i in items)
+    return {"arm": items[0]["arm"],
+            "mean_acceptance_length": round((accepted + steps) / steps, 4) if steps else 0.0,
+            "draft_acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+            "num_spec_steps": steps, "num_drafts": sum(i["num_drafts"] for i in items),
+            "num_draft_tokens": drafted, "num_accepted_tokens": accepted}
+
+
+def make_ingress(config: ServeConfig):
+    api = create_api(config)
+
+    @serve.deployment(name="Ingress")
+    @serve.ingress(api)
+    class Ingress(IngressBase):
+        @api.post("/v1/completions")
+        async def completions(self, req: CompletionRequest):
+            return await self.complete(req, is_chat=False)
+
+        @api.post("/v1/chat/completions")
+        async def chat_completions(self, req: ChatCompletionRequest):
+            return await self.complete(req, is_chat=True)
+
+        @api.get("/v1/models")
+        async def models(self):
+            return {"object": "list", "data": [{
+                "id": self.config.served_model_name, "object": "model", "created": 0,
+                "owned_by": "s3d-serve", "arms": [a.name for a in self.profile.arms]}]}
+
+        @api.get("/healthz")
+        async def healthz(self):
+            return {"status": "ok", "model": self.config.served_model_name,
+                    "stats_store_available": self.store.available}
+
+    return Ingress
+
+
+def build_app(args: dict | None = None):
+    """Serve application builder: ``args`` may hold ``config`` (a YAML path) and field overrides."""
+    args = dict(args or {})
+    config = load_config(args.pop("config", None), overrides=args)
+    decoder_options = {
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
+        "ray_actor_options": {"num_cpus": config.replica_num_cpus,
+                              "num_gpus": config.replica_num_gpus},
+        "health_check_period_s": 5,
+    }
+    if config.min_replicas == config.max_replicas:
+        decoder_options["num_replicas"] = config.max_replicas
+    else:
+        decoder_options["autoscaling_config"] = {
+            "min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests}
+    decoder = Decoder.options(**decoder_options).bind(config.model_dump())
+    ingress = make_ingress(config).options(
+        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        max_ongoing_requests=max(100, 4 * config.max_ongoing_requests * config.max_replicas))
+    return ingress.bind(decoder, config.model_dump())

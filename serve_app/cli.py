@@ -1,0 +1,169 @@
+"""The `s3d` command line: prepare the bundled model, generate, benchmark, search, serve."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="s3d-serve: lossless self-speculative decoding served on Ray Serve.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+model_app = typer.Typer(help="Model preparation.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+MODEL_OPT = typer.Option("bundled", help="Local HF folder, hub id, or `bundled` (SmolLM2-135M).")
+DTYPE_OPT = typer.Option("float32", help="float32 or bfloat16.")
+DEVICE_OPT = typer.Option("auto", help="auto (CUDA when present), cpu or cuda.")
+QUANT_OPT = typer.Option("none", help="none, 8bit or 4bit (bitsandbytes).")
+PROFILE_OPT = typer.Option(None, help="Profile JSON of arms (default: the bundled model's).")
+THREADS_OPT = typer.Option(0, help="torch CPU threads (0: torch's default).")
+
+
+def _threads(n: int) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+@model_app.command("prepare")
+def model_prepare() -> None:
+    """Turn the bundled SmolLM2 GGUF into a local Hugging Face folder (once) and print its path."""
+    from workers.model import prepare_bundled_model
+
+    path = prepare_bundled_model(progress=lambda m: typer.echo(m, err=True))
+    typer.echo(str(path))
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt (a chat message unless --raw)."),
+    raw: bool = typer.Option(False, help="Complete the text as is, without the chat template."),
+    arm: str = typer.Option(None, help="Arm of the profile (default: the profile's default)."),
+    max_tokens: int = typer.Option(128, min=1),
+    temperature: float = typer.Option(0.0, min=0.0),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    seed: int = typer.Option(None),
+    model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
+    quantization: str = QUANT_OPT, profile: str = PROFILE_OPT, threads: int = THREADS_OPT,
+) -> None:
+    """Stream one completion to stdout, then print its acceptance figures."""
+    from workers.engine import Engine
+    from workers.prompts import BenchPrompt
+    from workers.sampling import SamplingParams
+    from workers.textstream import TextStream
+
+    _threads(threads)
+    engine = Engine.load(model, dtype, device, quantization, profile)
+    record = (BenchPrompt(id="cli", category="cli", prompt=prompt) if raw else
+              BenchPrompt(id="cli", category="cli", messages=[{"role": "user", "content": prompt}]))
+    ids = record.to_token_ids(engine.tokenizer)
+    gen = engine.generation(ids, max_tokens, arm, SamplingParams(temperature, top_p, 0, seed))
+    stream = TextStream(engine.tokenizer, skip_special_tokens=True)
+    t0 = time.perf_counter()
+    while not gen.finished:
+        sys.stdout.write(stream.push(gen.step()))
+        sys.stdout.flush()
+    sys.stdout.write(stream.flush() + "\n")
+    seconds = time.perf_counter() - t0
+    summary = gen.stats.summary(gen.arm.name)
+    typer.echo(
+        f"\n[{len(gen.output)} tokens in {seconds:.2f} s, {len(gen.output) / seconds:.1f} tok/s; "
+        f"arm {summary['arm']}; mean acceptance length {summary['mean_acceptance_length']:.2f}; "
+        f"draft acceptance rate {summary['draft_acceptance_rate']:.2f}; "
+        f"{summary['num_spec_steps']} steps, {summary['num_accepted_tokens']}/"
+        f"{summary['num_draft_tokens']} drafts accepted]", err=True)
+
+
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("bench-out"), help="Folder for bench.json, bench.md, bench.png."),
+    methods: str = typer.Option(",".join(("hf_vanilla", "hf_prompt_lookup", "hf_early_exit",
+                                          "vanilla", "skip_chain", "skip_tree", "ngram_tree")),
+                                help="Comma list of methods."),
+    max_tokens: int = typer.Option(128, min=1),
+    limit: int = typer.Option(None, min=1, help="Only the first N prompts."),
+    prompts: Path = typer.Option(None, help="Prompt suite JSONL (default: the shipped one)."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy; >0 a sampled run."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    seed: int = typer.Option(0, help="Base seed of sampled runs (prompt i uses seed+i)."),
+    model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
+    quantization: str = QUANT_OPT, profile: str = PROFILE_OPT, threads: int = THREADS_OPT,
+) -> None:
+    """Run decoding methods side by side on the prompt suite; write JSON, Markdown and a plot."""
+    from workers import bench as bench_mod
+    from workers.engine import Engine
+    from workers.prompts import load_prompts
+    from workers.sampling import SamplingParams
+
+    _threads(threads)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in method_list if m not in bench_mod.ALL_METHODS]
+    if unknown:
+        raise typer.BadParameter(f"unknown methods {unknown}; known: "
+                                 f"{', '.join(bench_mod.ALL_METHODS)}", param_hint="--methods")
+    suite = load_prompts(prompts, limit)
+    engine = Engine.load(model, dtype, device, quantization, profile)
+    params = SamplingParams(temperature, top_p, 0, seed)
+    runner = bench_mod.Bench(engine, suite, max_tokens, params)
+    results = runner.run(method_list)
+    meta = bench_mod.machine_meta(engine, {
+        "max_tokens": max_tokens, "limit": limit, "temperature": temperature, "top_p": top_p,
+        "seed": seed, "methods": method_list, "prompts": str(prompts or "shipped"),
+        "command": "s3d " + " ".join(sys.argv[1:])})
+    data = bench_mod.report(results, params=params, meta=meta)
+    bench_mod.write_outputs(data, out)
+    typer.echo(bench_mod.markdown_table(data))
+    typer.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
+
+
+@app.command("search")
+def search_cmd(
+    out: Path = typer.Option(..., help="Where to write the profile JSON."),
+    max_tokens: int = typer.Option(48, min=8, help="Tokens per calibration prompt."),
+    finalists: int = typer.Option(3, min=1, help="Skip sets decoded for real in stage 2."),
+    model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
+    quantization: str = QUANT_OPT, threads: int = THREADS_OPT,
+) -> None:
+    """Measure skip sets and arm parameters; write a profile of arms for the router."""
+    from workers.engine import Engine
+    from workers.search import search
+
+    _threads(threads)
+    engine = Engine.load(model, dtype, device, quantization, None)
+    profile = search(engine, max_tokens=max_tokens, finalists=finalists,
+                     log=lambda m: typer.echo(m, err=True))
+    profile.save(out)
+    typer.echo(f"wrote {out} (default arm {profile.default_arm})")
+
+
+@app.command()
+def serve(
+    config: Path = typer.Option(None, help="YAML file of ServeConfig fields."),
+    host: str = typer.Option("127.0.0.1", help="HTTP bind address."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    num_cpus: int = typer.Option(None, help="CPUs for the local Ray (default: all)."),
+    model: str = typer.Option(None, help="Override the config's model."),
+    dtype: str = typer.Option(None, help="Override the config's dtype."),
+    quantization: str = typer.Option(None, help="Override: none, 8bit or 4bit."),
+    redis_url: str = typer.Option(None, help="Use this Redis instead of a child redis-server."),
+    max_replicas: int = typer.Option(None, help="Override the decoder pool's maximum size."),
+) -> None:
+    """Serve the OpenAI-compatible API on this machine (local Ray and Redis); Ctrl-C stops it."""
+    from serve_app.config import load_config
+    from serve_app.local import serve_locally
+
+    cfg = load_config(config, overrides={"model": model, "dtype": dtype,
+                                         "quantization": quantization, "redis_url": redis_url,
+                                         "max_replicas": max_replicas})
+    serve_locally(cfg, host, port, lambda m: typer.echo(m, err=True), num_cpus)

@@ -1,0 +1,667 @@
+"""Python client SDK for the s3d-serve OpenAI-compatible HTTP API.
+
+This module owns the caller's side of the wire contract: the sync and async clients with their
+openai-style resources (``completions``, ``chat.completions``, ``models``), the typed responses and
+stream chunks, the typed errors, server-sent-event parsing and the retry policy. It depends only on
+the standard library, httpx and pydantic, so it imports without torch or ray.
+
+    with S3DClient("http://127.0.0.1:8000") as client:
+        out = client.completions.create(prompt="Hello", max_tokens=16, arm="none")
+        print(out.choices[0].text, out.spec_decode.mean_acceptance_length)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "S3DClient",
+    "AsyncS3DClient",
+    "Completions",
+    "Chat",
+    "ChatCompletions",
+    "Models",
+    "AsyncCompletions",
+    "AsyncChat",
+    "AsyncChatCompletions",
+    "AsyncModels",
+    "Stream",
+    "AsyncStream",
+    "SpecDecode",
+    "Usage",
+    "CompletionChoice",
+    "Completion",
+    "ChatMessage",
+    "ChatChoice",
+    "ChatCompletion",
+    "CompletionChunkChoice",
+    "CompletionChunk",
+    "ChatDelta",
+    "ChatChunkChoice",
+    "ChatCompletionChunk",
+    "Model",
+    "ModelList",
+    "S3DError",
+    "APIError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "UnprocessableEntityError",
+    "RateLimitError",
+    "InternalServerError",
+    "ServiceUnavailableError",
+    "APIConnectionError",
+    "APITimeoutError",
+]
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+_RETRY_STATUSES = frozenset({429, 503})
+_MAX_RETRY_AFTER_S = 60.0
+_MAX_BACKOFF_S = 8.0
+_MAX_MESSAGE_CHARS = 1000
+
+_Prompt = str | list[str] | list[int] | list[list[int]]
+_ResponseT = TypeVar("_ResponseT", bound=BaseModel)
+_ChunkT = TypeVar("_ChunkT", bound=BaseModel)
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class SpecDecode(_Schema):
+    """Acceptance statistics of one request under the speculative arm that served it."""
+
+    arm: str
+    mean_acceptance_length: float
+    draft_acceptance_rate: float
+    num_spec_steps: int
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    num_accepted_tokens_per_pos: list[int] = Field(default_factory=list)
+
+
+class Usage(_Schema):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(_Schema):
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: Any = None
+
+
+class Completion(_Schema):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    spec_decode: SpecDecode | None = None
+
+
+class ChatMessage(_Schema):
+    role: str
+    content: str | None = None
+
+
+class ChatChoice(_Schema):
+    index: int
+    message: ChatMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletion(_Schema):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    spec_decode: SpecDecode | None = None
+
+
+class CompletionChunkChoice(_Schema):
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: Any = None
+
+
+class CompletionChunk(_Schema):
+    """One streamed event; with ``include_usage`` the last one carries usage and spec_decode."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice] = Field(default_factory=list)
+    usage: Usage | None = None
+    spec_decode: SpecDecode | None = None
+
+
+class ChatDelta(_Schema):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Schema):
+    index: int
+    delta: ChatDelta = Field(default_factory=ChatDelta)
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Schema):
+    """One streamed event; with ``include_usage`` the last one carries usage and spec_decode."""
+
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice] = Field(default_factory=list)
+    usage: Usage | None = None
+    spec_decode: SpecDecode | None = None
+
+
+class Model(_Schema):
+    id: str
+    object: str = "model"
+    created: int | None = None
+    owned_by: str | None = None
+
+
+class ModelList(_Schema):
+    object: str = "list"
+    data: list[Model]
+
+
+class S3DError(Exception):
+    """Base of every error this SDK raises."""
+
+
+class APIError(S3DError):
+    """The server answered with an error: an HTTP error status, or an error event in a stream.
+
+    ``status_code`` is the HTTP status; for an error event inside a stream (whose HTTP status was
+    200) it is the event's integer ``code``, or 500 when the event has none.
+    """
+
+    def __init__(self, message: str, *, status_code: int, type: str | None = None,
+                 param: str | None = None, code: str | int | None = None, body: Any = None):
+        kind = f" ({type})" if type else ""
+        super().__init__(f"HTTP {status_code}{kind}: {message}")
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.body = body
+
+
+class BadRequestError(APIError):
+    pass
+
+
+class AuthenticationError(APIError):
+    pass
+
+
+class PermissionDeniedError(APIError):
+    pass
+
+
+class NotFoundError(APIError):
+    pass
+
+
+class UnprocessableEntityError(APIError):
+    pass
+
+
+class RateLimitError(APIError):
+    pass
+
+
+class InternalServerError(APIError):
+    pass
+
+
+class ServiceUnavailableError(APIError):
+    pass
+
+
+class APIConnectionError(S3DError):
+    """The request or the stream failed in transport, without a usable answer from the server."""
+
+
+class APITimeoutError(APIConnectionError):
+    pass
+
+
+_STATUS_ERRORS: dict[int, type[APIError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+    503: ServiceUnavailableError,
+}
+
+
+def _error_message(body: Any, default: str) -> str:
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            body = error.get("message")
+        elif error is not None:
+            body = error
+        elif "detail" in body:  # FastAPI's own error shape, for routes outside the OpenAI handlers
+            body = body["detail"]
+    if isinstance(body, str):
+        return body.strip()[:_MAX_MESSAGE_CHARS] or default
+    return default if body is None else json.dumps(body)[:_MAX_MESSAGE_CHARS]
+
+
+def _api_error(status_code: int, body: Any, default_message: str) -> APIError:
+    error = body.get("error") if isinstance(body, dict) else None
+    fields = error if isinstance(error, dict) else {}
+    cls = _STATUS_ERRORS.get(status_code) or (
+        InternalServerError if status_code >= 500 else APIError)
+    return cls(_error_message(body, default_message), status_code=status_code,
+               type=fields.get("type"), param=fields.get("param"), code=fields.get("code"),
+               body=body)
+
+
+def _status_error(response: httpx.Response) -> APIError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text
+    return _api_error(response.status_code, body, response.reason_phrase or "no error message")
+
+
+def _event_error(payload: dict[str, Any]) -> APIError:
+    error = payload["error"]
+    code = error.get("code") if isinstance(error, dict) else None
+    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    return _api_error(status, payload, "error event in the stream")
+
+
+def _transport_error(exc: httpx.TransportError) -> APIConnectionError:
+    cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
+    return cls(f"{type(exc).__name__}: {exc}")
+
+
+def _retry_delay(response: httpx.Response | None, attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt + 1``: Retry-After, else jittered backoff."""
+    if response is not None:
+        try:
+            seconds = float(response.headers.get("retry-after", ""))
+        except ValueError:  # absent, or an HTTP-date
+            seconds = -1.0
+        if seconds >= 0:
+            return min(seconds, _MAX_RETRY_AFTER_S)
+    return min(0.5 * 2**attempt, _MAX_BACKOFF_S) * (1 - 0.25 * random.random())
+
+
+def _normalise_base_url(base_url: str) -> str:
+    return base_url.rstrip("/").removesuffix("/v1")
+
+
+def _http_options(base_url: str, api_key: str | None, timeout: float | None) -> dict[str, Any]:
+    key = api_key if api_key is not None else os.environ.get("S3D_API_KEY")
+    return {"base_url": base_url, "timeout": httpx.Timeout(timeout),
+            "headers": {"Authorization": f"Bearer {key}"} if key else {}}
+
+
+def _body(**fields: Any) -> dict[str, Any]:
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _sse_data(line: str) -> str:
+    """The payload of an SSE ``data:`` line; empty for blank lines, comments and other fields."""
+    field, _, value = line.partition(":")
+    if field != "data":
+        return ""
+    return value.removeprefix(" ")
+
+
+def _decode_event(data: str, chunk_type: type[_ChunkT]) -> _ChunkT:
+    payload = json.loads(data)
+    if isinstance(payload, dict) and "error" in payload:
+        raise _event_error(payload)
+    return chunk_type.model_validate(payload)
+
+
+_NO_DONE = "the stream ended without data: [DONE]"
+
+
+class Stream(Generic[_ChunkT]):
+    """Iterator of typed chunks from a server-sent-events response.
+
+    Closing it (or leaving its ``with`` block) closes the HTTP response; so does reaching
+    ``data: [DONE]`` or an error.
+    """
+
+    def __init__(self, response: httpx.Response, chunk_type: type[_ChunkT]):
+        self.response = response
+        self._chunk_type = chunk_type
+        self._iterator = self._iterate()
+
+    def _iterate(self) -> Iterator[_ChunkT]:
+        try:
+            for line in self.response.iter_lines():
+                data = _sse_data(line)
+                if data == "[DONE]":
+                    return
+                if data:
+                    yield _decode_event(data, self._chunk_type)
+            raise APIConnectionError(_NO_DONE)
+        except httpx.TransportError as exc:
+            raise _transport_error(exc) from exc
+        finally:
+            self.response.close()
+
+    def __iter__(self) -> Stream[_ChunkT]:
+        return self
+
+    def __next__(self) -> _ChunkT:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        self._iterator.close()
+        self.response.close()
+
+    def __enter__(self) -> Stream[_ChunkT]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncStream(Generic[_ChunkT]):
+    """Async iterator of typed chunks from a server-sent-events response.
+
+    Closing it (``aclose`` or leaving its ``async with`` block) closes the HTTP response; so does
+    reaching ``data: [DONE]`` or an error.
+    """
+
+    def __init__(self, response: httpx.Response, chunk_type: type[_ChunkT]):
+        self.response = response
+        self._chunk_type = chunk_type
+        self._iterator = self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[_ChunkT]:
+        try:
+            async for line in self.response.aiter_lines():
+                data = _sse_data(line)
+                if data == "[DONE]":
+                    return
+                if data:
+                    yield _decode_event(data, self._chunk_type)
+            raise APIConnectionError(_NO_DONE)
+        except httpx.TransportError as exc:
+            raise _transport_error(exc) from exc
+        finally:
+            await self.response.aclose()
+
+    def __aiter__(self) -> AsyncStream[_ChunkT]:
+        return self
+
+    async def __anext__(self) -> _ChunkT:
+        return await anext(self._iterator)
+
+    async def aclose(self) -> None:
+        await self._iterator.aclose()
+        await self.response.aclose()
+
+    async def __aenter__(self) -> AsyncStream[_ChunkT]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class S3DClient:
+    """Synchronous client; ``base_url`` may end in ``/v1`` or not.
+
+    ``api_key`` defaults to the ``S3D_API_KEY`` environment variable. ``transport`` replaces the
+    network (tests pass ``httpx.MockTransport``); ``sleep`` is what waits between retries.
+    """
+
+    def __init__(self, base_url: str = DEFAULT_BASE_URL, api_key: str | None = None,
+                 timeout: float | None = 60.0, max_retries: int = 3, *,
+                 transport: httpx.BaseTransport | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.base_url = _normalise_base_url(base_url)
+        self.max_retries = max_retries
+        self._sleep = sleep
+        self._http = httpx.Client(transport=transport,
+                                  **_http_options(self.base_url, api_key, timeout))
+        self.completions = Completions(self)
+        self.chat = Chat(self)
+        self.models = Models(self)
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+                 stream: bool = False) -> httpx.Response:
+        """Send with retries; only the initial response is retried, never a started stream."""
+        request = self._http.build_request(method, path, json=body)
+        attempt = 0
+        while True:
+            try:
+                response = self._http.send(request, stream=stream)
+                if response.is_error:
+                    response.read()  # a stream's error body is still unread
+            except httpx.TransportError as exc:
+                if not isinstance(exc, httpx.ConnectError) or attempt >= self.max_retries:
+                    raise _transport_error(exc) from exc
+                response = None
+            else:
+                if not response.is_error:
+                    return response
+                if response.status_code not in _RETRY_STATUSES or attempt >= self.max_retries:
+                    raise _status_error(response)
+            self._sleep(_retry_delay(response, attempt))
+            attempt += 1
+
+    def _post(self, path: str, body: dict[str, Any], stream: bool,
+              response_type: type[_ResponseT],
+              chunk_type: type[_ChunkT]) -> _ResponseT | Stream[_ChunkT]:
+        response = self._request("POST", path, body, stream=stream)
+        if stream:
+            return Stream(response, chunk_type)
+        return response_type.model_validate(response.json())
+
+    def health(self) -> dict[str, Any]:
+        """GET /healthz."""
+        return self._request("GET", "/healthz").json()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> S3DClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncS3DClient:
+    """Asynchronous client; ``base_url`` may end in ``/v1`` or not.
+
+    ``api_key`` defaults to the ``S3D_API_KEY`` environment variable. ``transport`` replaces the
+    network (tests pass ``httpx.MockTransport``); ``sleep`` is what waits between retries.
+    """
+
+    def __init__(self, base_url: str = DEFAULT_BASE_URL, api_key: str | None = None,
+                 timeout: float | None = 60.0, max_retries: int = 3, *,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        self.base_url = _normalise_base_url(base_url)
+        self.max_retries = max_retries
+        self._sleep = sleep
+        self._http = httpx.AsyncClient(transport=transport,
+                                       **_http_options(self.base_url, api_key, timeout))
+        self.completions = AsyncCompletions(self)
+        self.chat = AsyncChat(self)
+        self.models = AsyncModels(self)
+
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+                       stream: bool = False) -> httpx.Response:
+        """Send with retries; only the initial response is retried, never a started stream."""
+        request = self._http.build_request(method, path, json=body)
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.send(request, stream=stream)
+                if response.is_error:
+                    await response.aread()  # a stream's error body is still unread
+            except httpx.TransportError as exc:
+                if not isinstance(exc, httpx.ConnectError) or attempt >= self.max_retries:
+                    raise _transport_error(exc) from exc
+                response = None
+            else:
+                if not response.is_error:
+                    return response
+                if response.status_code not in _RETRY_STATUSES or attempt >= self.max_retries:
+                    raise _status_error(response)
+            await self._sleep(_retry_delay(response, attempt))
+            attempt += 1
+
+    async def _post(self, path: str, body: dict[str, Any], stream: bool,
+                    response_type: type[_ResponseT],
+                    chunk_type: type[_ChunkT]) -> _ResponseT | AsyncStream[_ChunkT]:
+        response = await self._request("POST", path, body, stream=stream)
+        if stream:
+            return AsyncStream(response, chunk_type)
+        return response_type.model_validate(response.json())
+
+    async def health(self) -> dict[str, Any]:
+        """GET /healthz."""
+        return (await self._request("GET", "/healthz")).json()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncS3DClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class Completions:
+    def __init__(self, client: S3DClient):
+        self._client = client
+
+    def create(self, *, prompt: _Prompt, model: str | None = None, max_tokens: int | None = None,
+               temperature: float | None = None, top_p: float | None = None,
+               seed: int | None = None, stop: str | list[str] | None = None, n: int | None = None,
+               stream: bool = False, stream_options: dict[str, Any] | None = None,
+               arm: str | None = None, **extra: Any) -> Completion | Stream[CompletionChunk]:
+        """POST /v1/completions; ``arm`` pins the speculative arm, ``extra`` adds body fields."""
+        body = _body(model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+                     top_p=top_p, seed=seed, stop=stop, n=n, stream=stream,
+                     stream_options=stream_options, arm=arm, **extra)
+        return self._client._post("/v1/completions", body, stream, Completion, CompletionChunk)
+
+
+class ChatCompletions:
+    def __init__(self, client: S3DClient):
+        self._client = client
+
+    def create(self, *, messages: list[dict[str, Any]], model: str | None = None,
+               max_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None,
+               stop: str | list[str] | None = None, n: int | None = None, stream: bool = False,
+               stream_options: dict[str, Any] | None = None, arm: str | None = None,
+               **extra: Any) -> ChatCompletion | Stream[ChatCompletionChunk]:
+        """POST /v1/chat/completions; ``arm`` pins the speculative arm, ``extra`` adds fields."""
+        body = _body(model=model, messages=messages, max_tokens=max_tokens,
+                     temperature=temperature, top_p=top_p, seed=seed, stop=stop, n=n,
+                     stream=stream, stream_options=stream_options, arm=arm, **extra)
+        return self._client._post("/v1/chat/completions", body, stream, ChatCompletion,
+                                  ChatCompletionChunk)
+
+
+class Chat:
+    def __init__(self, client: S3DClient):
+        self.completions = ChatCompletions(client)
+
+
+class Models:
+    def __init__(self, client: S3DClient):
+        self._client = client
+
+    def list(self) -> ModelList:
+        """GET /v1/models."""
+        return ModelList.model_validate(self._client._request("GET", "/v1/models").json())
+
+
+class AsyncCompletions:
+    def __init__(self, client: AsyncS3DClient):
+        self._client = client
+
+    async def create(self, *, prompt: _Prompt, model: str | None = None,
+                     max_tokens: int | None = None, temperature: float | None = None,
+                     top_p: float | None = None, seed: int | None = None,
+                     stop: str | list[str] | None = None, n: int | None = None,
+                     stream: bool = False, stream_options: dict[str, Any] | None = None,
+                     arm: str | None = None,
+                     **extra: Any) -> Completion | AsyncStream[CompletionChunk]:
+        """POST /v1/completions; ``arm`` pins the speculative arm, ``extra`` adds body fields."""
+        body = _body(model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+                     top_p=top_p, seed=seed, stop=stop, n=n, stream=stream,
+                     stream_options=stream_options, arm=arm, **extra)
+        return await self._client._post("/v1/completions", body, stream, Completion,
+                                         CompletionChunk)
+
+
+class AsyncChatCompletions:
+    def __init__(self, client: AsyncS3DClient):
+        self._client = client
+
+    async def create(self, *, messages: list[dict[str, Any]], model: str | None = None,
+                     max_tokens: int | None = None, temperature: float | None = None,
+                     top_p: float | None = None, seed: int | None = None,
+                     stop: str | list[str] | None = None, n: int | None = None,
+                     stream: bool = False, stream_options: dict[str, Any] | None = None,
+                     arm: str | None = None,
+                     **extra: Any) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
+        """POST /v1/chat/completions; ``arm`` pins the speculative arm, ``extra`` adds fields."""
+        body = _body(model=model, messages=messages, max_tokens=max_tokens,
+                     temperature=temperature, top_p=top_p, seed=seed, stop=stop, n=n,
+                     stream=stream, stream_options=stream_options, arm=arm, **extra)
+        return await self._client._post("/v1/chat/completions", body, stream, ChatCompletion,
+                                         ChatCompletionChunk)
+
+
+class AsyncChat:
+    def __init__(self, client: AsyncS3DClient):
+        self.completions = AsyncChatCompletions(client)
+
+
+class AsyncModels:
+    def __init__(self, client: AsyncS3DClient):
+        self._client = client
+
+    async def list(self) -> ModelList:
+        """GET /v1/models."""
+        return ModelList.model_validate((await self._client._request("GET", "/v1/models")).json())

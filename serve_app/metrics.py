@@ -1,0 +1,72 @@
+"""Prometheus metrics through ``ray.serve.metrics``, fed from the one acceptance-stats record."""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+from workers.stats import SpecDecodeStats
+
+LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
+
+
+class DecoderMetrics:
+    def __init__(self) -> None:
+        tags = ("arm",)
+        self.num_drafts = metrics.Counter(
+            "spec_decode_num_drafts", "Verify steps that checked drafted tokens.", tag_keys=tags)
+        self.num_draft_tokens = metrics.Counter(
+            "spec_decode_num_draft_tokens", "Drafted tokens verified.", tag_keys=tags)
+        self.num_accepted_tokens = metrics.Counter(
+            "spec_decode_num_accepted_tokens", "Drafted tokens accepted.", tag_keys=tags)
+        self.accepted_per_pos = metrics.Counter(
+            "spec_decode_num_accepted_tokens_per_pos", "Accepted drafted tokens by position.",
+            tag_keys=("arm", "position"))
+        self.output_tokens = metrics.Counter(
+            "s3d_output_tokens", "Generated tokens.", tag_keys=tags)
+        self.request_latency = metrics.Histogram(
+            "s3d_decoder_request_latency_s", "Decoder time per request.",
+            boundaries=LATENCY_BUCKETS, tag_keys=tags)
+        self.ttft = metrics.Histogram(
+            "s3d_time_to_first_token_s", "Time to first token in the decoder.",
+            boundaries=LATENCY_BUCKETS, tag_keys=tags)
+        self.tokens_per_s = metrics.Histogram(
+            "s3d_tokens_per_s", "Decode tokens per second per request.",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500], tag_keys=tags)
+        self.store_available = metrics.Gauge(
+            "s3d_stats_store_available", "1 when the statistics store (Redis) is reachable.")
+        self.store_available.set(1)
+
+    def observe_request(self, stats: SpecDecodeStats, arm: str, seconds: float,
+                        ttft: float) -> None:
+        tags = {"arm": arm}
+        self.num_drafts.inc(stats.num_drafts, tags)
+        self.num_draft_tokens.inc(stats.num_draft_tokens, tags)
+        self.num_accepted_tokens.inc(stats.num_accepted_tokens, tags)
+        for pos, n in enumerate(stats.accepted_per_pos):
+            if n:
+                self.accepted_per_pos.inc(n, {"arm": arm, "position": str(pos)})
+        self.output_tokens.inc(stats.num_output_tokens, tags)
+        self.request_latency.observe(seconds, tags)
+        self.ttft.observe(ttft, tags)
+        decode = seconds - ttft
+        if stats.num_output_tokens > 1 and decode > 0:
+            self.tokens_per_s.observe((stats.num_output_tokens - 1) / decode, tags)
+
+    def set_store_available(self, available: bool) -> None:
+        self.store_available.set(1 if available else 0)
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.arm_chosen = metrics.Counter(
+            "s3d_arm_chosen", "Arms chosen by the router (or pinned by the request).",
+            tag_keys=("arm", "pinned"))
+        self.latency = metrics.Histogram(
+            "s3d_request_latency_s", "End-to-end request latency at the ingress.",
+            boundaries=LATENCY_BUCKETS)
+
+    def observe_arm(self, arm: str, pinned: bool) -> None:
+        self.arm_chosen.inc(1, {"arm": arm, "pinned": str(pinned).lower()})
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency.observe(seconds)

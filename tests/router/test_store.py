@@ -1,0 +1,328 @@
+"""The acceptance-statistics store: derived figures, decay, and Redis sharing and outages."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+
+import pytest
+import redis
+from conftest import RedisServer, free_port
+
+from router.store import (
+    ArmStats,
+    InProcessStatsStore,
+    RedisStatsStore,
+    StatsKey,
+    make_store,
+)
+from workers.stats import SpecDecodeStats
+
+HALF_LIFE = 100.0
+KEY = StatsKey("tiny-llama", "short", "s3d-k4")
+
+
+def spec_stats(steps: int = 4, accepted: int = 6, output: int = 10) -> SpecDecodeStats:
+    return SpecDecodeStats(num_spec_steps=steps, num_drafts=steps, num_draft_tokens=4 * steps,
+                           num_accepted_tokens=accepted, accepted_per_pos=[3, 2, 1],
+                           draft_time_s=0.1, verify_time_s=0.3, num_output_tokens=output)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fast_store(url: str, prefix: str, **kwargs) -> RedisStatsStore:
+    options = dict(prefix=prefix, refresh_interval_s=0.05, flush_interval_s=0.05,
+                   max_backoff_s=0.2, socket_timeout_s=0.5)
+    return RedisStatsStore(url, **(options | kwargs))
+
+
+def unique_prefix() -> str:
+    return f"s3d:test:{uuid.uuid4().hex[:12]}"
+
+
+async def eventually(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.02)
+
+
+def test_arm_stats_derived_figures():
+    stats = ArmStats(requests=2, num_spec_steps=10, num_drafts=8, num_draft_tokens=40,
+                     num_accepted_tokens=20, accepted_per_pos=[8, 6, 4, 2], draft_time_s=0.5,
+                     verify_time_s=1.5, num_output_tokens=30, decode_time_s=2.5)
+    assert stats.mean_acceptance_length == pytest.approx(3.0)
+    assert stats.draft_acceptance_rate == pytest.approx(0.5)
+    assert stats.goodput_tokens_per_s == pytest.approx(12.0)
+    assert stats.acceptance_rate_per_pos == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+def test_arm_stats_of_nothing_is_zero():
+    empty = ArmStats()
+    assert empty.mean_acceptance_length == 0.0
+    assert empty.draft_acceptance_rate == 0.0
+    assert empty.goodput_tokens_per_s == 0.0
+    assert empty.acceptance_rate_per_pos == []
+
+
+def test_arm_stats_from_one_request_round_trips_through_fields():
+    stats = ArmStats.from_spec_decode(spec_stats(), decode_time_s=0.5, now=123.0)
+    assert stats.requests == 1.0
+    assert stats.accepted_per_pos == [3.0, 2.0, 1.0]
+    assert stats.mean_acceptance_length == pytest.approx((6 + 4) / 4)
+    fields = {name: str(value) for name, value in stats.counter_fields().items()}
+    assert ArmStats.from_fields(fields | {"updated_at": "123.0"}) == stats
+
+
+def test_combined_decays_both_sides_to_the_later_timestamp():
+    old = ArmStats(requests=4, accepted_per_pos=[4.0], updated_at=0.0)
+    new = ArmStats(requests=1, accepted_per_pos=[1.0, 1.0], updated_at=HALF_LIFE)
+    for merged in (old.combined(new, HALF_LIFE), new.combined(old, HALF_LIFE)):
+        assert merged.requests == pytest.approx(3.0)
+        assert merged.accepted_per_pos == pytest.approx([3.0, 1.0])
+        assert merged.updated_at == HALF_LIFE
+
+
+def test_in_process_store_records_and_snapshots_by_model():
+    async def scenario():
+        store = make_store(None, half_life_s=1e9, refresh_interval_s=1.0)
+        assert isinstance(store, InProcessStatsStore)
+        await store.start()
+        other = StatsKey("other-model", "short", "s3d-k4")
+        for _ in range(3):
+            store.record(KEY, spec_stats(), decode_time_s=0.5)
+        store.record(other, spec_stats(), decode_time_s=0.5)
+        assert await store.flush()
+        snapshot = store.snapshot("tiny-llama")
+        assert list(snapshot) == [KEY]
+        assert snapshot[KEY].requests == pytest.approx(3.0)
+        assert snapshot[KEY].accepted_per_pos == pytest.approx([9.0, 6.0, 3.0])
+        assert snapshot[KEY].goodput_tokens_per_s == pytest.approx(20.0)
+        assert set(store.snapshot()) == {KEY, other}
+        assert store.available
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_in_process_store_decays_with_the_half_life():
+    clock = FakeClock()
+    store = InProcessStatsStore(half_life_s=HALF_LIFE, clock=clock)
+    store.record(KEY, spec_stats(), decode_time_s=0.5)
+    clock.now += HALF_LIFE
+    assert store.snapshot()[KEY].requests == pytest.approx(0.5)
+    store.record(KEY, spec_stats(), decode_time_s=0.5)
+    clock.now += HALF_LIFE
+    decayed = store.snapshot()[KEY]
+    assert decayed.requests == pytest.approx(0.75)
+    assert decayed.num_spec_steps == pytest.approx(0.75 * 4)
+    assert decayed.mean_acceptance_length == pytest.approx((6 + 4) / 4)
+
+
+def test_make_store_chooses_the_backend():
+    assert isinstance(make_store("memory://"), InProcessStatsStore)
+    assert isinstance(make_store("redis://127.0.0.1:1/0"), RedisStatsStore)
+    assert isinstance(make_store("rediss://127.0.0.1:1/0"), RedisStatsStore)
+    with pytest.raises(ValueError):
+        make_store("http://127.0.0.1:1")
+
+
+def test_key_components_are_escaped():
+    store = RedisStatsStore("redis://127.0.0.1:1/0", prefix="p")
+    a, b = StatsKey("org:model", "b", "arm"), StatsKey("org", "model:b", "arm")
+    assert store.hash_key(a) != store.hash_key(b)
+    for key in (a, b, StatsKey("100%:x", "%3A", ":")):
+        assert store.parse_hash_key(store.hash_key(key)) == key
+
+
+@pytest.mark.redis
+def test_two_clients_share_statistics(redis_server):
+    async def scenario():
+        prefix = unique_prefix()
+        writer, reader = fast_store(redis_server.url, prefix), fast_store(redis_server.url, prefix)
+        await writer.start()
+        await reader.start()
+        writer.record(KEY, spec_stats(), decode_time_s=0.5)
+
+        async def reader_sees_it():
+            return KEY in reader.snapshot()
+
+        await eventually(reader_sees_it)
+        seen = reader.snapshot("tiny-llama")[KEY]
+        assert seen.requests == pytest.approx(1.0, rel=1e-3)
+        assert seen.mean_acceptance_length == pytest.approx(2.5)
+        assert writer.available and reader.available
+        await writer.close()
+        await reader.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.redis
+def test_many_records_accumulate_atomically(redis_server):
+    async def scenario():
+        prefix, clock = unique_prefix(), FakeClock()
+        stores = [fast_store(redis_server.url, prefix, clock=clock, flush_interval_s=0.01)
+                  for _ in range(3)]
+        for store in stores:
+            await store.start()
+        for _ in range(100):
+            for store in stores:
+                store.record(KEY, spec_stats(), decode_time_s=0.5)
+            await asyncio.sleep(0)
+        for store in stores:
+            assert await store.flush()
+        assert await stores[0].refresh()
+        total = stores[0].snapshot()[KEY]
+        assert total.requests == pytest.approx(300.0)
+        assert total.num_accepted_tokens == pytest.approx(1800.0)
+        assert total.accepted_per_pos == pytest.approx([900.0, 600.0, 300.0])
+        for store in stores:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.redis
+def test_stored_hash_is_numeric_prefixed_indexed_and_expiring(redis_server):
+    async def scenario():
+        prefix = unique_prefix()
+        store = fast_store(redis_server.url, prefix, ttl_s=1000)
+        await store.start()
+        store.record(StatsKey("org:model", "short", "s3d-k4"), spec_stats(), decode_time_s=0.5)
+        assert await store.flush()
+        await store.close()
+        return prefix
+
+    prefix = asyncio.run(scenario())
+    raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    names = raw.zrange(f"{prefix}:index", 0, -1)
+    assert names == [f"{prefix}:org%3Amodel:short:s3d-k4"]
+    fields = raw.hgetall(names[0])
+    assert {"requests", "num_spec_steps", "decode_time_s", "acc_pos:0", "acc_pos:2",
+            "updated_at"} <= set(fields)
+    assert all(isinstance(float(value), float) for value in fields.values())
+    assert 0 < raw.ttl(names[0]) <= 1000
+    assert 0 < raw.ttl(f"{prefix}:index") <= 1000
+    raw.close()
+
+
+@pytest.mark.redis
+def test_decay_at_half_life_halves_the_values(redis_server):
+    async def scenario():
+        prefix, clock = unique_prefix(), FakeClock()
+        store = fast_store(redis_server.url, prefix, half_life_s=HALF_LIFE, clock=clock)
+        await store.start()
+        store.record(KEY, spec_stats(), decode_time_s=0.5)
+        assert await store.flush()
+        clock.now += HALF_LIFE
+        assert await store.refresh()
+        assert store.snapshot()[KEY].requests == pytest.approx(0.5)
+        assert store.snapshot()[KEY].num_output_tokens == pytest.approx(5.0)
+        store.record(KEY, spec_stats(), decode_time_s=0.5)
+        assert await store.flush()
+        await store.close()
+        return prefix
+
+    prefix = asyncio.run(scenario())
+    raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    stored = raw.hgetall(f"{prefix}:tiny-llama:short:s3d-k4")
+    assert float(stored["requests"]) == pytest.approx(1.5)
+    assert float(stored["acc_pos:0"]) == pytest.approx(4.5)
+    raw.close()
+
+
+@pytest.mark.redis
+def test_outage_buffers_boundedly_and_recovers_by_itself(redis_server):
+    flips = []
+
+    async def scenario():
+        prefix, clock = unique_prefix(), FakeClock()
+        store = fast_store(redis_server.url, prefix, clock=clock, max_buffer=5,
+                           on_availability_change=flips.append)
+        await store.start()
+        store.record(KEY, spec_stats(), decode_time_s=0.5)
+        assert await store.flush()
+        assert await store.refresh()
+        cached = store.snapshot()[KEY]
+        redis_server.stop()
+        try:
+            for _ in range(8):
+                store.record(KEY, spec_stats(), decode_time_s=0.5)
+
+            async def outage_seen():
+                return not store.available
+
+            await eventually(outage_seen)
+            assert store.pending == 5
+            assert store.dropped_writes == 3
+            assert store.write_errors >= 1
+            assert store.snapshot()[KEY] == cached
+        finally:
+            redis_server.start()
+
+        async def buffered_writes_landed():
+            return store.pending == 0 and store.available
+
+        await eventually(buffered_writes_landed)
+        assert await store.refresh()
+        assert store.snapshot()[KEY].requests == pytest.approx(6.0)
+        await store.close()
+
+    asyncio.run(scenario())
+    assert flips == [True, False, True]
+
+
+@pytest.mark.redis
+def test_unreachable_redis_does_not_break_start_record_or_close():
+    async def scenario():
+        store = fast_store(f"redis://127.0.0.1:{free_port()}/0", unique_prefix())
+        await store.start()
+        store.record(KEY, spec_stats(), decode_time_s=0.5)
+        assert not await store.flush()
+        assert not store.available
+        assert store.read_errors >= 1 and store.write_errors >= 1
+        assert store.snapshot() == {}
+        await asyncio.wait_for(store.close(), timeout=5)
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def password_server():
+    server = RedisServer(password="s3cret")
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.mark.redis
+def test_password_protected_server(password_server):
+    async def scenario():
+        prefix = unique_prefix()
+        plain_url = f"redis://127.0.0.1:{password_server.port}/0"
+        writer = fast_store(password_server.url, prefix)
+        reader = fast_store(plain_url, prefix, password="s3cret")
+        intruder = fast_store(plain_url, prefix)
+        for store in (writer, reader, intruder):
+            await store.start()
+        writer.record(KEY, spec_stats(), decode_time_s=0.5)
+        assert await writer.flush()
+        assert await reader.refresh()
+        assert reader.snapshot()[KEY].requests == pytest.approx(1.0, rel=1e-3)
+        assert not await intruder.refresh()
+        assert not intruder.available
+        for store in (writer, reader, intruder):
+            await store.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,67 @@
+"""One local Ray cluster and one Serve application for every serving test."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+API_KEY = "test-key-123"
+
+
+class ServedApp:
+    def __init__(self, base_url: str, prefix: str, redis_url: str):
+        self.base_url = base_url
+        self.prefix = prefix
+        self.redis_url = redis_url
+        self.api_key = API_KEY
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+    def decoder_queue_length(self) -> int:
+        from ray import serve
+
+        handle = serve.get_deployment_handle("Decoder", app_name="s3d")
+        return handle.queue_length.remote().result(timeout_s=30)
+
+
+@pytest.fixture(scope="session")
+def served(redis_server):
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+    from workers.model import prepare_bundled_model
+
+    prepare_bundled_model()
+    port = free_port()
+    prefix = f"s3d:test:{uuid.uuid4().hex[:8]}"
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({
+        "redis_url": redis_server.url, "stats_prefix": prefix, "api_keys": [API_KEY],
+        "max_ongoing_requests": 3, "max_queued_requests": 2, "torch_threads": 2,
+        "max_tokens_limit": 512, "default_max_tokens": 16, "max_body_bytes": 20000,
+    })
+    serve.run(app, name="s3d", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError("the Serve application did not become healthy")
+        time.sleep(1)
+    yield ServedApp(base, prefix, redis_server.url)
+    serve.shutdown()
+    ray.shutdown()

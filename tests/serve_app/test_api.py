@@ -1,0 +1,247 @@
+"""The served application through real clients: the official openai package, httpx, the SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from serve_app.client import AsyncS3DClient, S3DClient
+
+pytestmark = pytest.mark.serve
+
+SPEC_FIELDS = {"arm", "mean_acceptance_length", "draft_acceptance_rate", "num_spec_steps",
+               "num_draft_tokens", "num_accepted_tokens"}
+
+
+def oai(served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.base_url + "/v1", api_key=served.api_key,
+                         max_retries=0)
+
+
+def test_openai_completion_with_usage_and_spec_decode(served):
+    out = oai(served).completions.create(model="smollm2-135m-instruct",
+                                         prompt="def fibonacci(n):\n", max_tokens=12,
+                                         temperature=0)
+    assert out.choices[0].text
+    assert out.usage.completion_tokens == 12 or out.choices[0].finish_reason == "stop"
+    spec = out.model_extra["spec_decode"]
+    assert SPEC_FIELDS <= set(spec)
+    assert spec["num_spec_steps"] >= 1
+
+
+def test_openai_chat_stream_with_usage(served):
+    stream = oai(served).chat.completions.create(
+        model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True})
+    text, finish, usage, spec = "", None, None, None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+            spec = chunk.model_extra.get("spec_decode")
+    assert text and finish in ("stop", "length")
+    assert usage.completion_tokens >= 1 and usage.prompt_tokens > 5
+    assert SPEC_FIELDS <= set(spec)
+
+
+def test_speculative_arms_serve_identical_greedy_text(served):
+    client = oai(served)
+    prompt = "import os\n\ndef list_python_files(folder):\n    "
+    texts = {}
+    for arm in ("none", "ngram_tree", "skip_tree"):
+        out = client.completions.create(model="smollm2-135m-instruct", prompt=prompt,
+                                        max_tokens=24, temperature=0, extra_body={"arm": arm})
+        assert out.model_extra["spec_decode"]["arm"] == arm
+        texts[arm] = out.choices[0].text
+    assert texts["ngram_tree"] == texts["none"] == texts["skip_tree"]
+
+
+def test_models_and_health(served):
+    models = oai(served).models.list()
+    assert [m.id for m in models.data] == ["smollm2-135m-instruct"]
+    health = httpx.get(served.base_url + "/healthz").json()
+    assert health["status"] == "ok"
+
+
+def test_n_seed_and_stop(served):
+    client = oai(served)
+    out = client.completions.create(prompt="Once upon a time", max_tokens=8, temperature=1.0,
+                                    seed=7, n=2)
+    again = client.completions.create(prompt="Once upon a time", max_tokens=8,
+                                      temperature=1.0, seed=7, n=2)
+    assert [c.index for c in out.choices] == [0, 1]
+    assert [c.text for c in out.choices] == [c.text for c in again.choices]
+    greedy = client.completions.create(prompt="1, 2, 3, 4, 5,", max_tokens=20, temperature=0)
+    text = greedy.choices[0].text
+    stop = text.strip()[:2]
+    cut = client.completions.create(prompt="1, 2, 3, 4, 5,", max_tokens=20, temperature=0,
+                                    stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.find(stop)]
+
+
+def _error(resp: httpx.Response) -> dict:
+    body = resp.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "hi", "temperature": 5}, "temperature"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+    ({"prompt": "hi", "arm": "no-such-arm"}, "arm"),
+    ({"prompt": "hi", "n": 99}, "n"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": ""}, "prompt"),
+    ({"max_tokens": 4}, "prompt"),
+    ({"prompt": "word " * 3000, "max_tokens": 16}, "prompt"),
+])
+def test_bad_requests_get_400_in_openai_shape(served, body, param):
+    resp = httpx.post(served.base_url + "/v1/completions", json=body, headers=served.headers,
+                      timeout=60)
+    assert resp.status_code in (400, 413), resp.text
+    if resp.status_code == 400:
+        assert _error(resp)["param"] == param
+
+
+def test_prompt_past_context_is_400(served):
+    resp = httpx.post(served.base_url + "/v1/completions", headers=served.headers, timeout=60,
+                      json={"prompt": list(range(100, 2100)), "max_tokens": 100})
+    assert resp.status_code == 400
+    assert _error(resp)["code"] == "context_length_exceeded"
+
+
+def test_unknown_model_and_malformed_json(served):
+    resp = httpx.post(served.base_url + "/v1/completions", headers=served.headers,
+                      json={"model": "gpt-9", "prompt": "hi"})
+    assert resp.status_code == 404 and _error(resp)["code"] == "model_not_found"
+    resp = httpx.post(served.base_url + "/v1/completions", content=b"{not json",
+                      headers={**served.headers, "Content-Type": "application/json"})
+    assert resp.status_code == 400
+    _error(resp)
+
+
+def test_api_key_required(served):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        resp = httpx.post(served.base_url + "/v1/completions", json={"prompt": "hi"},
+                          headers=headers)
+        assert resp.status_code == 401
+        assert _error(resp)["type"] == "authentication_error"
+    assert httpx.get(served.base_url + "/v1/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=served.base_url + "/v1", api_key="nope",
+                      max_retries=0).models.list()
+
+
+def test_back_pressure_503_with_retry_after(served):
+    body = {"prompt": "Tell me a long story about a dragon.", "max_tokens": 48}
+
+    def post(_):
+        return httpx.post(served.base_url + "/v1/completions", json=body,
+                          headers=served.headers, timeout=300)
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(post, range(12)))
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes, codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert int(rejected.headers["Retry-After"]) >= 1
+    assert _error(rejected)["code"] == "overloaded"
+
+
+def test_sdk_retries_503_until_served(served):
+    body = {"prompt": "Tell me a long story about a dragon.", "max_tokens": 32}
+
+    def sdk_call(_):
+        with S3DClient(served.base_url, api_key=served.api_key, max_retries=30,
+                       timeout=300) as client:
+            return client.completions.create(**body)
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(sdk_call, range(10)))
+    assert all(r.choices[0].text for r in results)
+    assert all(r.spec_decode is not None for r in results)
+
+
+def test_sdk_sync_and_async(served):
+    with S3DClient(served.base_url, api_key=served.api_key) as client:
+        chat = client.chat.completions.create(
+            messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=8, temperature=0)
+        assert chat.choices[0].message.content
+        assert chat.spec_decode.num_spec_steps >= 1
+        chunks = list(client.completions.create(prompt="The sky is", max_tokens=6,
+                                                temperature=0, stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices)
+
+    async def run():
+        async with AsyncS3DClient(served.base_url, api_key=served.api_key) as client:
+            stream = await client.chat.completions.create(
+                messages=[{"role": "user", "content": "Name a color."}], max_tokens=6,
+                temperature=0, stream=True)
+            return [c async for c in stream]
+
+    chunks = asyncio.run(run())
+    assert any(c.spec_decode is not None for c in chunks)
+
+
+def test_disconnect_mid_stream_frees_the_slot(served):
+    with httpx.Client(timeout=120) as client:
+        with client.stream("POST", served.base_url + "/v1/completions", headers=served.headers,
+                           json={"prompt": "Write a very long essay.", "max_tokens": 400,
+                                 "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    json.loads(line[6:])
+                    break
+    deadline = time.time() + 60
+    while served.decoder_queue_length() != 0:
+        assert time.time() < deadline, "slot not freed after disconnect"
+        time.sleep(0.5)
+
+
+def test_statistics_reach_redis(served):
+    import redis
+
+    oai(served).completions.create(prompt="def add(a, b):", max_tokens=8, temperature=0,
+                                   extra_body={"arm": "ngram_tree"})
+    client = redis.Redis.from_url(served.redis_url)
+    deadline = time.time() + 30
+    while True:
+        keys = [k.decode() for k in client.scan_iter(served.prefix + ":*")]
+        if any("ngram_tree" in k for k in keys):
+            break
+        assert time.time() < deadline, keys
+        time.sleep(0.5)
+    for key in keys:
+        if client.type(key) == b"hash":
+            for value in client.hgetall(key).values():
+                float(value)  # numbers only: no prompt text in the store
+
+
+def test_serve_config_file_validates():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    data = yaml.safe_load((Path(__file__).parents[2] / "serve_app" / "serve_config.yaml")
+                          .read_text())
+    schema = ServeDeploySchema.model_validate(data) if hasattr(
+        ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(data)
+    app = schema.applications[0]
+    module, attr = app.import_path.split(":")
+    import importlib
+
+    assert callable(getattr(importlib.import_module(module), attr))
+    from serve_app.config import load_config
+
+    load_config(overrides=app.args)

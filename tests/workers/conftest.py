@@ -1,0 +1,46 @@
+"""Engine fixtures: the bundled model in float32, loaded once, and memoised vanilla outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from workers.arm import NONE_ARM, Arm
+from workers.engine import Generation, stop_token_ids
+from workers.model import LoadedModel, load_model
+from workers.prompts import load_prompts
+from workers.runner import ModelRunner
+from workers.sampling import SamplingParams
+
+
+@dataclass
+class Bundled:
+    loaded: LoadedModel
+    runner: ModelRunner
+    stops: frozenset[int]
+    prompts: list[list[int]]
+    _vanilla: dict = field(default_factory=dict)
+
+    def generate(self, prompt: list[int], max_tokens: int, arm: Arm = NONE_ARM,
+                 params: SamplingParams | None = None) -> Generation:
+        gen = Generation(self.runner, prompt, max_tokens, arm, params or SamplingParams(),
+                         stop_token_ids=self.stops)
+        gen.run()
+        return gen
+
+    def vanilla(self, index: int, max_tokens: int) -> list[int]:
+        key = (index, max_tokens)
+        if key not in self._vanilla:
+            self._vanilla[key] = self.generate(self.prompts[index], max_tokens).output
+        return self._vanilla[key]
+
+
+@pytest.fixture(scope="session")
+def bundled() -> Bundled:
+    torch.set_num_threads(2)
+    loaded = load_model("bundled", dtype="float32", device="cpu")
+    prompts = [p.to_token_ids(loaded.tokenizer) for p in load_prompts()]
+    return Bundled(loaded, ModelRunner(loaded.model), stop_token_ids(loaded.tokenizer, loaded.model),
+                   prompts)

@@ -1,0 +1,115 @@
+"""Losslessness of the engine on the bundled model in float32 (greedy, token for token)."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from workers.arm import Arm
+from workers.runner import Attention, KVCache
+
+pytestmark = pytest.mark.model
+
+SKIP = tuple(range(12, 18))
+
+
+def truncate_at_stop(tokens: list[int], stops) -> list[int]:
+    for i, tok in enumerate(tokens):
+        if tok in stops:
+            return tokens[: i + 1]
+    return tokens
+
+
+def test_vanilla_matches_hf_generate(bundled):
+    hf = bundled.loaded.model
+    pad = bundled.loaded.tokenizer.pad_token_id
+    for index in range(12):
+        prompt = bundled.prompts[index]
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                          temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+        expected = truncate_at_stop(out[0, len(prompt):].tolist(), bundled.stops)
+        assert bundled.vanilla(index, 32) == expected, f"prompt {index}"
+
+
+def test_skip_chain_identical_to_vanilla(bundled):
+    arm = Arm(name="chain", drafter="skip_chain", skip_layers=SKIP, depth=4)
+    accepted = 0
+    for index in range(10):
+        gen = bundled.generate(bundled.prompts[index], 64, arm)
+        assert gen.output == bundled.vanilla(index, 64), f"prompt {index}"
+        accepted += gen.stats.num_accepted_tokens
+    assert accepted > 0  # the drafter really drafted and was really verified
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(skip=st.sets(st.integers(0, 29), min_size=1, max_size=12),
+       depth=st.integers(1, 6), index=st.integers(0, 9))
+def test_random_skip_sets_identical(bundled, skip, depth, index):
+    arm = Arm(name="r", drafter="skip_chain", skip_layers=tuple(sorted(skip)), depth=depth)
+    assert bundled.generate(bundled.prompts[index], 24, arm).output == bundled.vanilla(index, 24)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(top_k=st.integers(1, 4), depth=st.integers(1, 5), total=st.integers(1, 20),
+       index=st.integers(0, 9), skip_start=st.integers(4, 20), skip_len=st.integers(2, 8))
+def test_random_skip_trees_identical(bundled, top_k, depth, total, index, skip_start, skip_len):
+    arm = Arm(name="t", drafter="skip_tree", skip_layers=tuple(range(skip_start,
+              skip_start + skip_len)), depth=depth, top_k=top_k, total_tokens=total)
+    assert bundled.generate(bundled.prompts[index], 24, arm).output == bundled.vanilla(index, 24)
+
+
+def test_ngram_tree_identical_and_accepts(bundled):
+    arm = Arm(name="ng", drafter="ngram_tree", depth=6, top_k=4, total_tokens=16)
+    accepted = 0
+    for index in range(10):
+        gen = bundled.generate(bundled.prompts[index], 64, arm)
+        assert gen.output == bundled.vanilla(index, 64), f"prompt {index}"
+        accepted += gen.stats.num_accepted_tokens
+    assert accepted > 0
+
+
+def test_same_seed_same_output(bundled):
+    from workers.sampling import SamplingParams
+
+    arm = Arm(name="t", drafter="skip_tree", skip_layers=SKIP, depth=3, top_k=2, total_tokens=6)
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=1234)
+    a = bundled.generate(bundled.prompts[1], 24, arm, params).output
+    b = bundled.generate(bundled.prompts[1], 24, arm, params).output
+    assert a == b
+
+
+def test_kv_cache_compaction_and_rollback():
+    cache = KVCache(num_layers=2, kv_heads=1, head_dim=2, capacity=8, dtype=torch.float32,
+                    device=torch.device("cpu"))
+    for layer in range(2):
+        values = torch.arange(8, dtype=torch.float32).view(1, 1, 8, 1).expand(1, 1, 8, 2)
+        cache.write(layer, 0, values + 100 * layer, -values)
+    cache.compact([5, 7], 3)
+    for layer in range(2):
+        assert cache.k[layer][0, 0, :, 0].tolist() == [x + 100 * layer for x in
+                                                       [0, 1, 2, 5, 7, 5, 6, 7]]
+        assert cache.v[layer][0, 0, 3:5, 1].tolist() == [-5, -7]
+    cache.truncate(5)
+    assert cache.length == 5
+    with pytest.raises(ValueError, match="overflow"):
+        cache.write(0, 7, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+
+
+def test_tree_attention_matches_sequential_decoding(bundled):
+    """A tree verify row equals running that node's path causally."""
+    runner = bundled.runner
+    prompt = bundled.prompts[0][:40]
+    cache = runner.new_cache(128)
+    runner.forward(cache, torch.tensor(prompt), torch.arange(40), Attention.causal(0))
+    # root=prompt[-1] at slot 40 is re-run; nodes: a under root, b under root, c under b
+    from workers.tree import DraftTree, tree_attention_mask
+
+    tree = DraftTree(torch.tensor([11, 22, 33]), torch.tensor([-1, -1, 1]))
+    tokens = torch.tensor([prompt[-1], 11, 22, 33])
+    positions = torch.tensor([39, 40, 40, 41])
+    cache.length = 39
+    tree_logits = runner.forward(cache, tokens, positions,
+                                 Attention(39, 39, tree_attention_mask(tree.parents)))
+    seq = runner.forward(cache, torch.tensor([prompt[-1], 22, 33]), torch.tensor([39, 40, 41]),
+                         Attention.causal(39))
+    assert torch.allclose(tree_logits[[0, 2, 3]], seq, atol=1e-4)

@@ -1,0 +1,88 @@
+"""Arms: one decoding configuration (drafter, skip set, draft depth, tree budget) the router picks.
+
+Pure pydantic, importable without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DrafterKind = Literal["none", "skip_chain", "skip_tree", "ngram_tree"]
+
+
+class Arm(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="Unique name of the arm within a profile.")
+    drafter: DrafterKind = Field(description="How drafts are made; `none` is plain decoding.")
+    skip_layers: tuple[int, ...] = Field(
+        default=(), description="Decoder layers the drafter skips (layer-skip drafters).")
+    depth: int = Field(default=4, ge=1, le=32,
+                       description="Maximum draft length (chain) or tree depth.")
+    top_k: int = Field(default=1, ge=1, le=16, description="Children expanded per tree node.")
+    total_tokens: int = Field(default=8, ge=1, le=128,
+                              description="Draft-tree budget: nodes kept for verification.")
+    draft_exit: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Initial draft-exit threshold on the drafter's top-1 probability (chains); "
+                    "it then adapts online to the acceptance rate.")
+    ngram_max: int = Field(default=4, ge=1, le=16, description="Longest n-gram matched (n-gram).")
+    ngram_min: int = Field(default=1, ge=1, le=16, description="Shortest n-gram matched.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Arm:
+        if self.drafter in ("skip_chain", "skip_tree") and not self.skip_layers:
+            raise ValueError(f"arm {self.name!r}: drafter {self.drafter} needs skip_layers")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"arm {self.name!r}: ngram_min > ngram_max")
+        if len(set(self.skip_layers)) != len(self.skip_layers):
+            raise ValueError(f"arm {self.name!r}: duplicate layers in skip_layers")
+        return self
+
+    @property
+    def max_draft_nodes(self) -> int:
+        """Upper bound on the scratch KV slots one step may write past the committed length."""
+        if self.drafter == "none":
+            return 0
+        expanded = 1 + self.top_k * self.depth
+        return max(self.total_tokens, self.depth) + expanded + 1
+
+
+NONE_ARM = Arm(name="none", drafter="none")
+
+
+class Profile(BaseModel):
+    """The arms for one base model, written by `s3d search`, read by the router and replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_fingerprint: str = Field(description="Fingerprint of the base model the arms were made for.")
+    default_arm: str = Field(description="Arm used when the router has no statistics yet.")
+    arms: list[Arm] = Field(description="Candidate arms, including `none`.")
+    notes: dict = Field(default_factory=dict, description="How the profile was measured.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Profile:
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError("arm names in a profile must be unique")
+        if self.default_arm not in names:
+            raise ValueError(f"default_arm {self.default_arm!r} is not one of {names}")
+        return self
+
+    def arm(self, name: str) -> Arm:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    @staticmethod
+    def load(path: str | Path) -> Profile:
+        return Profile.model_validate(json.loads(Path(path).read_text()))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2) + "\n")

@@ -1,0 +1,328 @@
+"""`s3d bench`: decoding methods side by side, in one process and one run, on one prompt suite.
+
+Writes ``bench.json`` (one entry a method, ratios to ``hf_vanilla`` of the same run), ``bench.md``
+(a table) and ``bench.png`` (tokens/s per method and category) into the output folder.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from workers.engine import Engine
+from workers.prompts import BenchPrompt
+from workers.sampling import SamplingParams
+from workers.stats import SpecDecodeStats
+
+HF_METHODS = ("hf_vanilla", "hf_prompt_lookup", "hf_early_exit")
+OWN_METHODS = ("vanilla", "skip_chain", "skip_tree", "ngram_tree")
+ALL_METHODS = HF_METHODS + OWN_METHODS
+DEFAULT_METHODS = ALL_METHODS
+
+
+@dataclass
+class PromptRun:
+    prompt_id: str
+    category: str
+    tokens: list[int]
+    seconds: float
+    stats: SpecDecodeStats | None = None
+
+
+@dataclass
+class MethodRun:
+    method: str
+    detail: dict = field(default_factory=dict)
+    runs: list[PromptRun] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
+
+
+class RssSampler:
+    """Peak resident memory of this process while a method runs (sampled from /proc)."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @staticmethod
+    def rss_bytes() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = self.rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss_bytes())
+
+
+def truncate_at_stop(tokens: list[int], stops: frozenset[int]) -> list[int]:
+    for i, tok in enumerate(tokens):
+        if tok in stops:
+            return tokens[: i + 1]
+    return tokens
+
+
+class Bench:
+    def __init__(self, engine: Engine, prompts: list[BenchPrompt], max_tokens: int,
+                 params: SamplingParams, progress: bool = True):
+        self.engine = engine
+        self.prompts = prompts
+        self.ids = [p.to_token_ids(engine.tokenizer) for p in prompts]
+        self.max_tokens = max_tokens
+        self.params = params
+        self.progress = progress
+        self.early_exit_layer: int | None = None
+
+    def max_tokens_for(self, prompt: BenchPrompt) -> int:
+        return prompt.max_tokens or self.max_tokens
+
+    # --- methods -------------------------------------------------------------------------
+
+    def _own(self, arm_name: str | None) -> Callable[[int, int], PromptRun]:
+        arm = self.engine.arm(arm_name)
+
+        def run(index: int, max_tokens: int) -> PromptRun:
+            gen = self.engine.generation(self.ids[index], max_tokens, arm, self._params(index))
+            t0 = time.perf_counter()
+            gen.run()
+            seconds = time.perf_counter() - t0
+            p = self.prompts[index]
+            return PromptRun(p.id, p.category, gen.output, seconds, gen.stats)
+
+        return run
+
+    def _params(self, index: int) -> SamplingParams:
+        if self.params.greedy:
+            return self.params
+        base = self.params.seed if self.params.seed is not None else 0
+        return SamplingParams(self.params.temperature, self.params.top_p, self.params.top_k,
+                              base + index)
+
+    def _hf(self, **extra) -> Callable[[int, int], PromptRun]:
+        hf = self.engine.loaded.model
+        tok = self.engine.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+        def run(index: int, max_tokens: int) -> PromptRun:
+            ids = torch.tensor([self.ids[index]], device=self.engine.runner.device)
+            kwargs = dict(max_new_tokens=max_tokens, pad_token_id=pad, **extra)
+            if self.params.greedy:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            else:
+                torch.manual_seed(self._params(index).seed)
+                kwargs.update(do_sample=True, temperature=self.params.temperature,
+                              top_p=self.params.top_p, top_k=self.params.top_k or None)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = hf.generate(ids, **kwargs)
+            seconds = time.perf_counter() - t0
+            tokens = truncate_at_stop(out[0, ids.shape[1]:].tolist(), self.engine.stops)
+            p = self.prompts[index]
+            return PromptRun(p.id, p.category, tokens, seconds)
+
+        return run
+
+    def choose_early_exit_layer(self, candidates=(6, 10, 14, 18, 22)) -> int:
+        """HF's assistant_early_exit at the exit layer fastest on one calibration prompt."""
+        num_layers = self.engine.runner.num_layers
+        best, best_time = None, float("inf")
+        for layer in [c for c in candidates if c < num_layers]:
+            run = self._hf(assistant_early_exit=layer)
+            t = run(0, min(32, self.max_tokens)).seconds
+            if t < best_time:
+                best, best_time = layer, t
+        self.early_exit_layer = best
+        return best
+
+    def method(self, name: str) -> tuple[Callable[[int, int], PromptRun], dict]:
+        if name == "hf_vanilla":
+            return self._hf(), {}
+        if name == "hf_prompt_lookup":
+            return self._hf(prompt_lookup_num_tokens=10), {"prompt_lookup_num_tokens": 10}
+        if name == "hf_early_exit":
+            layer = self.early_exit_layer or self.choose_early_exit_layer()
+            return self._hf(assistant_early_exit=layer), {"assistant_early_exit": layer}
+        if name == "vanilla":
+            return self._own("none"), {"arm": "none"}
+        if name in OWN_METHODS:
+            arm = self.engine.arm(name)
+            return self._own(name), {"arm": arm.model_dump()}
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(ALL_METHODS)}")
+
+    # --- running ---------------------------------------------------------------------------
+
+    def warm_up(self, methods: list[str]) -> None:
+        for name in methods:
+            run, _ = self.method(name)
+            run(0, 4)
+
+    def run(self, methods: list[str]) -> list[MethodRun]:
+        unknown = [m for m in methods if m not in ALL_METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS)}")
+        self.warm_up(methods)
+        results = []
+        bar = tqdm(total=len(methods) * len(self.prompts), disable=not self.progress,
+                   desc="bench", unit="prompt")
+        for name in methods:
+            run, detail = self.method(name)
+            result = MethodRun(name, detail)
+            with RssSampler() as rss:
+                for index, prompt in enumerate(self.prompts):
+                    bar.set_postfix_str(f"{name} {prompt.id}")
+                    result.runs.append(run(index, self.max_tokens_for(prompt)))
+                    bar.update()
+            result.peak_rss_mb = rss.peak / 2**20
+            results.append(result)
+        bar.close()
+        return results
+
+
+def summarise(runs: list[PromptRun]) -> dict:
+    tokens = sum(len(r.tokens) for r in runs)
+    seconds = sum(r.seconds for r in runs)
+    out = {"prompts": len(runs), "tokens": tokens, "seconds": round(seconds, 3),
+           "tokens_per_s": round(tokens / seconds, 3) if seconds else 0.0,
+           "mean_accepted_length": None, "acceptance_rate": None}
+    stats = [r.stats for r in runs if r.stats is not None]
+    if stats:
+        total = SpecDecodeStats()
+        for s in stats:
+            total.merge(s)
+        out["mean_accepted_length"] = round(total.mean_acceptance_length, 4)
+        out["acceptance_rate"] = round(total.draft_acceptance_rate, 4)
+    return out
+
+
+def report(results: list[MethodRun], *, params: SamplingParams, meta: dict) -> dict:
+    by_name = {r.method: r for r in results}
+    vanilla = by_name.get("vanilla")
+    hf = by_name.get("hf_vanilla")
+    hf_tps = summarise(hf.runs)["tokens_per_s"] if hf else None
+    entries = []
+    for r in results:
+        entry = {"method": r.method, **summarise(r.runs), "detail": r.detail}
+        entry["speedup_vs_hf"] = (round(entry["tokens_per_s"] / hf_tps, 3) if hf_tps else None)
+        if vanilla is not None and params.greedy:
+            same = [a.tokens == b.tokens for a, b in zip(r.runs, vanilla.runs)]
+            entry["identical_to_vanilla"] = round(sum(same) / len(same), 4)
+        else:
+            entry["identical_to_vanilla"] = None
+        entry["peak_rss_mb"] = round(r.peak_rss_mb, 1)
+        categories = sorted({p.category for p in r.runs})
+        entry["categories"] = {}
+        for cat in categories:
+            cat_runs = [p for p in r.runs if p.category == cat]
+            figures = summarise(cat_runs)
+            hf_cat = summarise([p for p in hf.runs if p.category == cat]) if hf else None
+            figures["speedup_vs_hf"] = (round(figures["tokens_per_s"] / hf_cat["tokens_per_s"], 3)
+                                        if hf_cat and hf_cat["tokens_per_s"] else None)
+            entry["categories"][cat] = figures
+        entries.append(entry)
+    return {"meta": meta, "results": entries}
+
+
+def machine_meta(engine: Engine, args: dict) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(engine.runner.device),
+        "dtype": str(engine.runner.dtype).replace("torch.", ""),
+        "model": engine.loaded.path,
+        "torch": torch.__version__,
+        **args,
+    }
+
+
+def write_outputs(data: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown_table(data))
+    plot(data, out / "bench.png")
+
+
+def _fmt(value, digits=2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(data: dict) -> str:
+    meta = data["meta"]
+    lines = [f"Benchmark: {meta['date']}, {meta['machine']}, {meta['device']}, {meta['dtype']}, "
+             f"max_tokens {meta['max_tokens']}, temperature {meta['temperature']}, "
+             f"{data['results'][0]['prompts'] if data['results'] else 0} prompts", "",
+             "| method | tokens/s | speedup vs hf | mean accepted length | acceptance rate | "
+             "identical to vanilla | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+    for e in data["results"]:
+        lines.append(f"| {e['method']} | {_fmt(e['tokens_per_s'])} | {_fmt(e['speedup_vs_hf'])} | "
+                     f"{_fmt(e['mean_accepted_length'])} | {_fmt(e['acceptance_rate'])} | "
+                     f"{_fmt(e['identical_to_vanilla'])} | {_fmt(e['peak_rss_mb'], 0)} |")
+    categories = sorted({c for e in data["results"] for c in e["categories"]})
+    if categories:
+        lines += ["", "Speedup vs hf_vanilla by category (tokens/s in brackets):", "",
+                  "| method | " + " | ".join(categories) + " |",
+                  "|---|" + "---|" * len(categories)]
+        for e in data["results"]:
+            cells = [f"{_fmt(e['categories'][c]['speedup_vs_hf'])} "
+                     f"({_fmt(e['categories'][c]['tokens_per_s'], 1)})"
+                     if c in e["categories"] else "-" for c in categories]
+            lines.append(f"| {e['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = data["results"]
+    categories = sorted({c for e in results for c in e["categories"]})
+    groups = ["all", *categories]
+    width = 0.8 / max(1, len(results))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(results)) / 3), 4))
+    for i, e in enumerate(results):
+        values = [e["tokens_per_s"]] + [e["categories"].get(c, {}).get("tokens_per_s", 0)
+                                        for c in categories]
+        xs = [g + i * width for g in range(len(groups))]
+        ax.bar(xs, values, width, label=e["method"])
+    ax.set_xticks([g + width * (len(results) - 1) / 2 for g in range(len(groups))], groups)
+    ax.set_ylabel("tokens / s")
+    meta = data["meta"]
+    ax.set_title(f"s3d bench: {meta['dtype']} on {meta['device']}, T={meta['temperature']}")
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

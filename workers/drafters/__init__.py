@@ -1,0 +1,23 @@
+"""Drafters behind one interface; ``make_drafter`` builds the one an arm names."""
+
+from __future__ import annotations
+
+from workers.arm import Arm
+from workers.drafters.base import DraftContext, Drafter, NoDrafter
+from workers.drafters.ngram import NgramDrafter
+from workers.drafters.skip import SkipChainDrafter, SkipTreeDrafter
+
+
+def make_drafter(arm: Arm, num_layers: int) -> Drafter:
+    if arm.drafter == "none":
+        return NoDrafter()
+    if arm.drafter == "skip_chain":
+        return SkipChainDrafter(arm, num_layers)
+    if arm.drafter == "skip_tree":
+        return SkipTreeDrafter(arm, num_layers)
+    if arm.drafter == "ngram_tree":
+        return NgramDrafter(arm)
+    raise ValueError(f"unknown drafter {arm.drafter!r}")
+
+
+__all__ = ["DraftContext", "Drafter", "make_drafter"]

@@ -1,0 +1,36 @@
+"""The drafter interface: propose a draft tree from the current decoding state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.runner import KVCache, ModelRunner
+from workers.tree import DraftTree
+
+
+@dataclass
+class DraftContext:
+    """What a drafter may read. ``tokens[-1]`` is the root: committed, not yet in the cache.
+
+    A drafter may write K/V at cache slots ``>= cache.length`` (scratch); the verify forward that
+    follows overwrites the slots it uses in every layer.
+    """
+
+    runner: ModelRunner
+    cache: KVCache
+    tokens: list[int]  # prompt + generated so far, ending with the root
+
+
+class Drafter:
+    """Base class: drafters propose; verification, acceptance and cache bookkeeping are shared."""
+
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        raise NotImplementedError
+
+    def observe(self, tree: DraftTree, num_accepted: int) -> None:
+        """Feedback after verification (adaptive drafters override it)."""
+
+
+class NoDrafter(Drafter):
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        return DraftTree.empty()

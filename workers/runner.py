@@ -1,0 +1,172 @@
+"""Model runner: one forward over a Hugging Face Llama-family model's own modules.
+
+Every use (prefill, plain decode, draft passes with layers skipped, tree verification) goes through
+``ModelRunner.forward(tokens, positions, attention, layers)`` against a preallocated,
+position-addressed ``KVCache``. Rolling back after a rejection is moving ``KVCache.length``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Attention:
+    """Which cache slots each new token attends to.
+
+    New tokens are written at slots ``start .. start+T-1``. Slots ``< prefix_len`` are visible to
+    every new token. ``local`` (bool ``[T, start + T - prefix_len]``) says which of the remaining
+    slots each new token sees; ``None`` means causal (each token sees every earlier slot and itself).
+    """
+
+    start: int
+    prefix_len: int
+    local: torch.Tensor | None = None  # [T, start + T - prefix_len] bool
+
+    @staticmethod
+    def causal(start: int) -> Attention:
+        return Attention(start=start, prefix_len=start)
+
+    def mask(self, num_new: int, device) -> torch.Tensor | None:
+        end = self.start + num_new
+        if self.local is None:
+            if num_new == 1:
+                return None
+            mask = torch.ones(num_new, end, dtype=torch.bool, device=device)
+            mask[:, self.start:] = torch.ones(num_new, num_new, dtype=torch.bool, device=device).tril()
+            return mask
+        mask = torch.ones(num_new, end, dtype=torch.bool, device=device)
+        mask[:, self.prefix_len:] = self.local.to(device)
+        return mask
+
+
+class KVCache:
+    """Per-layer key/value tensors ``[1, kv_heads, capacity, head_dim]``, addressed by slot."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (1, kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.capacity = capacity
+        self.length = 0  # committed slots
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        end = start + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: slot {end} > capacity {self.capacity}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+
+    def compact(self, src_slots: Sequence[int], dst_start: int) -> None:
+        """Copy the listed slots, in order, down to ``dst_start..`` in every layer."""
+        if not src_slots:
+            return
+        if list(src_slots) == list(range(dst_start, dst_start + len(src_slots))):
+            return
+        device = self.k[0].device
+        src = torch.as_tensor(list(src_slots), dtype=torch.long, device=device)
+        dst = slice(dst_start, dst_start + len(src_slots))
+        for cache in (*self.k, *self.v):
+            cache[:, :, dst] = cache.index_select(2, src)
+
+    def truncate(self, length: int) -> None:
+        self.length = length
+
+
+class ModelRunner:
+    """Runs the decoder layers of a loaded HF causal LM with our own attention and KV cache."""
+
+    def __init__(self, hf_model: torch.nn.Module):
+        self.hf = hf_model
+        inner = hf_model.model
+        self.config = hf_model.config
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.lm_head = hf_model.lm_head
+        self.rotary = inner.rotary_emb
+        self.num_layers = len(self.layers)
+        attn0 = self.layers[0].self_attn
+        self.head_dim = attn0.head_dim
+        self.num_heads = self.config.num_attention_heads
+        self.kv_heads = self.config.num_key_value_heads
+        self.scaling = attn0.scaling
+        self.device = self.embed.weight.device
+        self.dtype = self.embed.weight.dtype
+        self.vocab_size = self.lm_head.out_features
+        self.all_layers = tuple(range(self.num_layers))
+        self._cos = self._sin = None
+        self._rope_len = 0
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.num_layers, self.kv_heads, self.head_dim, capacity, self.dtype,
+                       self.device)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(positions.max()) + 1
+        if needed > self._rope_len:
+            length = max(needed, 2 * self._rope_len, 1024)
+            ids = torch.arange(length, device=self.device)[None]
+            dummy = torch.empty(1, dtype=self.dtype, device=self.device)
+            cos, sin = self.rotary(dummy, ids)
+            self._cos, self._sin, self._rope_len = cos[0], sin[0], length
+        return self._cos[positions], self._sin[positions]
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                attention: Attention, layers: Sequence[int] | None = None,
+                logits_rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Run ``tokens`` ``[T]`` at ``positions`` ``[T]`` through ``layers`` (default: all).
+
+        Writes K/V of the run layers at slots ``attention.start..`` and returns logits
+        ``[T', vocab]`` in float32 for ``logits_rows`` (default: every row).
+        """
+        hidden = self.hidden_states(cache, tokens, positions, attention, layers)
+        if logits_rows is not None:
+            hidden = hidden[logits_rows]
+        return self.logits(hidden)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden)).float()
+
+    @torch.inference_mode()
+    def hidden_states(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                      attention: Attention, layers: Sequence[int] | None = None) -> torch.Tensor:
+        tokens = tokens.to(self.device)
+        positions = positions.to(self.device)
+        num_new = tokens.shape[0]
+        start = attention.start
+        end = start + num_new
+        mask = attention.mask(num_new, self.device)
+        cos, sin = self._rope(positions)
+        cos, sin = cos[None, None], sin[None, None]
+        hidden = self.embed(tokens)[None]  # [1, T, hidden]
+        for idx in (self.all_layers if layers is None else layers):
+            layer = self.layers[idx]
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(1, num_new, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, num_new, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(1, num_new, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = self._rotate(q, cos, sin)
+            k = self._rotate(k, cos, sin)
+            cache.write(idx, start, k, v)
+            out = F.scaled_dot_product_attention(
+                q, cache.k[idx][:, :, :end], cache.v[idx][:, :, :end], attn_mask=mask,
+                scale=self.scaling, enable_gqa=True,
+            )
+            out = out.transpose(1, 2).reshape(1, num_new, -1)
+            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden[0]

@@ -1,0 +1,104 @@
+"""Step scheduler: many requests on one replica, decoded step by step in turn.
+
+The model runs one step at a time in a worker thread, so the replica's event loop stays free;
+active generations take turns (round robin), so a long request never holds a short one back to the
+end. A consumer that goes away (client disconnect, cancellation) frees its slot at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from workers.engine import Generation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Slot:
+    id: int
+    generation: Generation
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+
+class EngineDeadError(RuntimeError):
+    """The scheduler's loop stopped; the replica must be replaced."""
+
+
+class StepScheduler:
+    def __init__(self) -> None:
+        self.slots: dict[int, Slot] = {}
+        self._ids = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.steps = 0
+        self.error: BaseException | None = None
+
+    @property
+    def active(self) -> int:
+        return len(self.slots)
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and (self._task is None or not self._task.done())
+
+    def _ensure_started(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stream(self, generation: Generation) -> AsyncIterator[list[int]]:
+        """Yield each step's committed tokens until the generation finishes."""
+        if not self.healthy:
+            raise EngineDeadError(f"decoder loop stopped: {self.error!r}")
+        self._ensure_started()
+        slot = Slot(next(self._ids), generation)
+        self.slots[slot.id] = slot
+        self._wakeup.set()
+        try:
+            while True:
+                item = await slot.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if generation.finished:
+                    return
+        finally:
+            slot.cancelled = True
+            self.slots.pop(slot.id, None)
+
+    async def _loop(self) -> None:
+        order: list[int] = []
+        try:
+            while True:
+                if not self.slots:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if not order:
+                    order = list(self.slots)
+                slot = self.slots.get(order.pop(0))
+                if slot is None or slot.cancelled:
+                    continue
+                try:
+                    tokens = await asyncio.to_thread(slot.generation.step)
+                except Exception as exc:  # a bad request must not take the replica down
+                    log.exception("generation %s failed", slot.id)
+                    slot.generation.finished = True
+                    slot.queue.put_nowait(exc)
+                    self.slots.pop(slot.id, None)
+                    continue
+                self.steps += 1
+                if not slot.cancelled:
+                    slot.queue.put_nowait(tokens)
+                if slot.generation.finished:
+                    self.slots.pop(slot.id, None)
+        except BaseException as exc:
+            self.error = exc
+            for slot in self.slots.values():
+                slot.queue.put_nowait(EngineDeadError(f"decoder loop stopped: {exc!r}"))
+            raise

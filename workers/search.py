@@ -1,0 +1,182 @@
+"""`s3d search`: pick skip sets and arm parameters by measurement, and write a profile.
+
+Stage 1 scores every candidate skip set (contiguous blocks of middle layers) by teacher-forced
+agreement: how often the skipped model's top-1 is the full model's greedy token on calibration
+text, and turns that into an expected speedup with measured forward costs (DESIGN.md's formula).
+Stage 2 decodes the calibration prompts with the best few candidates as real arms and keeps the
+arm of each drafter kind with the highest measured goodput (tokens per second). Calibration text
+is not the benchmark suite: stdlib modules and questions the suite does not use.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workers.arm import NONE_ARM, Arm, Profile
+from workers.engine import Engine
+from workers.runner import Attention
+
+CALIBRATION_MODULES = ("os.py", "argparse.py", "random.py", "pathlib.py", "tarfile.py")
+CALIBRATION_QUESTIONS = (
+    "How do I read a CSV file in Python and compute the average of one column?",
+    "Explain the difference between a process and a thread.",
+    "Give me three tips for writing clear commit messages.",
+    "Summarize what a hash table is and why lookups are fast.",
+)
+
+
+def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[list[int]]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    prompts = []
+    for name in CALIBRATION_MODULES:
+        path = stdlib / name
+        if not path.exists():
+            continue
+        text = path.read_text(errors="ignore")
+        start = text.find("\ndef ", len(text) // 3)
+        snippet = text[max(0, start - 600): start + 200]
+        prompts.append(tokenizer(snippet)["input_ids"][-max_prompt_tokens:])
+    for q in CALIBRATION_QUESTIONS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                            add_generation_prompt=True, tokenize=True)
+        prompts.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys")
+                            else ids))
+    return prompts
+
+
+@dataclass
+class Candidate:
+    skip: tuple[int, ...]
+    top1: float  # teacher-forced agreement of the skipped model's top-1
+    top4: float
+    est_speedup: float = 0.0
+
+
+def candidate_skip_sets(num_layers: int, lengths=(2, 4, 6, 8, 10)) -> list[tuple[int, ...]]:
+    """Contiguous blocks that keep the first and last two layers."""
+    out = []
+    for length in lengths:
+        for start in range(2, num_layers - 2 - length + 1, 2):
+            out.append(tuple(range(start, start + length)))
+    return out
+
+
+def _forward_time(engine: Engine, tokens: int, layers=None, repeats: int = 5) -> float:
+    runner = engine.runner
+    cache = runner.new_cache(400)
+    runner.forward(cache, torch.arange(200) % 1000, torch.arange(200), Attention.causal(0))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.forward(cache, torch.arange(tokens), torch.arange(200, 200 + tokens),
+                       Attention.causal(200), layers, logits_rows=slice(-1, None))
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def teacher_forced(engine: Engine, sequences: list[tuple[list[int], int]],
+                   skip: tuple[int, ...]) -> tuple[float, float]:
+    """Top-1 / top-4 agreement of the skipped model with the full model's greedy tokens."""
+    runner = engine.runner
+    layers = [i for i in range(runner.num_layers) if i not in set(skip)]
+    hit1 = hit4 = total = 0
+    for seq, prompt_len in sequences:
+        cache = runner.new_cache(len(seq) + 1)
+        logits = runner.forward(cache, torch.tensor(seq), torch.arange(len(seq)),
+                                Attention.causal(0), layers,
+                                logits_rows=slice(prompt_len - 1, len(seq) - 1))
+        target = torch.tensor(seq[prompt_len:])
+        top4 = logits.topk(4, -1).indices
+        hit1 += int((top4[:, 0] == target).sum())
+        hit4 += int((top4 == target[:, None]).any(-1).sum())
+        total += len(target)
+    return hit1 / total, hit4 / total
+
+
+def measure_goodput(engine: Engine, prompts: list[list[int]], arm: Arm, max_tokens: int) -> dict:
+    tokens = 0
+    seconds = 0.0
+    accepted_len = []
+    for ids in prompts:
+        gen = engine.generation(ids, max_tokens, arm)
+        t0 = time.perf_counter()
+        gen.run()
+        seconds += time.perf_counter() - t0
+        tokens += len(gen.output)
+        accepted_len.append(gen.stats.mean_acceptance_length)
+    return {"tokens_per_s": tokens / seconds,
+            "mean_accepted_length": sum(accepted_len) / len(accepted_len)}
+
+
+def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
+           log=print) -> Profile:
+    runner = engine.runner
+    prompts = calibration_prompts(engine.tokenizer)
+    sequences = []
+    for ids in prompts:
+        gen = engine.generation(ids, max_tokens, NONE_ARM)
+        sequences.append((ids + gen.run(), len(ids)))
+    full_1 = _forward_time(engine, 1)
+    verify = {g: _forward_time(engine, g + 1) for g in (2, 4)}
+    candidates = []
+    for skip in candidate_skip_sets(runner.num_layers):
+        top1, top4 = teacher_forced(engine, sequences, skip)
+        cost = 1 - len(skip) / runner.num_layers * 0.8  # output layer is not skipped
+        best = 0.0
+        for gamma, verify_s in verify.items():
+            expected = (1 - top1 ** (gamma + 1)) / (1 - top1) if top1 < 1 else gamma + 1
+            best = max(best, expected * full_1 / (gamma * cost * full_1 + verify_s))
+        candidates.append(Candidate(skip, top1, top4, best))
+        log(f"skip {skip[0]}-{skip[-1]}: top1 {top1:.2f} top4 {top4:.2f} est {best:.2f}x")
+    candidates.sort(key=lambda c: -c.est_speedup)
+    arms: list[Arm] = [NONE_ARM]
+    measured: dict[str, dict] = {}
+    baseline = measure_goodput(engine, prompts, NONE_ARM, max_tokens)
+    measured["none"] = baseline
+    for kind, variants in (
+        ("skip_chain", [dict(depth=d) for d in (3, 5)]),
+        ("skip_tree", [dict(depth=3, top_k=2, total_tokens=6),
+                       dict(depth=4, top_k=3, total_tokens=10)]),
+    ):
+        best_arm, best_fig = None, None
+        for cand in candidates[:finalists]:
+            for variant in variants:
+                arm = Arm(name=kind, drafter=kind, skip_layers=cand.skip, **variant)
+                fig = measure_goodput(engine, prompts, arm, max_tokens)
+                log(f"{kind} skip {cand.skip[0]}-{cand.skip[-1]} {variant}: "
+                    f"{fig['tokens_per_s']:.2f} tok/s, MAL {fig['mean_accepted_length']:.2f}")
+                if best_fig is None or fig["tokens_per_s"] > best_fig["tokens_per_s"]:
+                    best_arm, best_fig = arm, fig
+        arms.append(best_arm)
+        measured[kind] = best_fig
+    best_ngram, best_fig = None, None
+    for depth, total in ((4, 8), (6, 16), (8, 24)):
+        arm = Arm(name="ngram_tree", drafter="ngram_tree", depth=depth, top_k=4,
+                  total_tokens=total)
+        fig = measure_goodput(engine, prompts, arm, max_tokens)
+        log(f"ngram_tree depth {depth} total {total}: {fig['tokens_per_s']:.2f} tok/s, "
+            f"MAL {fig['mean_accepted_length']:.2f}")
+        if best_fig is None or fig["tokens_per_s"] > best_fig["tokens_per_s"]:
+            best_ngram, best_fig = arm, fig
+    arms.append(best_ngram)
+    measured["ngram_tree"] = best_fig
+    default = max(measured, key=lambda k: measured[k]["tokens_per_s"])
+    return Profile(model_fingerprint=engine.loaded.fingerprint, default_arm=default, arms=arms,
+                   notes={
+                       "method": "teacher-forced agreement over contiguous skip blocks, then "
+                                 "measured goodput of the best candidates on calibration prompts",
+                       "dtype": str(runner.dtype).replace("torch.", ""),
+                       "device": str(runner.device),
+                       "max_tokens": max_tokens,
+                       "candidates": [{"skip": list(c.skip), "top1": round(c.top1, 3),
+                                       "top4": round(c.top4, 3),
+                                       "est_speedup": round(c.est_speedup, 3)}
+                                      for c in candidates[:10]],
+                       "measured": {k: {kk: round(vv, 3) for kk, vv in v.items()}
+                                    for k, v in measured.items()},
+                   })

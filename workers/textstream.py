@@ -1,0 +1,63 @@
+"""Incremental detokenisation: emit text as tokens arrive, never half a multi-byte character."""
+
+from __future__ import annotations
+
+
+class TextStream:
+    """Decodes the growing token list and returns only the new, complete text each time."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.tokens: list[int] = []
+        self.emitted = 0  # characters already returned
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip)
+
+    def push(self, tokens: list[int]) -> str:
+        self.tokens.extend(tokens)
+        text = self._text()
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        new = text[self.emitted:]
+        self.emitted = len(text)
+        return new
+
+    def flush(self) -> str:
+        text = self._text()
+        new = text[self.emitted:]
+        self.emitted = len(text)
+        return new
+
+    @property
+    def text(self) -> str:
+        return self._text()
+
+
+class StopStrings:
+    """Holds back text that may be the start of a stop string; cuts the text at the first stop."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Feed new text; return what is safe to emit now."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending, self.stopped = self.pending[:cut], "", True
+            return out
+        hold = max((k for s in self.stops for k in range(1, len(s))
+                    if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out

@@ -1,0 +1,82 @@
+"""Draft trees: the structure every drafter proposes and the verifier checks in one forward.
+
+Node ``i`` of a tree holds ``tokens[i]``; ``parents[i]`` is the index of its parent node, or ``-1``
+for a child of the root. The root is the last committed token (not yet in the KV cache), so the
+verify forward runs ``[root, *tokens]``: row 0 is the root, row ``i + 1`` is node ``i``.
+Parents always come before their children; siblings are ordered best first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DraftTree:
+    tokens: torch.Tensor  # [N] long, drafted tokens
+    parents: torch.Tensor  # [N] long, parent node index or -1 for the root
+
+    @staticmethod
+    def empty() -> DraftTree:
+        return DraftTree(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+
+    @staticmethod
+    def chain(tokens: list[int]) -> DraftTree:
+        return DraftTree(torch.tensor(tokens, dtype=torch.long),
+                         torch.arange(-1, len(tokens) - 1, dtype=torch.long))
+
+    @staticmethod
+    def from_nodes(nodes: list[tuple[int, int]]) -> DraftTree:
+        """``nodes``: ``(token, parent)`` pairs in order."""
+        if not nodes:
+            return DraftTree.empty()
+        tokens, parents = zip(*nodes)
+        return DraftTree(torch.tensor(tokens, dtype=torch.long),
+                         torch.tensor(parents, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def depths(self) -> torch.Tensor:
+        """``[N]`` depth of each node; children of the root have depth 1."""
+        return tree_depths(self.parents)
+
+    def children(self) -> list[list[int]]:
+        """Children of each verify row: entry 0 is the root's, entry ``i + 1`` node ``i``'s."""
+        out: list[list[int]] = [[] for _ in range(len(self) + 1)]
+        for node, parent in enumerate(self.parents.tolist()):
+            out[parent + 1].append(node)
+        return out
+
+
+def tree_depths(parents: torch.Tensor) -> torch.Tensor:
+    depths = torch.zeros(parents.shape[0], dtype=torch.long)
+    for i, p in enumerate(parents.tolist()):
+        if p >= i:
+            raise ValueError("a node's parent must come before it")
+        depths[i] = 1 if p < 0 else depths[p] + 1
+    return depths
+
+
+def tree_attention_mask(parents: torch.Tensor) -> torch.Tensor:
+    """``[N+1, N+1]`` bool: row ``r`` of ``[root, *nodes]`` sees itself and its ancestors."""
+    n = parents.shape[0]
+    mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    mask[:, 0] = True
+    mask[0, 0] = True
+    for i, p in enumerate(parents.tolist()):
+        row = i + 1
+        mask[row] = mask[p + 1]
+        mask[row, row] = True
+    return mask
+
+
+def path_to(parents: torch.Tensor, node: int) -> list[int]:
+    """Node indices from the root's child down to ``node``."""
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = int(parents[node])
+    return path[::-1]
