@@ -3,7 +3,9 @@
 Arms are scored by goodput (output tokens per second of decoding) measured by the whole fleet and
 read from the statistics store's in-process snapshot (never awaited per request). Exploration is
 Thompson sampling: each arm's goodput gets a normal posterior around its decayed mean, with the
-profile's measured figure as a prior worth ``prior_weight`` requests.
+profile's measured figure as a prior worth ``prior_weight`` requests. The router first calibrates
+the prior to the bucket (``calibrated_prior``): profile figures, or the unit-less defaults when
+there are none, only say how arms compare, while the bucket's observations set the scale.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-CODE_PATTERN = re.compile(r"(^\s*(def|class|import|from|return|for|if|while)\b|[{};]\s*$|==|->|\(\))",
-                          re.MULTILINE)
+CODE_PATTERN = re.compile(
+    r"(^\s*(def|class|import|from|return|for|if|while)\b|[{};]\s*$|==|->|\(\))", re.MULTILINE)
 
 
 def classify_prompt(text: str, is_chat: bool) -> str:
@@ -74,6 +76,22 @@ def thompson_choice(estimates: dict[str, ArmEstimate], prior: dict[str, float],
     return best
 
 
+def calibrated_prior(estimates: dict[str, ArmEstimate],
+                     prior: dict[str, float]) -> dict[str, float]:
+    """The prior rescaled so that, over the observed arms, it matches what was observed.
+
+    The factor is the request-weighted ratio of observed to prior goodput. Without it a prior on
+    another scale than the bucket's goodput (the unit-less defaults, a profile measured on other
+    hardware or prompts) pulls every posterior towards that scale: arms seen rarely or never look
+    hopeless next to an observed one and are never explored. Unchanged when nothing is observed.
+    """
+    observed = sum(est.requests * est.goodput for arm, est in estimates.items() if arm in prior)
+    expected = sum(est.requests * prior[arm] for arm, est in estimates.items() if arm in prior)
+    if observed <= 0 or expected <= 0:
+        return prior
+    return {arm: value * observed / expected for arm, value in prior.items()}
+
+
 class ArmRouter:
     """Picks an arm per request: pinned, fixed (the default arm) or adaptive (Thompson)."""
 
@@ -98,4 +116,5 @@ class ArmRouter:
             return pinned
         if self.mode == "fixed":
             return self.default_arm
-        return thompson_choice(self.estimates(bucket), self.prior, rng=self.rng)
+        estimates = self.estimates(bucket)
+        return thompson_choice(estimates, calibrated_prior(estimates, self.prior), rng=self.rng)

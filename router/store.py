@@ -31,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import unquote, urlsplit
 
@@ -39,7 +39,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from workers.stats import SpecDecodeStats
@@ -52,6 +52,7 @@ _COUNTERS = ("requests", "num_spec_steps", "num_drafts", "num_draft_tokens",
 _POS_FIELD = "acc_pos:"
 _OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError,
                   OSError, asyncio.TimeoutError)
+_REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 _APPLY_RECORD_LUA = """
 local now, half_life, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -234,7 +235,7 @@ class StatsStore(abc.ABC):
                 if model is None or key.model == model}
 
     async def flush(self) -> bool:
-        """Write what is queued now; True when nothing is left queued."""
+        """Write what is queued now; False when the backend was unreachable."""
         return True
 
     async def refresh(self) -> bool:
@@ -341,6 +342,8 @@ class RedisStatsStore(StatsStore):
         self._tasks = []
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.flush(), timeout=max(2 * self.socket_timeout_s, 1.0))
+        if self.pending:
+            log.warning("closing the statistics store with %d records unwritten", self.pending)
         await self._redis.aclose()
 
     def record(self, key: StatsKey, stats: SpecDecodeStats, decode_time_s: float) -> None:
@@ -358,17 +361,17 @@ class RedisStatsStore(StatsStore):
     async def flush(self) -> bool:
         async with self._flush_lock:
             batch = [self._buffer.popleft() for _ in range(len(self._buffer))]
-            if batch:
-                self._in_flight = len(batch)
-                try:
-                    results = await self._write(batch)
-                except asyncio.CancelledError:
-                    self._enqueue(batch, front=True)
-                    raise
-                finally:
-                    self._in_flight = 0
-                self._settle(batch, results)
-            return not self._buffer
+            if not batch:
+                return True
+            self._in_flight = len(batch)
+            try:
+                results = await self._write(batch)
+            except asyncio.CancelledError:
+                self._enqueue(batch, front=True)
+                raise
+            finally:
+                self._in_flight = 0
+            return self._settle(batch, results)
 
     async def _write(self, batch: list[tuple[StatsKey, ArmStats]]) -> list:
         """One result per record: the script's reply or the error it met."""
@@ -381,11 +384,11 @@ class RedisStatsStore(StatsStore):
                     await self._apply_record(keys=[self.hash_key(key), self.index_key],
                                              args=args, client=pipe)
                 return await pipe.execute(raise_on_error=False)
-        except _OUTAGE_ERRORS as exc:
+        except _REDIS_ERRORS as exc:
             return [exc] * len(batch)
 
-    def _settle(self, batch: list[tuple[StatsKey, ArmStats]], results: list) -> None:
-        """Requeue what met an outage; count and drop what the server rejected."""
+    def _settle(self, batch: list[tuple[StatsKey, ArmStats]], results: list) -> bool:
+        """Requeue what met an outage, count and drop what the server rejected; False on outage."""
         outages = [r for r in results if isinstance(r, _OUTAGE_ERRORS)]
         rejected = [r for r in results
                     if isinstance(r, Exception) and not isinstance(r, _OUTAGE_ERRORS)]
@@ -395,13 +398,17 @@ class RedisStatsStore(StatsStore):
         self._enqueue([item for item, r in zip(batch, results, strict=True)
                        if isinstance(r, _OUTAGE_ERRORS)], front=True)
         self._set_available(not outages, outages[0] if outages else None)
+        return not outages
 
     async def refresh(self) -> bool:
         try:
             cache = await self._read()
-        except _OUTAGE_ERRORS as exc:
+        except _REDIS_ERRORS as exc:
             self.read_errors += 1
-            self._set_available(False, exc)
+            if isinstance(exc, _OUTAGE_ERRORS):
+                self._set_available(False, exc)
+            else:
+                log.error("reading statistics failed: %r", exc)
             return False
         self._cache = cache
         self._set_available(True)
@@ -424,7 +431,7 @@ class RedisStatsStore(StatsStore):
                 log.warning("skipping malformed statistics hash %s: %s", name, exc)
         return cache
 
-    async def _every(self, interval_s: float, operation: Callable[[], object]) -> None:
+    async def _every(self, interval_s: float, operation: Callable[[], Awaitable[bool]]) -> None:
         delay = interval_s
         while True:
             await asyncio.sleep(delay)

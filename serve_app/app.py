@@ -6,7 +6,6 @@
 records the request's acceptance statistics in the store.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hmac
@@ -104,10 +103,13 @@ class Decoder:
         elapsed = time.perf_counter() - start
         decode_time = elapsed - ((first_token_at or start) - start)
         summary = gen.stats.summary(gen.arm.name)
-        self.metrics.observe_request(gen.stats, gen.arm.name, elapsed,
-                                     (first_token_at or start) - start)
-        self.store.record(StatsKey(self.config.served_model_name, payload["bucket"],
-                                   gen.arm.name), gen.stats, max(decode_time, 1e-6))
+        try:  # figures are sinks: losing one never fails a served request
+            self.metrics.observe_request(gen.stats, gen.arm.name, elapsed,
+                                         (first_token_at or start) - start)
+            self.store.record(StatsKey(self.config.served_model_name, payload["bucket"],
+                                       gen.arm.name), gen.stats, max(decode_time, 1e-6))
+        except Exception:
+            log.exception("recording the statistics of a request failed")
         yield {"text": "", "token_ids": [], "finish_reason": finish_reason or "stop",
                "usage": usage(len(gen.prompt), len(gen.output)), "spec_decode": summary}
 
@@ -267,8 +269,9 @@ class IngressBase:
     # --- decoding -------------------------------------------------------------------------
 
     async def _stream(self, payload: dict) -> AsyncIterator[dict]:
-        gen = self.decoder.options(stream=True).generate.remote(payload)
+        gen = None
         try:
+            gen = self.decoder.options(stream=True).generate.remote(payload)
             async for item in gen:
                 yield item
         except BackPressureError as exc:
@@ -276,7 +279,8 @@ class IngressBase:
                            code="overloaded",
                            headers={"Retry-After": str(self.config.retry_after_s)}) from exc
         finally:
-            gen.cancel()
+            if gen is not None:
+                gen.cancel()
 
     async def _merged(self, payloads: list[dict]) -> AsyncIterator[tuple[int, dict]]:
         """Chunks of all choices, as they come, tagged with the choice index."""

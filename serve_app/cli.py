@@ -80,9 +80,7 @@ def generate(
 @app.command()
 def bench(
     out: Path = typer.Option(Path("bench-out"), help="Folder for bench.json, bench.md, bench.png."),
-    methods: str = typer.Option(",".join(("hf_vanilla", "hf_prompt_lookup", "hf_early_exit",
-                                          "vanilla", "skip_chain", "skip_tree", "ngram_tree")),
-                                help="Comma list of methods."),
+    methods: str = typer.Option(None, help="Comma list of methods (default: all)."),
     max_tokens: int = typer.Option(128, min=1),
     limit: int = typer.Option(None, min=1, help="Only the first N prompts."),
     prompts: Path = typer.Option(None, help="Prompt suite JSONL (default: the shipped one)."),
@@ -99,7 +97,8 @@ def bench(
     from workers.sampling import SamplingParams
 
     _threads(threads)
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    method_list = ([m.strip() for m in methods.split(",") if m.strip()] if methods
+                   else list(bench_mod.ALL_METHODS))
     unknown = [m for m in method_list if m not in bench_mod.ALL_METHODS]
     if unknown:
         raise typer.BadParameter(f"unknown methods {unknown}; known: "
@@ -132,6 +131,7 @@ def search_cmd(
     out: Path = typer.Option(..., help="Where to write the profile JSON."),
     max_tokens: int = typer.Option(48, min=8, help="Tokens per calibration prompt."),
     finalists: int = typer.Option(3, min=1, help="Skip sets decoded for real in stage 2."),
+    adapter: str = typer.Option(None, help="S3D adapter (default: the bundled model's)."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
     quantization: str = QUANT_OPT, threads: int = THREADS_OPT,
 ) -> None:
@@ -141,7 +141,7 @@ def search_cmd(
 
     _threads(threads)
     engine = Engine.load(model, dtype, device, quantization, None)
-    profile = search(engine, max_tokens=max_tokens, finalists=finalists,
+    profile = search(engine, max_tokens=max_tokens, finalists=finalists, adapter_path=adapter,
                      log=lambda m: typer.echo(m, err=True))
     profile.save(out)
     typer.echo(f"wrote {out} (default arm {profile.default_arm})")
@@ -167,3 +167,59 @@ def serve(
                                          "quantization": quantization, "redis_url": redis_url,
                                          "max_replicas": max_replicas})
     serve_locally(cfg, host, port, lambda m: typer.echo(m, err=True), num_cpus)
+
+
+@app.command()
+def loadtest(
+    url: str = typer.Option("http://127.0.0.1:8000", help="Service base URL (loopback only)."),
+    clients: int = typer.Option(4, min=1, max=256, help="Concurrent clients."),
+    duration: float = typer.Option(None, min=0.1, help="Stop starting requests after T seconds."),
+    requests: int = typer.Option(None, min=1, help="Stop after R requests."),
+    stream_fraction: float = typer.Option(0.5, min=0.0, max=1.0),
+    chat_fraction: float = typer.Option(0.5, min=0.0, max=1.0),
+    max_tokens: int = typer.Option(32, min=1),
+    temperature: float = typer.Option(0.0, min=0.0),
+    arm: str = typer.Option(None, help="Pin an arm."),
+    api_key: str = typer.Option(None, envvar="S3D_API_KEY"),
+    out: Path = typer.Option(None, help="Also write the JSON report here."),
+) -> None:
+    """Drive a running service with concurrent clients; report throughput, latency and errors."""
+    from serve_app.loadtest import LoadConfig, report_table, run_load_sync
+
+    if duration is None and requests is None:
+        raise typer.BadParameter("give --duration or --requests (or both)")
+    report = run_load_sync(LoadConfig(
+        base_url=url, api_key=api_key, clients=clients, duration_s=duration, requests=requests,
+        stream_fraction=stream_fraction, chat_fraction=chat_fraction, max_tokens=max_tokens,
+        temperature=temperature, arm=arm))
+    typer.echo(report_table(report))
+    if out:
+        out.write_text(report.model_dump_json(indent=2) + "\n")
+        typer.echo(f"wrote {out}")
+
+
+@app.command("train")
+def train_cmd(
+    out: Path = typer.Option(..., help="Adapter file to write (.safetensors; metadata beside)."),
+    gamma: int = typer.Option(3, min=1, max=8, help="Mask tokens per attach point."),
+    rank: int = typer.Option(16, min=1, help="LoRA rank of the draft-only adapters."),
+    steps: int = typer.Option(1000, min=1, help="Optimizer steps (one chunk each)."),
+    minutes: float = typer.Option(None, help="Stop after this many minutes (checkpointed)."),
+    lr: float = typer.Option(2e-3),
+    chunk_len: int = typer.Option(256, min=32),
+    attach_per_chunk: int = typer.Option(32, min=1),
+    max_chars: int = typer.Option(3_000_000, help="Corpus size in characters."),
+    eval_every: int = typer.Option(200, min=1),
+    resume: bool = typer.Option(True, help="Resume from OUT.ckpt.pt when present."),
+    model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
+    threads: int = THREADS_OPT,
+) -> None:
+    """Train the S3D mask embedding and draft-only adapters by self-distillation."""
+    from workers.engine import Engine
+    from workers.train import train
+
+    _threads(threads)
+    engine = Engine.load(model, dtype, device, "none", None)
+    train(engine, out, gamma=gamma, rank=rank, steps=steps, minutes=minutes, lr=lr,
+          chunk_len=chunk_len, attach_per_chunk=attach_per_chunk, max_chars=max_chars,
+          eval_every=eval_every, resume=resume, log=lambda m: typer.echo(m, err=True))

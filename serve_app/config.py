@@ -26,7 +26,8 @@ class ServeConfig(BaseModel):
                                    description="Model name reported by /v1/models and responses.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights and activations dtype.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA if present.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto",
+                                                   description="auto picks CUDA if present.")
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "none", description="bitsandbytes weight quantization.")
     profile: str | None = Field(None, description="Profile JSON of arms; default: the bundled "

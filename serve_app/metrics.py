@@ -6,6 +6,13 @@ from ray.serve import metrics
 
 from workers.stats import SpecDecodeStats
 
+
+def _inc(counter: metrics.Counter, value: float, tags: dict) -> None:
+    """Ray counters refuse increments of zero."""
+    if value > 0:
+        counter.inc(value, tags)
+
+
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
 
@@ -39,13 +46,12 @@ class DecoderMetrics:
     def observe_request(self, stats: SpecDecodeStats, arm: str, seconds: float,
                         ttft: float) -> None:
         tags = {"arm": arm}
-        self.num_drafts.inc(stats.num_drafts, tags)
-        self.num_draft_tokens.inc(stats.num_draft_tokens, tags)
-        self.num_accepted_tokens.inc(stats.num_accepted_tokens, tags)
+        _inc(self.num_drafts, stats.num_drafts, tags)
+        _inc(self.num_draft_tokens, stats.num_draft_tokens, tags)
+        _inc(self.num_accepted_tokens, stats.num_accepted_tokens, tags)
         for pos, n in enumerate(stats.accepted_per_pos):
-            if n:
-                self.accepted_per_pos.inc(n, {"arm": arm, "position": str(pos)})
-        self.output_tokens.inc(stats.num_output_tokens, tags)
+            _inc(self.accepted_per_pos, n, {"arm": arm, "position": str(pos)})
+        _inc(self.output_tokens, stats.num_output_tokens, tags)
         self.request_latency.observe(seconds, tags)
         self.ttft.observe(ttft, tags)
         decode = seconds - ttft

@@ -79,7 +79,8 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] = Field(description="Text, token ids, or one text in a list.")
+    prompt: str | list[int] | list[str] = Field(
+        description="Text, token ids, or one text in a list.")
     echo: bool = False
 
     @field_validator("prompt")

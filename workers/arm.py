@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DrafterKind = Literal["none", "skip_chain", "skip_tree", "ngram_tree"]
+DrafterKind = Literal["none", "skip_chain", "skip_tree", "ngram_tree", "s3d", "hybrid"]
 
 
 class Arm(BaseModel):
@@ -32,11 +32,20 @@ class Arm(BaseModel):
                     "it then adapts online to the acceptance rate.")
     ngram_max: int = Field(default=4, ge=1, le=16, description="Longest n-gram matched (n-gram).")
     ngram_min: int = Field(default=1, ge=1, le=16, description="Shortest n-gram matched.")
+    gamma: int = Field(default=3, ge=1, le=16,
+                       description="S3D: mask rows per attach point (drafts tokens 2..gamma+1).")
+    attach: int = Field(default=3, ge=1, le=16,
+                        description="S3D: verify rows (root and first children) that get masks.")
+    adapter: str | None = Field(default=None, description="S3D adapter file; default: the "
+                                                          "bundled model's committed adapter.")
 
     @model_validator(mode="after")
     def _check(self) -> Arm:
         if self.drafter in ("skip_chain", "skip_tree") and not self.skip_layers:
             raise ValueError(f"arm {self.name!r}: drafter {self.drafter} needs skip_layers")
+        if self.drafter in ("s3d", "hybrid") and self.skip_layers:
+            raise ValueError(f"arm {self.name!r}: fused S3D mask rows run every layer; "
+                             "skip_layers must be empty")
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"arm {self.name!r}: ngram_min > ngram_max")
         if len(set(self.skip_layers)) != len(self.skip_layers):
@@ -49,7 +58,8 @@ class Arm(BaseModel):
         if self.drafter == "none":
             return 0
         expanded = 1 + self.top_k * self.depth
-        return max(self.total_tokens, self.depth) + expanded + 1
+        masks = self.attach * self.gamma if self.drafter in ("s3d", "hybrid") else 0
+        return max(self.total_tokens, self.depth) + expanded + masks + 1
 
 
 NONE_ARM = Arm(name="none", drafter="none")
@@ -60,7 +70,8 @@ class Profile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_fingerprint: str = Field(description="Fingerprint of the base model the arms were made for.")
+    model_fingerprint: str = Field(
+        description="Fingerprint of the base model the arms were made for.")
     default_arm: str = Field(description="Arm used when the router has no statistics yet.")
     arms: list[Arm] = Field(description="Candidate arms, including `none`.")
     notes: dict = Field(default_factory=dict, description="How the profile was measured.")

@@ -10,8 +10,10 @@ import datetime
 import json
 import os
 import platform
+import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from workers.sampling import SamplingParams
 from workers.stats import SpecDecodeStats
 
 HF_METHODS = ("hf_vanilla", "hf_prompt_lookup", "hf_early_exit")
-OWN_METHODS = ("vanilla", "skip_chain", "skip_tree", "ngram_tree")
+OWN_METHODS = ("vanilla", "skip_chain", "skip_tree", "ngram_tree", "s3d", "hybrid", "router")
 ALL_METHODS = HF_METHODS + OWN_METHODS
 DEFAULT_METHODS = ALL_METHODS
 
@@ -118,6 +120,39 @@ class Bench:
 
         return run
 
+    def _routed(self) -> Callable[[int, int], PromptRun]:
+        """The adaptive router over the profile's arms, its statistics warming as it goes."""
+        from router.policy import ArmEstimate, ArmRouter, context_bucket
+        from router.store import InProcessStatsStore, StatsKey
+
+        store = InProcessStatsStore()
+        profile = self.engine.profile
+        prior = {k: v["tokens_per_s"] for k, v in profile.notes.get("measured", {}).items()}
+
+        def estimates(bucket: str) -> dict[str, ArmEstimate]:
+            return {k.arm: ArmEstimate(v.goodput_tokens_per_s, v.requests)
+                    for k, v in store.snapshot().items() if k.bucket == bucket and v.requests}
+
+        router = ArmRouter([a.name for a in profile.arms], profile.default_arm, prior or None,
+                           estimates=estimates, rng=random.Random(0))
+        self.router_choices: list[str] = []
+
+        def run(index: int, max_tokens: int) -> PromptRun:
+            p = self.prompts[index]
+            text = p.prompt or "\n".join(m["content"] for m in p.messages)
+            bucket = context_bucket(text, p.is_chat, self.params.temperature,
+                                    len(self.ids[index]))
+            t0 = time.perf_counter()
+            arm = router.choose(bucket)
+            gen = self.engine.generation(self.ids[index], max_tokens, arm, self._params(index))
+            gen.run()
+            seconds = time.perf_counter() - t0
+            store.record(StatsKey("bench", bucket, arm), gen.stats, seconds)
+            self.router_choices.append(arm)
+            return PromptRun(p.id, p.category, gen.output, seconds, gen.stats)
+
+        return run
+
     def _params(self, index: int) -> SamplingParams:
         if self.params.greedy:
             return self.params
@@ -171,8 +206,14 @@ class Bench:
             return self._hf(assistant_early_exit=layer), {"assistant_early_exit": layer}
         if name == "vanilla":
             return self._own("none"), {"arm": "none"}
+        if name == "router":
+            return self._routed(), {"arms": [a.name for a in self.engine.profile.arms]}
         if name in OWN_METHODS:
-            arm = self.engine.arm(name)
+            try:
+                arm = self.engine.arm(name)
+            except KeyError:
+                raise ValueError(f"method {name!r} needs an arm named {name!r} in the profile; "
+                                 f"it has {[a.name for a in self.engine.profile.arms]}") from None
             return self._own(name), {"arm": arm.model_dump()}
         raise ValueError(f"unknown method {name!r}; known: {', '.join(ALL_METHODS)}")
 
@@ -200,6 +241,8 @@ class Bench:
                     result.runs.append(run(index, self.max_tokens_for(prompt)))
                     bar.update()
             result.peak_rss_mb = rss.peak / 2**20
+            if name == "router":
+                result.detail["choices"] = dict(Counter(self.router_choices))
             results.append(result)
         bar.close()
         return results

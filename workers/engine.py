@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import torch
 
 from workers.arm import NONE_ARM, Arm, Profile
 from workers.drafters import DraftContext, make_drafter
+from workers.drafters.s3d import MaskAdapter, MaskGroups, load_adapter
 from workers.model import BUNDLED_MODEL, LoadedModel, load_model
-from workers.runner import Attention, ModelRunner
+from workers.runner import MASK_ID, Attention, DraftRows, ModelRunner
 from workers.sampling import SamplingParams, greedy_accept, sample_accept, target_probs
 from workers.stats import SpecDecodeStats
 from workers.tree import DraftTree, tree_attention_mask
@@ -36,6 +38,7 @@ class Generation:
     arm: Arm = NONE_ARM
     params: SamplingParams = field(default_factory=SamplingParams)
     stop_token_ids: frozenset[int] = frozenset()
+    adapter_for: Callable[[Arm], MaskAdapter] | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -49,7 +52,7 @@ class Generation:
                 f"the model's context of {context} tokens")
         scratch = self.arm.max_draft_nodes + 2
         self.cache = self.runner.new_cache(len(self.prompt) + self.max_tokens + scratch)
-        self.drafter = make_drafter(self.arm, self.runner.num_layers)
+        self.drafter = make_drafter(self.arm, self.runner.num_layers, self.adapter_for)
         self.generator = self.params.generator()
         self.tokens: list[int] = list(self.prompt)
         self.output: list[int] = []
@@ -63,6 +66,7 @@ class Generation:
         probs = target_probs(logits[None], self.params)[0]
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
+    @torch.inference_mode()
     def prefill(self) -> list[int]:
         """Run the prompt; the first token comes from its last row."""
         n = len(self.prompt)
@@ -71,6 +75,7 @@ class Generation:
         self.cache.length = n
         return self._commit([self._choose(logits[-1])])
 
+    @torch.inference_mode()
     def step(self) -> list[int]:
         if not self.output:
             return self.prefill()
@@ -86,19 +91,32 @@ class Generation:
         return self._commit([int(tree.tokens[i]) for i in path] + [next_token])
 
     def _verify(self, tree: DraftTree) -> tuple[list[int], int]:
-        """One full forward over ``[root, *tree]``; accept a path; move its K/V into place."""
+        """One full forward over ``[root, *tree]`` (plus any fused S3D mask rows); accept a
+        path; move its K/V into place."""
         start = self.cache.length
+        n = len(tree) + 1
         tokens = torch.cat([torch.tensor(self.tokens[-1:]), tree.tokens])
         positions = start + torch.cat([torch.zeros(1, dtype=torch.long), tree.depths()])
-        attention = (Attention.causal(start) if tree_is_chain(tree)
-                     else Attention(start, start, tree_attention_mask(tree.parents)))
-        hidden = self.runner.hidden_states(self.cache, tokens, positions, attention)
-        rows = RowLogits(self.runner, hidden, principal_rows(tree))
+        groups = self.drafter.mask_groups(tree)
+        draft = None
+        if groups is not None:
+            tokens, positions, local = with_mask_rows(tokens, positions, tree, groups)
+            attention = Attention(start, start, local)
+            draft = DraftRows(n, groups.adapter)
+        elif tree_is_chain(tree):
+            attention = Attention.causal(start)
+        else:
+            attention = Attention(start, start, tree_attention_mask(tree.parents))
+        hidden = self.runner.hidden_states(self.cache, tokens, positions, attention, draft=draft)
+        rows = RowLogits(self.runner, hidden[:n], principal_rows(tree))
         if self.params.greedy:
             path, next_token = greedy_accept(lambda r: int(rows(r).argmax()), tree)
         else:
             path, next_token = sample_accept(
                 lambda r: target_probs(rows(r)[None], self.params)[0], tree, self.generator)
+        if groups is not None:
+            self.drafter.after_verify(self.runner, groups, hidden[n:],
+                                      path[-1] + 1 if path else 0)
         self.cache.compact([start + 1 + i for i in path], start + 1)
         self.cache.length = start + 1 + len(path)
         return path, next_token
@@ -148,6 +166,28 @@ def principal_rows(tree: DraftTree) -> list[int]:
     return rows
 
 
+def with_mask_rows(tokens: torch.Tensor, positions: torch.Tensor, tree: DraftTree,
+                   groups: MaskGroups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append ``gamma`` mask rows after each attach row. Mask ``j`` of a group sits at the attach
+    row's position + j, sees the attach row's path and the earlier masks of its group; no verify
+    row sees any mask row."""
+    n, gamma = tokens.shape[0], groups.gamma
+    extra = len(groups.attach_rows) * gamma
+    base = tree_attention_mask(tree.parents)
+    local = torch.zeros(n + extra, n + extra, dtype=torch.bool)
+    local[:n, :n] = base
+    mask_positions = []
+    for g, row in enumerate(groups.attach_rows):
+        first = n + g * gamma
+        for j in range(gamma):
+            local[first + j, :n] = base[row]
+            local[first + j, first:first + j + 1] = True
+            mask_positions.append(int(positions[row]) + 1 + j)
+    tokens = torch.cat([tokens, torch.full((extra,), MASK_ID, dtype=torch.long)])
+    positions = torch.cat([positions, torch.tensor(mask_positions, dtype=torch.long)])
+    return tokens, positions, local
+
+
 def tree_is_chain(tree: DraftTree) -> bool:
     return bool((tree.parents == torch.arange(-1, len(tree) - 1)).all())
 
@@ -171,7 +211,7 @@ def stop_token_ids(tokenizer, hf_model=None) -> frozenset[int]:
 
 @dataclass
 class Engine:
-    """A loaded model, its runner and its profile of arms: what a replica or the CLI decodes with."""
+    """A loaded model, its runner and its profile of arms: what replicas and the CLI decode with."""
 
     loaded: LoadedModel
     runner: ModelRunner
@@ -186,6 +226,12 @@ class Engine:
         return cls(loaded, runner, stop_token_ids(loaded.tokenizer, loaded.model),
                    resolve_profile(profile, loaded.fingerprint, runner.num_layers))
 
+    def __post_init__(self) -> None:
+        self._adapters: dict[str, MaskAdapter] = {}
+
+    def adapter_for(self, arm: Arm) -> MaskAdapter:
+        return load_adapter(arm, self.runner, self.loaded.fingerprint, self._adapters)
+
     @property
     def tokenizer(self):
         return self.loaded.tokenizer
@@ -198,7 +244,7 @@ class Engine:
         if not isinstance(arm, Arm):
             arm = self.arm(arm)
         return Generation(self.runner, prompt, max_tokens, arm, params or SamplingParams(),
-                          stop_token_ids=self.stops)
+                          stop_token_ids=self.stops, adapter_for=self.adapter_for)
 
 
 def resolve_profile(path: str | None, fingerprint: str, num_layers: int) -> Profile:

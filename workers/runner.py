@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ class Attention:
 
     New tokens are written at slots ``start .. start+T-1``. Slots ``< prefix_len`` are visible to
     every new token. ``local`` (bool ``[T, start + T - prefix_len]``) says which of the remaining
-    slots each new token sees; ``None`` means causal (each token sees every earlier slot and itself).
+    slots each new token sees; ``None`` means causal (each token sees every earlier slot and
+    itself).
     """
 
     start: int
@@ -37,7 +39,8 @@ class Attention:
             if num_new == 1:
                 return None
             mask = torch.ones(num_new, end, dtype=torch.bool, device=device)
-            mask[:, self.start:] = torch.ones(num_new, num_new, dtype=torch.bool, device=device).tril()
+            square = torch.ones(num_new, num_new, dtype=torch.bool, device=device)
+            mask[:, self.start:] = square.tril()
             return mask
         mask = torch.ones(num_new, end, dtype=torch.bool, device=device)
         mask[:, self.prefix_len:] = self.local.to(device)
@@ -123,26 +126,33 @@ class ModelRunner:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
+    @torch.inference_mode()
     def forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
                 attention: Attention, layers: Sequence[int] | None = None,
-                logits_rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+                logits_rows: torch.Tensor | slice | None = None,
+                draft: DraftRows | None = None) -> torch.Tensor:
         """Run ``tokens`` ``[T]`` at ``positions`` ``[T]`` through ``layers`` (default: all).
 
         Writes K/V of the run layers at slots ``attention.start..`` and returns logits
         ``[T', vocab]`` in float32 for ``logits_rows`` (default: every row).
         """
-        hidden = self.hidden_states(cache, tokens, positions, attention, layers)
+        hidden = self.hidden_states(cache, tokens, positions, attention, layers, draft)
         if logits_rows is not None:
             hidden = hidden[logits_rows]
         return self.logits(hidden)
 
-    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden)).float()
 
-    @torch.inference_mode()
     def hidden_states(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                      attention: Attention, layers: Sequence[int] | None = None) -> torch.Tensor:
+                      attention: Attention, layers: Sequence[int] | None = None,
+                      draft: DraftRows | None = None) -> torch.Tensor:
+        """Final hidden states ``[T, hidden]`` (before the final norm); see ``forward``.
+
+        With ``draft``, rows from ``draft.start`` on are draft rows: tokens equal to ``MASK_ID``
+        take the adapter's mask embedding, and the adapter's low-rank deltas are added to the
+        projections of those rows only, so every other row's output is exactly the base model's.
+        """
         tokens = tokens.to(self.device)
         positions = positions.to(self.device)
         num_new = tokens.shape[0]
@@ -151,22 +161,74 @@ class ModelRunner:
         mask = attention.mask(num_new, self.device)
         cos, sin = self._rope(positions)
         cos, sin = cos[None, None], sin[None, None]
-        hidden = self.embed(tokens)[None]  # [1, T, hidden]
+        hidden = self.embed(tokens.clamp(min=0))
+        if draft is not None:
+            hidden = draft.adapter.embed_masks(hidden, tokens)
+        hidden = hidden[None]  # [1, T, hidden]
         for idx in (self.all_layers if layers is None else layers):
             layer = self.layers[idx]
             attn = layer.self_attn
+            proj = _Projector(idx, draft)
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(1, num_new, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(1, num_new, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(1, num_new, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = self._rotate(q, cos, sin)
-            k = self._rotate(k, cos, sin)
+            q = proj(attn.q_proj, "q_proj", x).view(1, num_new, self.num_heads, self.head_dim)
+            k = proj(attn.k_proj, "k_proj", x).view(1, num_new, self.kv_heads, self.head_dim)
+            v = proj(attn.v_proj, "v_proj", x).view(1, num_new, self.kv_heads, self.head_dim)
+            q = self._rotate(q.transpose(1, 2), cos, sin)
+            k = self._rotate(k.transpose(1, 2), cos, sin)
+            v = v.transpose(1, 2)
             cache.write(idx, start, k, v)
             out = F.scaled_dot_product_attention(
                 q, cache.k[idx][:, :, :end], cache.v[idx][:, :, :end], attn_mask=mask,
                 scale=self.scaling, enable_gqa=True,
             )
             out = out.transpose(1, 2).reshape(1, num_new, -1)
-            hidden = hidden + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + proj(attn.o_proj, "o_proj", out)
+            x = layer.post_attention_layernorm(hidden)
+            if proj.touches_mlp():
+                mlp = layer.mlp
+                inner = mlp.act_fn(proj(mlp.gate_proj, "gate_proj", x)) * proj(
+                    mlp.up_proj, "up_proj", x)
+                hidden = hidden + proj(mlp.down_proj, "down_proj", inner)
+            else:
+                hidden = hidden + layer.mlp(x)
         return hidden[0]
+
+
+MASK_ID = -1  # token id of a mask row (S3D); embedded by the draft adapter
+
+
+@dataclass
+class DraftRows:
+    """Rows ``start..`` of a forward are draft rows, shaped by ``adapter`` (see hidden_states)."""
+
+    start: int
+    adapter: DraftAdapter
+
+
+class DraftAdapter(Protocol):
+    def embed_masks(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def delta(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor | None: ...
+
+    def touches_mlp(self, layer: int) -> bool: ...
+
+
+class _Projector:
+    """Applies a linear module; adds the draft adapter's delta on draft rows when it has one."""
+
+    def __init__(self, layer: int, draft: DraftRows | None):
+        self.layer, self.draft = layer, draft
+
+    def touches_mlp(self) -> bool:
+        return self.draft is not None and self.draft.adapter.touches_mlp(self.layer)
+
+    def __call__(self, module: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        out = module(x)
+        if self.draft is None:
+            return out
+        delta = self.draft.adapter.delta(self.layer, name, x[:, self.draft.start:])
+        if delta is None:
+            return out
+        if self.draft.start == 0:
+            return out + delta
+        return torch.cat([out[:, : self.draft.start], out[:, self.draft.start:] + delta], dim=1)

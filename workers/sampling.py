@@ -1,14 +1,14 @@
 """Sampling parameters, the target distribution, and acceptance of a draft tree's path.
 
 Every drafter's proposal is treated as deterministic (a token, not a sample), so acceptance at a
-node is *sequential point-mass rejection*: with target distribution ``p`` at the node, the first
-child ``x`` is accepted with probability ``p(x)``; on rejection ``p`` loses ``x`` and is renormalised
-(the residual ``norm(max(p - 1_x, 0))``), and the next sibling is tried against it. If every child is
-rejected, the next token (the *recovered* token) is drawn from what is left. Each accepted token is
-therefore distributed exactly as ``p``: this is the recursive rejection sampling of SpecInfer /
-EAGLE with one-hot draft distributions, and the output distribution is the base model's. With
-``temperature == 0`` it reduces to following the verifier's argmax down the tree; the token after
-the last accepted node is the *bonus* token.
+node is *sequential point-mass rejection*: with target distribution ``p`` at the node, the
+first child ``x`` is accepted with probability ``p(x)``; on rejection ``p`` loses ``x`` and is
+renormalised (the residual ``norm(max(p - 1_x, 0))``), and the next sibling is tried against it.
+If every child is rejected, the next token (the *recovered* token) is drawn from what is left.
+Each accepted token is therefore distributed exactly as ``p``: this is the recursive rejection
+sampling of SpecInfer / EAGLE with one-hot draft distributions, and the output distribution is the
+base model's. With ``temperature == 0`` it reduces to following the verifier's argmax down the
+tree; the token after the last accepted node is the *bonus* token.
 """
 
 from __future__ import annotations

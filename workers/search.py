@@ -3,8 +3,9 @@
 Stage 1 scores every candidate skip set (contiguous blocks of middle layers) by teacher-forced
 agreement: how often the skipped model's top-1 is the full model's greedy token on calibration
 text, and turns that into an expected speedup with measured forward costs (DESIGN.md's formula).
-Stage 2 decodes the calibration prompts with the best few candidates as real arms and keeps the
-arm of each drafter kind with the highest measured goodput (tokens per second). Calibration text
+Stage 2 decodes the calibration prompts with the best few candidates as real arms, and with a few
+n-gram and S3D (fused mask-token) settings, and keeps the arm of each drafter kind with the highest
+measured goodput (tokens per second). Calibration text
 is not the benchmark suite: stdlib modules and questions the suite does not use.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from workers.arm import NONE_ARM, Arm, Profile
+from workers.drafters.s3d import BUNDLED_ADAPTER
 from workers.engine import Engine
 from workers.runner import Attention
 
@@ -114,7 +116,7 @@ def measure_goodput(engine: Engine, prompts: list[list[int]], arm: Arm, max_toke
 
 
 def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
-           log=print) -> Profile:
+           adapter_path: str | None = None, log=print) -> Profile:
     runner = engine.runner
     prompts = calibration_prompts(engine.tokenizer)
     sequences = []
@@ -154,6 +156,21 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
                     best_arm, best_fig = arm, fig
         arms.append(best_arm)
         measured[kind] = best_fig
+    adapter = Path(adapter_path) if adapter_path else BUNDLED_ADAPTER
+    if adapter.exists():
+        for kind in ("s3d", "hybrid"):
+            best_arm, best_fig = None, None
+            for variant in (dict(depth=3, top_k=1, total_tokens=3, attach=2),
+                            dict(depth=3, top_k=2, total_tokens=6, attach=3),
+                            dict(depth=6, top_k=2, total_tokens=10, attach=3)):
+                arm = Arm(name=kind, drafter=kind, adapter=adapter_path, **variant)
+                fig = measure_goodput(engine, prompts, arm, max_tokens)
+                log(f"{kind} {variant}: {fig['tokens_per_s']:.2f} tok/s, "
+                    f"MAL {fig['mean_accepted_length']:.2f}")
+                if best_fig is None or fig["tokens_per_s"] > best_fig["tokens_per_s"]:
+                    best_arm, best_fig = arm, fig
+            arms.append(best_arm)
+            measured[kind] = best_fig
     best_ngram, best_fig = None, None
     for depth, total in ((4, 8), (6, 16), (8, 24)):
         arm = Arm(name="ngram_tree", drafter="ngram_tree", depth=depth, top_k=4,

@@ -48,7 +48,7 @@ def served(redis_server):
     app = build_app({
         "redis_url": redis_server.url, "stats_prefix": prefix, "api_keys": [API_KEY],
         "max_ongoing_requests": 3, "max_queued_requests": 2, "torch_threads": 2,
-        "max_tokens_limit": 512, "default_max_tokens": 16, "max_body_bytes": 20000,
+        "max_tokens_limit": 512, "default_max_tokens": 16, "max_body_bytes": 100_000,
     })
     serve.run(app, name="s3d", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"

@@ -14,6 +14,7 @@ import pytest
 from serve_app.client import AsyncS3DClient, S3DClient
 
 pytestmark = pytest.mark.serve
+MODEL = "smollm2-135m-instruct"
 
 SPEC_FIELDS = {"arm", "mean_acceptance_length", "draft_acceptance_rate", "num_spec_steps",
                "num_draft_tokens", "num_accepted_tokens"}
@@ -25,8 +26,7 @@ def oai(served) -> openai.OpenAI:
 
 
 def test_openai_completion_with_usage_and_spec_decode(served):
-    out = oai(served).completions.create(model="smollm2-135m-instruct",
-                                         prompt="def fibonacci(n):\n", max_tokens=12,
+    out = oai(served).completions.create(model=MODEL, prompt="def fibonacci(n):\n", max_tokens=12,
                                          temperature=0)
     assert out.choices[0].text
     assert out.usage.completion_tokens == 12 or out.choices[0].finish_reason == "stop"
@@ -52,16 +52,18 @@ def test_openai_chat_stream_with_usage(served):
     assert SPEC_FIELDS <= set(spec)
 
 
-def test_speculative_arms_serve_identical_greedy_text(served):
+def test_every_profile_arm_serves_identical_greedy_text(served):
     client = oai(served)
+    arms = client.models.list().data[0].model_extra["arms"]
+    assert "none" in arms and len(arms) >= 2
     prompt = "import os\n\ndef list_python_files(folder):\n    "
     texts = {}
-    for arm in ("none", "ngram_tree", "skip_tree"):
-        out = client.completions.create(model="smollm2-135m-instruct", prompt=prompt,
-                                        max_tokens=24, temperature=0, extra_body={"arm": arm})
+    for arm in arms:
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24,
+                                        temperature=0, extra_body={"arm": arm})
         assert out.model_extra["spec_decode"]["arm"] == arm
         texts[arm] = out.choices[0].text
-    assert texts["ngram_tree"] == texts["none"] == texts["skip_tree"]
+    assert len(set(texts.values())) == 1, texts
 
 
 def test_models_and_health(served):
@@ -73,17 +75,18 @@ def test_models_and_health(served):
 
 def test_n_seed_and_stop(served):
     client = oai(served)
-    out = client.completions.create(prompt="Once upon a time", max_tokens=8, temperature=1.0,
-                                    seed=7, n=2)
-    again = client.completions.create(prompt="Once upon a time", max_tokens=8,
+    out = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8,
+                                    temperature=1.0, seed=7, n=2)
+    again = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8,
                                       temperature=1.0, seed=7, n=2)
     assert [c.index for c in out.choices] == [0, 1]
     assert [c.text for c in out.choices] == [c.text for c in again.choices]
-    greedy = client.completions.create(prompt="1, 2, 3, 4, 5,", max_tokens=20, temperature=0)
+    greedy = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=20,
+                                       temperature=0)
     text = greedy.choices[0].text
     stop = text.strip()[:2]
-    cut = client.completions.create(prompt="1, 2, 3, 4, 5,", max_tokens=20, temperature=0,
-                                    stop=[stop])
+    cut = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=20,
+                                    temperature=0, stop=[stop])
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == text[: text.find(stop)]
 
@@ -103,7 +106,6 @@ def _error(resp: httpx.Response) -> dict:
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": ""}, "prompt"),
     ({"max_tokens": 4}, "prompt"),
-    ({"prompt": "word " * 3000, "max_tokens": 16}, "prompt"),
 ])
 def test_bad_requests_get_400_in_openai_shape(served, body, param):
     resp = httpx.post(served.base_url + "/v1/completions", json=body, headers=served.headers,
@@ -113,11 +115,15 @@ def test_bad_requests_get_400_in_openai_shape(served, body, param):
         assert _error(resp)["param"] == param
 
 
-def test_prompt_past_context_is_400(served):
+def test_prompt_past_context_is_400_and_body_limit_413(served):
     resp = httpx.post(served.base_url + "/v1/completions", headers=served.headers, timeout=60,
-                      json={"prompt": list(range(100, 2100)), "max_tokens": 100})
-    assert resp.status_code == 400
+                      json={"prompt": [100 + i % 900 for i in range(8150)], "max_tokens": 100})
+    assert resp.status_code == 400, resp.text
     assert _error(resp)["code"] == "context_length_exceeded"
+    resp = httpx.post(served.base_url + "/v1/completions", headers=served.headers, timeout=60,
+                      json={"prompt": "word " * 40000, "max_tokens": 4})
+    assert resp.status_code == 413
+    assert _error(resp)["code"] == "body_too_large"
 
 
 def test_unknown_model_and_malformed_json(served):
@@ -154,12 +160,12 @@ def test_back_pressure_503_with_retry_after(served):
     codes = sorted(r.status_code for r in responses)
     assert 200 in codes and 503 in codes, codes
     rejected = next(r for r in responses if r.status_code == 503)
-    assert int(rejected.headers["Retry-After"]) >= 1
+    assert int(rejected.headers.get("Retry-After", 0)) >= 1, (rejected.headers, rejected.text)
     assert _error(rejected)["code"] == "overloaded"
 
 
 def test_sdk_retries_503_until_served(served):
-    body = {"prompt": "Tell me a long story about a dragon.", "max_tokens": 32}
+    body = {"prompt": "Once upon a time, a dragon", "max_tokens": 32}
 
     def sdk_call(_):
         with S3DClient(served.base_url, api_key=served.api_key, max_retries=30,
@@ -168,7 +174,7 @@ def test_sdk_retries_503_until_served(served):
 
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         results = list(pool.map(sdk_call, range(10)))
-    assert all(r.choices[0].text for r in results)
+    assert all(r.usage.completion_tokens >= 1 for r in results), results
     assert all(r.spec_decode is not None for r in results)
 
 
@@ -211,8 +217,8 @@ def test_disconnect_mid_stream_frees_the_slot(served):
 def test_statistics_reach_redis(served):
     import redis
 
-    oai(served).completions.create(prompt="def add(a, b):", max_tokens=8, temperature=0,
-                                   extra_body={"arm": "ngram_tree"})
+    oai(served).completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=8,
+                                   temperature=0, extra_body={"arm": "ngram_tree"})
     client = redis.Redis.from_url(served.redis_url)
     deadline = time.time() + 30
     while True:

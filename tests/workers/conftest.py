@@ -42,5 +42,5 @@ def bundled() -> Bundled:
     torch.set_num_threads(2)
     loaded = load_model("bundled", dtype="float32", device="cpu")
     prompts = [p.to_token_ids(loaded.tokenizer) for p in load_prompts()]
-    return Bundled(loaded, ModelRunner(loaded.model), stop_token_ids(loaded.tokenizer, loaded.model),
-                   prompts)
+    stops = stop_token_ids(loaded.tokenizer, loaded.model)
+    return Bundled(loaded, ModelRunner(loaded.model), stops, prompts)

@@ -30,6 +30,13 @@ class Drafter:
     def observe(self, tree: DraftTree, num_accepted: int) -> None:
         """Feedback after verification (adaptive drafters override it)."""
 
+    def mask_groups(self, tree: DraftTree):
+        """Mask rows to append to the verify forward (fused S3D); ``None`` for none."""
+        return None
+
+    def after_verify(self, runner: ModelRunner, groups, hidden, accepted_row: int) -> None:
+        """Receives the mask rows' hidden states of the verify forward (fused S3D)."""
+
 
 class NoDrafter(Drafter):
     def propose(self, ctx: DraftContext) -> DraftTree:

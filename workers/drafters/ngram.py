@@ -1,8 +1,9 @@
 """N-gram drafter (prompt lookup decoding, into a tree): no model pass at all.
 
-The last ``n`` tokens (``n`` from ``ngram_max`` down to ``ngram_min``) are matched against everything
-earlier in the prompt and the generated text; the continuations of the most recent matches become
-branches of one draft tree (shared prefixes merged), up to ``depth`` deep and ``total_tokens`` nodes.
+The last ``n`` tokens (``n`` from ``ngram_max`` down to ``ngram_min``) are matched against
+everything earlier in the prompt and the generated text; the continuations of the most recent
+matches become branches of one draft tree (shared prefixes merged), up to ``depth`` deep and
+``total_tokens`` nodes.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 ``SkipChainDrafter`` drafts one token at a time and stops when the drafter's top-1 probability
 falls below a threshold that adapts to the acceptance rate (Draft & Verify, arXiv 2309.08168).
 ``SkipTreeDrafter`` grows an EAGLE-2 dynamic tree (arXiv 2406.16858): each depth expands the
-``top_k`` best frontier nodes in one forward, and the ``total_tokens`` best nodes by cumulative draft
-log-probability are kept.
+``top_k`` best frontier nodes in one forward, and the ``total_tokens`` best nodes by cumulative
+draft log-probability are kept.
 """
 
 from __future__ import annotations

@@ -1,0 +1,203 @@
+"""A pure, deterministic simulation of the router against an in-process statistics store.
+
+Owns the harness the router's tests and benchmark share: simulated requests drawn from a traffic
+mix of context buckets, each routed by ``ArmRouter``, served at a goodput sampled from a known
+truth per (bucket, arm), and recorded in an ``InProcessStatsStore`` whose snapshot feeds the
+router back, as in the ingress. Time is an injected clock advanced per request, so the store's
+decay is deterministic; everything random flows from one seed. Also measures the router's
+per-decision cost.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from router.policy import ArmEstimate, ArmRouter
+from router.store import InProcessStatsStore, StatsKey, StatsStore
+from workers.stats import SpecDecodeStats
+
+MODEL = "sim-model"
+
+
+@dataclass(frozen=True)
+class ArmTruth:
+    """The true goodput of one arm in one bucket: a mean and a relative (lognormal) noise."""
+
+    mean: float  # tokens / s
+    rel_noise: float = 0.1
+
+    def sample(self, rng: random.Random) -> float:
+        """A mean-preserving lognormal draw."""
+        sigma = math.sqrt(math.log1p(self.rel_noise ** 2))
+        return self.mean * math.exp(rng.gauss(-sigma ** 2 / 2, sigma))
+
+
+Truth = Mapping[str, Mapping[str, ArmTruth]]  # bucket -> arm -> truth
+
+
+def best_arm(arms: Mapping[str, ArmTruth]) -> str:
+    return max(arms, key=lambda arm: arms[arm].mean)
+
+
+@dataclass(frozen=True)
+class SimRecord:
+    """One simulated request: what the router chose and what the best choice was worth."""
+
+    index: int
+    time_s: float
+    bucket: str
+    arm: str
+    best_arm: str
+    goodput: float  # sampled goodput of the chosen arm
+    arm_mean: float  # true mean goodput of the chosen arm
+    best_mean: float  # true mean goodput of the bucket's best arm at the time
+
+    @property
+    def regret(self) -> float:
+        """Expected goodput lost to the choice (pseudo-regret: free of the sampling noise)."""
+        return self.best_mean - self.arm_mean
+
+
+@dataclass(frozen=True)
+class SimSummary:
+    """Figures over a window of requests."""
+
+    requests: int
+    regret: float  # summed over the window
+    achieved_goodput: float  # mean sampled goodput of the chosen arms
+    expected_goodput: float  # mean true goodput of the chosen arms
+    best_goodput: float  # mean true goodput of the per-bucket best arms
+    best_arm_share: dict[str, float]  # per bucket, share of its requests on the best arm
+
+    @property
+    def regret_per_request(self) -> float:
+        return self.regret / self.requests if self.requests else 0.0
+
+    @property
+    def goodput_ratio(self) -> float:
+        """Expected goodput achieved relative to always choosing each bucket's best arm."""
+        return self.expected_goodput / self.best_goodput if self.best_goodput else 0.0
+
+
+@dataclass(frozen=True)
+class SimResult:
+    records: list[SimRecord]
+
+    @property
+    def cumulative_regret(self) -> float:
+        return sum(r.regret for r in self.records)
+
+    def summary(self, start: int = 0, stop: int | None = None) -> SimSummary:
+        """Figures over ``records[start:stop]``."""
+        window = self.records[start:stop]
+        n = len(window) or 1
+        return SimSummary(requests=len(window),
+                          regret=sum(r.regret for r in window),
+                          achieved_goodput=sum(r.goodput for r in window) / n,
+                          expected_goodput=sum(r.arm_mean for r in window) / n,
+                          best_goodput=sum(r.best_mean for r in window) / n,
+                          best_arm_share=_best_arm_share(window))
+
+    def best_arm_share_last(self, k: int) -> dict[str, float]:
+        """Per bucket, the share of that bucket's last ``k`` requests on the best arm."""
+        per_bucket: dict[str, list[SimRecord]] = {}
+        for record in self.records:
+            per_bucket.setdefault(record.bucket, []).append(record)
+        return {bucket: _best_arm_share(records[-k:])[bucket]
+                for bucket, records in per_bucket.items()}
+
+
+def _best_arm_share(records: Sequence[SimRecord]) -> dict[str, float]:
+    hits: dict[str, list[int]] = {}
+    for record in records:
+        counts = hits.setdefault(record.bucket, [0, 0])
+        counts[0] += record.arm == record.best_arm
+        counts[1] += 1
+    return {bucket: on_best / total for bucket, (on_best, total) in hits.items()}
+
+
+class SimClock:
+    """The injected clock: seconds that only move when the simulation says so."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def store_estimates(store: StatsStore, model: str) -> Callable[[str], dict[str, ArmEstimate]]:
+    """The router's view of a store: per-arm estimates of one bucket from ``snapshot()``."""
+
+    def estimates(bucket: str) -> dict[str, ArmEstimate]:
+        return {key.arm: ArmEstimate(stats.goodput_tokens_per_s, stats.requests)
+                for key, stats in store.snapshot(model).items()
+                if key.bucket == bucket and stats.requests > 0}
+
+    return estimates
+
+
+def simulate(truth: Truth, mix: Mapping[str, float], requests: int, seed: int, *,
+             changes: Mapping[int, Truth] | None = None, default_arm: str | None = None,
+             prior: dict[str, float] | None = None, mode: str = "adaptive",
+             half_life_s: float = 3600.0, interval_s: float = 1.0,
+             output_tokens: int = 128) -> SimResult:
+    """Route ``requests`` simulated requests and return what happened to each.
+
+    ``truth`` gives every bucket of ``mix`` (bucket -> traffic weight) the true goodput of every
+    arm; ``changes`` maps a request index to the truth from that request on (drift). Requests
+    arrive every ``interval_s`` seconds of the injected clock; the store decays with
+    ``half_life_s``. The arms are those of the first bucket; the default arm is the first arm
+    unless given.
+    """
+    arms = list(next(iter(truth.values())))
+    clock = SimClock()
+    store = InProcessStatsStore(half_life_s=half_life_s, clock=clock)
+    router = ArmRouter(arms, default_arm or arms[0], prior, mode,
+                       estimates=store_estimates(store, MODEL),
+                       rng=random.Random(f"{seed}:router"))
+    rng = random.Random(f"{seed}:traffic")
+    buckets, weights = list(mix), list(mix.values())
+    records = []
+    current = truth
+    for index in range(requests):
+        current = (changes or {}).get(index, current)
+        bucket = rng.choices(buckets, weights)[0]
+        arm = router.choose(bucket)
+        goodput = current[bucket][arm].sample(rng)
+        store.record(StatsKey(MODEL, bucket, arm), SpecDecodeStats(num_output_tokens=output_tokens),
+                     output_tokens / goodput)
+        best = best_arm(current[bucket])
+        records.append(SimRecord(index, clock.now, bucket, arm, best, goodput,
+                                 current[bucket][arm].mean, current[bucket][best].mean))
+        clock.now += interval_s
+    return SimResult(records)
+
+
+def decision_time_p99(truth: Truth, decisions: int = 2000, seed: int = 0) -> float:
+    """The 99th percentile of one ``choose()`` (estimates from the store included), in seconds.
+
+    The store is first warmed with one recorded request per (bucket, arm) of ``truth``.
+    """
+    clock = SimClock()
+    store = InProcessStatsStore(clock=clock)
+    rng = random.Random(seed)
+    for bucket, arms in truth.items():
+        for arm, arm_truth in arms.items():
+            store.record(StatsKey(MODEL, bucket, arm), SpecDecodeStats(num_output_tokens=128),
+                         128 / arm_truth.sample(rng))
+    buckets = list(truth)
+    arms = list(truth[buckets[0]])
+    router = ArmRouter(arms, arms[0], estimates=store_estimates(store, MODEL), rng=rng)
+    timings = []
+    for i in range(decisions):
+        bucket = buckets[i % len(buckets)]
+        start = time.perf_counter()
+        router.choose(bucket)
+        timings.append(time.perf_counter() - start)
+    timings.sort()
+    return timings[min(len(timings) - 1, math.ceil(0.99 * len(timings)) - 1)]

@@ -1,0 +1,278 @@
+"""The router's policy: context buckets, Thompson scoring, ``ArmRouter`` and simulated traffic."""
+
+from __future__ import annotations
+
+import random
+from functools import cache
+
+import pytest
+
+from router.policy import (
+    ArmEstimate,
+    ArmRouter,
+    calibrated_prior,
+    classify_prompt,
+    context_bucket,
+    length_bucket,
+    temperature_bucket,
+    thompson_choice,
+)
+from router.simulate import ArmTruth, SimResult, decision_time_p99, simulate
+
+ARMS = ["none", "skip_chain", "skip_tree", "ngram_tree"]
+# Best arms: A ngram_tree (+20% over the runner-up), B none (+14%), C skip_tree (+17%).
+TRUTH = {
+    "A": {"none": ArmTruth(60), "skip_chain": ArmTruth(70), "skip_tree": ArmTruth(75),
+          "ngram_tree": ArmTruth(90)},
+    "B": {"none": ArmTruth(80), "skip_chain": ArmTruth(70), "skip_tree": ArmTruth(65),
+          "ngram_tree": ArmTruth(60)},
+    "C": {"none": ArmTruth(50), "skip_chain": ArmTruth(60), "skip_tree": ArmTruth(70),
+          "ngram_tree": ArmTruth(55)},
+}
+MIX = {"A": 0.4, "B": 0.35, "C": 0.25}
+SEEDS = (0, 1, 2)
+REQUESTS = 2400
+# Drift in one bucket at request DRIFT_AT, with a half-life of HALF_LIFE requests.
+DRIFT_BEFORE = {"A": TRUTH["A"]}
+DRIFT_DEGRADE = {"A": {**TRUTH["A"], "ngram_tree": ArmTruth(50)}}  # the best arm gets worse
+DRIFT_IMPROVE = {"A": {**TRUTH["A"], "none": ArmTruth(110)}}  # a neglected arm gets better
+DRIFT_AT = 600
+HALF_LIFE = 100.0
+
+
+def picks(choose, n: int = 2000) -> dict[str, float]:
+    counts: dict[str, int] = {}
+    for _ in range(n):
+        arm = choose()
+        counts[arm] = counts.get(arm, 0) + 1
+    return {arm: count / n for arm, count in counts.items()}
+
+
+# --- context buckets -----------------------------------------------------------------------------
+
+PYTHON = """import math
+
+def area(r):
+    return math.pi * r ** 2
+
+class Circle:
+    def __init__(self, r):
+        self.r = r
+"""
+C_LIKE = "int main() {\n  int x = 0;\n  if (x == 0) {\n    return 1;\n  }\n}\n"
+PROSE = ("The committee met on Tuesday to discuss the budget.\n"
+         "Several members raised concerns about the timeline.\n"
+         "A decision is expected next week.\n")
+
+
+@pytest.mark.parametrize(("text", "is_chat", "expected"), [
+    (PYTHON, False, "code"),
+    (C_LIKE, False, "code"),
+    (PYTHON, True, "code"),
+    (PROSE, False, "prose"),
+    (PROSE, True, "chat"),
+    ("", False, "prose"),
+    ("", True, "chat"),
+    ("   \n\n  ", True, "chat"),
+])
+def test_classify_prompt(text: str, is_chat: bool, expected: str) -> None:
+    assert classify_prompt(text, is_chat) == expected
+
+
+def test_classify_prompt_needs_a_share_of_code_lines() -> None:
+    one_code_line = PROSE + "x == y\n"  # 1 in 4 lines: below the 30% threshold
+    assert classify_prompt(one_code_line, False) == "prose"
+    assert classify_prompt(one_code_line + "return x\n", False) == "code"  # 2 in 5
+
+
+def test_classify_prompt_looks_at_the_last_forty_lines() -> None:
+    assert classify_prompt(PYTHON * 10 + PROSE * 20, False) == "prose"
+    assert classify_prompt(PROSE * 20 + PYTHON * 10, False) == "code"
+
+
+@pytest.mark.parametrize(("temperature", "expected"), [
+    (-1.0, "t0"), (0.0, "t0"), (0.01, "tlo"), (0.7, "tlo"), (0.71, "thi"), (2.0, "thi"),
+])
+def test_temperature_bucket(temperature: float, expected: str) -> None:
+    assert temperature_bucket(temperature) == expected
+
+
+@pytest.mark.parametrize(("tokens", "expected"), [
+    (0, "ps"), (255, "ps"), (256, "pm"), (1023, "pm"), (1024, "pl"), (100_000, "pl"),
+])
+def test_length_bucket(tokens: int, expected: str) -> None:
+    assert length_bucket(tokens) == expected
+
+
+def test_context_bucket_joins_the_three_features() -> None:
+    assert context_bucket(PYTHON, False, 0.0, 300) == "code.t0.pm"
+    assert context_bucket(PROSE, True, 0.9, 10) == "chat.thi.ps"
+    assert context_bucket(PROSE, False, 0.5, 5000) == "prose.tlo.pl"
+
+
+# --- Thompson scoring ----------------------------------------------------------------------------
+
+def test_thompson_concentrates_on_the_better_arm_with_many_requests() -> None:
+    rng = random.Random(1)
+    prior = {"a": 95.0, "b": 95.0}
+    many = {"a": ArmEstimate(100.0, 200), "b": ArmEstimate(90.0, 200)}
+    few = {"a": ArmEstimate(100.0, 1), "b": ArmEstimate(90.0, 1)}
+    assert picks(lambda: thompson_choice(many, prior, rng=rng)).get("a", 0) >= 0.99
+    # With one request each, the worse arm is still explored.
+    assert 0.1 <= picks(lambda: thompson_choice(few, prior, rng=rng)).get("b", 0) <= 0.5
+
+
+def test_thompson_follows_the_prior_without_observations() -> None:
+    rng = random.Random(2)
+    assert picks(lambda: thompson_choice({}, {"a": 100.0, "b": 50.0}, rng=rng))["a"] >= 0.95
+    even = picks(lambda: thompson_choice({}, {"a": 100.0, "b": 100.0}, rng=rng))
+    assert 0.4 <= even["a"] <= 0.6
+
+
+def test_thompson_only_considers_arms_of_the_prior() -> None:
+    estimates = {"gone": ArmEstimate(1000.0, 100)}
+    assert thompson_choice(estimates, {"a": 1.0}, rng=random.Random(0)) == "a"
+
+
+@pytest.mark.parametrize(("other_prior", "expected"), [(79.0, "a"), (81.0, "b")])
+def test_thompson_prior_weighs_as_many_requests_as_prior_weight(other_prior: float,
+                                                                expected: str) -> None:
+    # Without noise the choice is the best posterior mean: a's is (100 * 2 + 60 * 2) / 4 = 80.
+    estimates = {"a": ArmEstimate(60.0, 2)}
+    prior = {"a": 100.0, "b": other_prior}
+    assert thompson_choice(estimates, prior, prior_weight=2.0, rel_noise=1e-9,
+                           rng=random.Random(0)) == expected
+
+
+def test_thompson_prior_weight_trades_the_prior_against_observations() -> None:
+    estimates = {"a": ArmEstimate(50.0, 10)}
+    prior = {"a": 100.0, "b": 80.0}
+
+    def choose(weight: float) -> str:
+        return thompson_choice(estimates, prior, prior_weight=weight, rel_noise=1e-9,
+                               rng=random.Random(0))
+
+    assert choose(2.0) == "b"  # a: (200 + 500) / 12 = 58
+    assert choose(100.0) == "a"  # a: (10000 + 500) / 110 = 95
+
+
+def test_calibrated_prior_takes_the_scale_of_the_observations() -> None:
+    prior = {"a": 1.0, "b": 0.9, "c": 0.5}
+    assert calibrated_prior({}, prior) == prior
+    assert calibrated_prior({"a": ArmEstimate(200.0, 4)}, prior) == pytest.approx(
+        {"a": 200.0, "b": 180.0, "c": 100.0})
+    # Request-weighted: (3 * 30 + 1 * 90) / (3 * 1.0 + 1 * 0.9) = 180 / 3.9.
+    mixed = calibrated_prior({"a": ArmEstimate(30.0, 3), "b": ArmEstimate(90.0, 1),
+                              "other": ArmEstimate(1e6, 1e6)}, prior)
+    assert mixed == pytest.approx({arm: value * 180 / 3.9 for arm, value in prior.items()})
+    assert calibrated_prior({"a": ArmEstimate(0.0, 5)}, prior) == prior
+
+
+# --- ArmRouter -----------------------------------------------------------------------------------
+
+def test_router_rejects_a_default_arm_it_does_not_have() -> None:
+    with pytest.raises(ValueError, match="default arm"):
+        ArmRouter(ARMS, "eagle")
+
+
+def test_router_honours_a_pinned_arm() -> None:
+    best = {"none": ArmEstimate(1000.0, 500)}
+    for mode in ("adaptive", "fixed"):
+        router = ArmRouter(ARMS, "none", mode=mode, estimates=lambda bucket: best,
+                           rng=random.Random(0))
+        assert all(router.choose("A", pinned="skip_tree") == "skip_tree" for _ in range(50))
+        with pytest.raises(KeyError):
+            router.choose("A", pinned="eagle")
+
+
+def test_fixed_router_always_returns_the_default_arm() -> None:
+    better = {"ngram_tree": ArmEstimate(1000.0, 500), "none": ArmEstimate(10.0, 500)}
+    router = ArmRouter(ARMS, "none", mode="fixed", estimates=lambda bucket: better,
+                       rng=random.Random(0))
+    assert {router.choose("A") for _ in range(200)} == {"none"}
+
+
+def test_adaptive_router_prefers_the_measured_best_arm() -> None:
+    estimates = {"none": ArmEstimate(60.0, 300), "skip_chain": ArmEstimate(70.0, 300),
+                 "skip_tree": ArmEstimate(75.0, 300), "ngram_tree": ArmEstimate(90.0, 300)}
+    router = ArmRouter(ARMS, "none", estimates=lambda bucket: estimates, rng=random.Random(0))
+    assert picks(lambda: router.choose("A"))["ngram_tree"] >= 0.99
+
+
+def test_adaptive_router_without_a_prior_starts_near_the_default_arm() -> None:
+    router = ArmRouter(ARMS, "skip_tree", rng=random.Random(0))
+    shares = picks(lambda: router.choose("A"))
+    assert max(shares, key=shares.get) == "skip_tree"
+    assert set(shares) == set(ARMS)
+
+
+def test_adaptive_router_explores_arms_it_has_not_seen() -> None:
+    # Regression: the unit-less default prior (1.0 / 0.9) once dragged unseen arms to ~1 token/s
+    # next to an observed arm's 60, so the first arm tried in a bucket was kept forever.
+    seen = {"none": ArmEstimate(60.0, 5)}
+    router = ArmRouter(ARMS, "none", estimates=lambda bucket: seen, rng=random.Random(0))
+    shares = picks(lambda: router.choose("A"))
+    assert all(shares.get(arm, 0) >= 0.05 for arm in ARMS if arm != "none")
+
+
+# --- simulated traffic ---------------------------------------------------------------------------
+
+@cache
+def steady_run(seed: int) -> SimResult:
+    return simulate(TRUTH, MIX, REQUESTS, seed, half_life_s=1800.0)
+
+
+def test_simulation_is_deterministic_per_seed() -> None:
+    again = simulate(TRUTH, MIX, 300, 0, half_life_s=1800.0)
+    assert again.records == steady_run(0).records[:300]
+    assert simulate(TRUTH, MIX, 300, 1, half_life_s=1800.0).records != again.records
+
+
+def test_simulation_measures_regret_against_the_per_bucket_best_arm() -> None:
+    result = simulate(TRUTH, MIX, 600, 0, mode="fixed", default_arm="none")
+    assert {r.arm for r in result.records} == {"none"}
+    expected = sum(max(a.mean for a in TRUTH[r.bucket].values()) - TRUTH[r.bucket]["none"].mean
+                   for r in result.records)
+    assert result.cumulative_regret == pytest.approx(expected)
+    summary = result.summary()
+    assert summary.best_arm_share == {"A": 0.0, "B": 1.0, "C": 0.0}
+    assert summary.goodput_ratio < 0.85
+    # The sampled goodput is centred on the true mean of the chosen arm.
+    assert summary.achieved_goodput == pytest.approx(summary.expected_goodput, rel=0.02)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_router_regret_shrinks(seed: int) -> None:
+    result = steady_run(seed)
+    half = REQUESTS // 2
+    first, second = result.summary(0, half), result.summary(half)
+    assert second.regret_per_request < 0.7 * first.regret_per_request
+    assert result.summary(0, 200).regret_per_request > second.regret_per_request
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_router_ends_near_the_per_bucket_best_arm(seed: int) -> None:
+    result = steady_run(seed)
+    last = result.summary(2 * REQUESTS // 3)
+    assert last.goodput_ratio >= 0.95
+    assert last.achieved_goodput >= 0.95 * last.best_goodput
+    assert min(result.best_arm_share_last(200).values()) >= 0.85
+
+
+@pytest.mark.parametrize("after", [DRIFT_DEGRADE, DRIFT_IMPROVE], ids=["degrade", "improve"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_router_follows_a_change_of_best_arm(seed: int, after: dict) -> None:
+    result = simulate(DRIFT_BEFORE, {"A": 1.0}, 2 * DRIFT_AT, seed, changes={DRIFT_AT: after},
+                      half_life_s=HALF_LIFE)
+    assert result.summary(DRIFT_AT - 200, DRIFT_AT).goodput_ratio >= 0.95
+    assert result.records[DRIFT_AT].best_arm != result.records[DRIFT_AT - 1].best_arm
+    # Within three half-lives of the change, a window of 100 requests is back near the best.
+    bound = int(3 * HALF_LIFE)
+    recovered = [start for start in range(DRIFT_AT, DRIFT_AT + bound)
+                 if result.summary(start, start + 100).goodput_ratio >= 0.95]
+    assert recovered, "the router did not follow the new best arm"
+    assert result.summary(DRIFT_AT + bound).goodput_ratio >= 0.95
+
+
+def test_decision_time_p99_is_measured() -> None:
+    assert decision_time_p99(TRUTH, decisions=500) > 0

@@ -1,0 +1,214 @@
+"""S3D mask-token drafting (arXiv 2405.20314): one pass drafts several tokens at once.
+
+A learned mask embedding and low-rank adapters, active only on draft rows, turn ``gamma`` mask
+rows appended after a token into predictions of the tokens 2..gamma+1 after it (the token right
+after it is the verifier's own bonus token). In the *fused* variant used here the mask rows ride
+inside the verify forward: they are attached after the verify rows most likely to be accepted
+(the root and the chain of first children), each group sees only its own path, and no real row
+sees a mask row, so the real rows' outputs are exactly the base model's. If the accepted path
+ends at a row with masks attached, the next step's draft tree comes from their per-position top-k
+at no extra forward; the hybrid drafter merges n-gram continuations into the same tree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from workers.arm import Arm
+from workers.drafters.base import DraftContext, Drafter
+from workers.drafters.ngram import ngram_continuations, trie_tree
+from workers.drafters.skip import select_tree
+from workers.runner import MASK_ID, ModelRunner
+from workers.tree import DraftTree
+
+ADAPTER_TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
+BUNDLED_ADAPTER = (Path(__file__).resolve().parent.parent / "data"
+                   / "s3d-smollm2-135m-instruct.safetensors")
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter was trained for another base model or configuration."""
+
+
+class MaskAdapter(nn.Module):
+    """Mask embedding ``[hidden]`` plus LoRA ``B @ A`` on chosen projections of chosen layers."""
+
+    def __init__(self, runner: ModelRunner, gamma: int = 3, rank: int = 16,
+                 layers: list[int] | None = None, targets: tuple[str, ...] = ADAPTER_TARGETS,
+                 alpha: float = 32.0):
+        super().__init__()
+        self.gamma, self.rank, self.alpha = gamma, rank, alpha
+        self.layers = list(range(runner.num_layers)) if layers is None else list(layers)
+        self.targets = tuple(targets)
+        self.scale = alpha / rank
+        weight = runner.embed.weight
+        self.mask_embed = nn.Parameter(weight.detach().float().mean(0).clone())
+        self.lora_a = nn.ParameterDict()
+        self.lora_b = nn.ParameterDict()
+        for layer in self.layers:
+            block = runner.layers[layer]
+            for name in self.targets:
+                module = _find(block, name)
+                key = f"{layer}_{name}"
+                a = torch.empty(rank, module.in_features)
+                nn.init.kaiming_uniform_(a, a=5 ** 0.5)
+                self.lora_a[key] = nn.Parameter(a)
+                self.lora_b[key] = nn.Parameter(torch.zeros(module.out_features, rank))
+        self.metadata: dict = {}
+        self.to(device=runner.device)
+
+    # --- the runner's DraftAdapter protocol ------------------------------------------------
+
+    def embed_masks(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        is_mask = (tokens == MASK_ID)[:, None]
+        return torch.where(is_mask, self.mask_embed.to(hidden.dtype), hidden)
+
+    def delta(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        key = f"{layer}_{name}"
+        if key not in self.lora_a:
+            return None
+        a, b = self.lora_a[key], self.lora_b[key]
+        return (x.to(a.dtype) @ a.t() @ b.t() * self.scale).to(x.dtype)
+
+    def touches_mlp(self, layer: int) -> bool:
+        return any(f"{layer}_{n}" in self.lora_a for n in ("gate_proj", "up_proj", "down_proj"))
+
+    # --- persistence -----------------------------------------------------------------------
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save(self, path: str | Path, metadata: dict) -> None:
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        meta = {**metadata, "gamma": self.gamma, "rank": self.rank, "alpha": self.alpha,
+                "layers": self.layers, "targets": list(self.targets)}
+        save_file(tensors, str(path), metadata={"s3d": json.dumps(meta)})
+
+    @staticmethod
+    def read_metadata(path: str | Path) -> dict:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("s3d", "{}"))
+
+    @classmethod
+    def load(cls, path: str | Path, runner: ModelRunner, fingerprint: str) -> MaskAdapter:
+        meta = cls.read_metadata(path)
+        if meta.get("model_fingerprint") != fingerprint:
+            raise AdapterMismatchError(
+                f"adapter {path} was trained for model {meta.get('model_fingerprint')}, "
+                f"not for this model ({fingerprint})")
+        adapter = cls(runner, gamma=meta["gamma"], rank=meta["rank"], layers=meta["layers"],
+                      targets=tuple(meta["targets"]), alpha=meta["alpha"])
+        adapter.load_state_dict({k: v.to(runner.device) for k, v in load_file(str(path)).items()})
+        adapter.metadata = meta
+        adapter.requires_grad_(False)
+        return adapter
+
+
+def _find(block: nn.Module, name: str) -> nn.Module:
+    for holder in (block.self_attn, block.mlp):
+        if hasattr(holder, name):
+            return getattr(holder, name)
+    raise KeyError(name)
+
+
+@dataclass
+class MaskGroups:
+    """Mask rows to append to a verify forward: ``gamma`` after each of ``attach_rows``."""
+
+    attach_rows: list[int]
+    gamma: int
+    adapter: MaskAdapter
+
+
+def per_position_tree(logp: torch.Tensor, top_k: int, total: int) -> DraftTree:
+    """A draft tree from per-position log-probs ``[depth, V]``: each node at depth d gets the
+    top-k tokens of position d as children; the ``total`` best by cumulative log-prob are kept."""
+    top = logp.topk(top_k, dim=-1)
+    tokens, parents, scores, depths = [], [], [], []
+    frontier = [(-1, 0.0)]
+    for d in range(logp.shape[0]):
+        nxt = []
+        for parent, base in frontier:
+            for lp, tok in zip(top.values[d].tolist(), top.indices[d].tolist()):
+                tokens.append(tok)
+                parents.append(parent)
+                scores.append(base + lp)
+                depths.append(d + 1)
+                nxt.append((len(tokens) - 1, base + lp))
+        nxt.sort(key=lambda n: -n[1])
+        frontier = nxt[:top_k]
+    return select_tree(tokens, parents, scores, depths, total)
+
+
+def tree_paths(tree: DraftTree) -> list[list[int]]:
+    """Root-to-leaf token paths, in node order of their leaves."""
+    children = tree.children()
+    toks = tree.tokens.tolist()
+    paths = []
+
+    def walk(row: int, prefix: list[int]) -> None:
+        if not children[row]:
+            if prefix:
+                paths.append(prefix)
+            return
+        for c in children[row]:
+            walk(c + 1, prefix + [toks[c]])
+
+    walk(0, [])
+    return paths
+
+
+class S3DDrafter(Drafter):
+    """Fused S3D drafting; with ``hybrid`` the n-gram drafter's branches join the same tree."""
+
+    def __init__(self, arm: Arm, adapter: MaskAdapter, hybrid: bool):
+        self.arm, self.adapter, self.hybrid = arm, adapter, hybrid
+        # Mask j sees no later mask, so fewer masks than trained is the same drafter, shorter.
+        self.gamma = min(arm.gamma, adapter.gamma)
+        self.pending: torch.Tensor | None = None  # [gamma, V] log-probs for the next step
+
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        arm = self.arm
+        tree = DraftTree.empty()
+        if self.pending is not None:
+            tree = per_position_tree(self.pending[: arm.depth], arm.top_k, arm.total_tokens)
+            self.pending = None
+        if self.hybrid:
+            branches = ngram_continuations(ctx.tokens, arm.ngram_max, arm.ngram_min, arm.depth,
+                                           max_branches=2)
+            if branches:
+                tree = trie_tree(branches + tree_paths(tree), arm.total_tokens)
+        return tree
+
+    def mask_groups(self, tree: DraftTree) -> MaskGroups:
+        rows, children, row = [0], tree.children(), 0
+        while children[row] and len(rows) < self.arm.attach:
+            row = children[row][0] + 1
+            rows.append(row)
+        return MaskGroups(rows, self.gamma, self.adapter)
+
+    def after_verify(self, runner: ModelRunner, groups: MaskGroups, hidden: torch.Tensor,
+                     accepted_row: int) -> None:
+        """``hidden``: ``[len(attach_rows) * gamma, H]`` mask-row states of the verify forward."""
+        if accepted_row not in groups.attach_rows:
+            self.pending = None
+            return
+        g = groups.attach_rows.index(accepted_row)
+        rows = hidden[g * groups.gamma:(g + 1) * groups.gamma]
+        self.pending = runner.logits(rows).log_softmax(-1)
+
+
+def load_adapter(arm: Arm, runner: ModelRunner, fingerprint: str,
+                 cache: dict[str, MaskAdapter]) -> MaskAdapter:
+    path = arm.adapter or str(BUNDLED_ADAPTER)
+    if path not in cache:
+        cache[path] = MaskAdapter.load(path, runner, fingerprint)
+    return cache[path]
