@@ -42,7 +42,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from workers.stats import SpecDecodeStats
+from workers.stats import SpecDecodeStats, acceptance_rate, mean_acceptance_length
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +135,11 @@ class ArmStats:
 
     @property
     def mean_acceptance_length(self) -> float:
-        """Tokens committed per verify step: accepted drafts plus the bonus token."""
-        if not self.num_spec_steps:
-            return 0.0
-        return (self.num_accepted_tokens + self.num_spec_steps) / self.num_spec_steps
+        return mean_acceptance_length(self.num_accepted_tokens, self.num_spec_steps)
 
     @property
     def draft_acceptance_rate(self) -> float:
-        if not self.num_draft_tokens:
-            return 0.0
-        return self.num_accepted_tokens / self.num_draft_tokens
+        return acceptance_rate(self.num_accepted_tokens, self.num_draft_tokens)
 
     @property
     def goodput_tokens_per_s(self) -> float:
@@ -305,6 +300,7 @@ class RedisStatsStore(StatsStore):
         self._in_flight = 0
         self._flush_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        self._closing = asyncio.Event()
         self._available: bool | None = None
 
     @property
@@ -334,11 +330,9 @@ class RedisStatsStore(StatsStore):
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._closing.set()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
         self._tasks = []
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.flush(), timeout=max(2 * self.socket_timeout_s, 1.0))
@@ -433,10 +427,14 @@ class RedisStatsStore(StatsStore):
 
     async def _every(self, interval_s: float, operation: Callable[[], Awaitable[bool]]) -> None:
         delay = interval_s
-        while True:
-            await asyncio.sleep(delay)
+        while not await self._closed_within(delay):
             ok = await operation()
             delay = interval_s if ok else min(2 * delay, max(self.max_backoff_s, interval_s))
+
+    async def _closed_within(self, delay_s: float) -> bool:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), delay_s)
+        return self._closing.is_set()
 
     def _set_available(self, available: bool, error: BaseException | None = None) -> None:
         if available == self._available:

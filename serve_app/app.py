@@ -33,6 +33,7 @@ from serve_app.openai_api import (
     now,
     usage,
 )
+from workers.stats import acceptance_rate, mean_acceptance_length
 
 log = logging.getLogger("s3d.serve")
 
@@ -125,6 +126,12 @@ def create_api(config: ServeConfig) -> FastAPI:
     @api.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return _api_error_response(exc)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("request failed")
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error",
+                                       code="internal_error"), status_code=500)
 
     @api.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -400,8 +407,8 @@ def merge_spec_decode(items: list[dict]) -> dict:
     drafted = sum(i["num_draft_tokens"] for i in items)
     accepted = sum(i["num_accepted_tokens"] for i in items)
     return {"arm": items[0]["arm"],
-            "mean_acceptance_length": round((accepted + steps) / steps, 4) if steps else 0.0,
-            "draft_acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+            "mean_acceptance_length": round(mean_acceptance_length(accepted, steps), 4),
+            "draft_acceptance_rate": round(acceptance_rate(accepted, drafted), 4),
             "num_spec_steps": steps, "num_drafts": sum(i["num_drafts"] for i in items),
             "num_draft_tokens": drafted, "num_accepted_tokens": accepted}
 

@@ -138,5 +138,6 @@ def load_model(model: str, dtype: str = "float32", device: str = "auto",
     if quantization == "none":
         hf = hf.to(dev)
     hf.eval()
+    hf.requires_grad_(False)  # the base model is never trained; S3D adapters live beside it
     tok = AutoTokenizer.from_pretrained(path)
     return LoadedModel(model=hf, tokenizer=tok, path=path, fingerprint=fingerprint(config))

@@ -116,72 +116,59 @@ def measure_goodput(engine: Engine, prompts: list[list[int]], arm: Arm, max_toke
 
 
 def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
-           adapter_path: str | None = None, log=print) -> Profile:
+           adapter_path: str | None = None, lengths: tuple[int, ...] = (2, 4, 6, 8, 10),
+           max_prompts: int | None = None, log=print) -> Profile:
     runner = engine.runner
-    prompts = calibration_prompts(engine.tokenizer)
+    prompts = calibration_prompts(engine.tokenizer)[:max_prompts]
     sequences = []
     for ids in prompts:
         gen = engine.generation(ids, max_tokens, NONE_ARM)
         sequences.append((ids + gen.run(), len(ids)))
     full_1 = _forward_time(engine, 1)
     verify = {g: _forward_time(engine, g + 1) for g in (2, 4)}
+    draft_s: dict[int, float] = {}  # a skipped pass's measured cost, by number of layers kept
     candidates = []
-    for skip in candidate_skip_sets(runner.num_layers):
+    for skip in candidate_skip_sets(runner.num_layers, lengths):
         top1, top4 = teacher_forced(engine, sequences, skip)
-        cost = 1 - len(skip) / runner.num_layers * 0.8  # output layer is not skipped
+        kept = [i for i in range(runner.num_layers) if i not in skip]
+        if len(kept) not in draft_s:
+            draft_s[len(kept)] = _forward_time(engine, 1, kept)
         best = 0.0
         for gamma, verify_s in verify.items():
             expected = (1 - top1 ** (gamma + 1)) / (1 - top1) if top1 < 1 else gamma + 1
-            best = max(best, expected * full_1 / (gamma * cost * full_1 + verify_s))
+            best = max(best, expected * full_1 / (gamma * draft_s[len(kept)] + verify_s))
         candidates.append(Candidate(skip, top1, top4, best))
         log(f"skip {skip[0]}-{skip[-1]}: top1 {top1:.2f} top4 {top4:.2f} est {best:.2f}x")
     candidates.sort(key=lambda c: -c.est_speedup)
     arms: list[Arm] = [NONE_ARM]
-    measured: dict[str, dict] = {}
-    baseline = measure_goodput(engine, prompts, NONE_ARM, max_tokens)
-    measured["none"] = baseline
-    for kind, variants in (
-        ("skip_chain", [dict(depth=d) for d in (3, 5)]),
-        ("skip_tree", [dict(depth=3, top_k=2, total_tokens=6),
-                       dict(depth=4, top_k=3, total_tokens=10)]),
-    ):
-        best_arm, best_fig = None, None
-        for cand in candidates[:finalists]:
-            for variant in variants:
-                arm = Arm(name=kind, drafter=kind, skip_layers=cand.skip, **variant)
-                fig = measure_goodput(engine, prompts, arm, max_tokens)
-                log(f"{kind} skip {cand.skip[0]}-{cand.skip[-1]} {variant}: "
-                    f"{fig['tokens_per_s']:.2f} tok/s, MAL {fig['mean_accepted_length']:.2f}")
-                if best_fig is None or fig["tokens_per_s"] > best_fig["tokens_per_s"]:
-                    best_arm, best_fig = arm, fig
-        arms.append(best_arm)
-        measured[kind] = best_fig
+    measured: dict[str, dict] = {"none": measure_goodput(engine, prompts, NONE_ARM, max_tokens)}
+    kinds: dict[str, list[Arm]] = {
+        "skip_chain": [Arm(name="skip_chain", drafter="skip_chain", skip_layers=c.skip, depth=d)
+                       for c in candidates[:finalists] for d in (3, 5)],
+        "skip_tree": [Arm(name="skip_tree", drafter="skip_tree", skip_layers=c.skip, **v)
+                      for c in candidates[:finalists]
+                      for v in (dict(depth=3, top_k=2, total_tokens=6),
+                                dict(depth=4, top_k=3, total_tokens=10))],
+        "ngram_tree": [Arm(name="ngram_tree", drafter="ngram_tree", depth=d, top_k=4,
+                           total_tokens=t) for d, t in ((4, 8), (6, 16), (8, 24))],
+    }
     adapter = Path(adapter_path) if adapter_path else BUNDLED_ADAPTER
     if adapter.exists():
         for kind in ("s3d", "hybrid"):
-            best_arm, best_fig = None, None
-            for variant in (dict(depth=3, top_k=1, total_tokens=3, attach=2),
-                            dict(depth=3, top_k=2, total_tokens=6, attach=3),
-                            dict(depth=6, top_k=2, total_tokens=10, attach=3)):
-                arm = Arm(name=kind, drafter=kind, adapter=adapter_path, **variant)
-                fig = measure_goodput(engine, prompts, arm, max_tokens)
-                log(f"{kind} {variant}: {fig['tokens_per_s']:.2f} tok/s, "
-                    f"MAL {fig['mean_accepted_length']:.2f}")
-                if best_fig is None or fig["tokens_per_s"] > best_fig["tokens_per_s"]:
-                    best_arm, best_fig = arm, fig
-            arms.append(best_arm)
-            measured[kind] = best_fig
-    best_ngram, best_fig = None, None
-    for depth, total in ((4, 8), (6, 16), (8, 24)):
-        arm = Arm(name="ngram_tree", drafter="ngram_tree", depth=depth, top_k=4,
-                  total_tokens=total)
-        fig = measure_goodput(engine, prompts, arm, max_tokens)
-        log(f"ngram_tree depth {depth} total {total}: {fig['tokens_per_s']:.2f} tok/s, "
-            f"MAL {fig['mean_accepted_length']:.2f}")
-        if best_fig is None or fig["tokens_per_s"] > best_fig["tokens_per_s"]:
-            best_ngram, best_fig = arm, fig
-    arms.append(best_ngram)
-    measured["ngram_tree"] = best_fig
+            kinds[kind] = [Arm(name=kind, drafter=kind, adapter=adapter_path, **v) for v in (
+                dict(depth=3, top_k=1, total_tokens=3, attach=2),
+                dict(depth=3, top_k=2, total_tokens=6, attach=3),
+                dict(depth=6, top_k=2, total_tokens=10, attach=3))]
+    for kind, variants in kinds.items():
+        best_arm, best_fig = None, None
+        for arm in variants:
+            fig = measure_goodput(engine, prompts, arm, max_tokens)
+            log(f"{kind} {arm.model_dump(exclude_defaults=True, exclude={'name', 'drafter'})}: "
+                f"{fig['tokens_per_s']:.2f} tok/s, MAL {fig['mean_accepted_length']:.2f}")
+            if best_fig is None or fig["tokens_per_s"] > best_fig["tokens_per_s"]:
+                best_arm, best_fig = arm, fig
+        arms.append(best_arm)
+        measured[kind] = best_fig
     default = max(measured, key=lambda k: measured[k]["tokens_per_s"])
     return Profile(model_fingerprint=engine.loaded.fingerprint, default_arm=default, arms=arms,
                    notes={

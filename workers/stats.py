@@ -9,6 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def mean_acceptance_length(accepted: float, steps: float) -> float:
+    """Tokens committed per verify step: accepted drafts plus the bonus token."""
+    return (accepted + steps) / steps if steps else 0.0
+
+
+def acceptance_rate(accepted: float, drafted: float) -> float:
+    return accepted / drafted if drafted else 0.0
+
+
 @dataclass
 class SpecDecodeStats:
     num_spec_steps: int = 0  # verify forwards after the prefill
@@ -36,16 +45,11 @@ class SpecDecodeStats:
 
     @property
     def mean_acceptance_length(self) -> float:
-        """Tokens committed per verify step: accepted drafts plus the bonus token."""
-        if not self.num_spec_steps:
-            return 0.0
-        return (self.num_accepted_tokens + self.num_spec_steps) / self.num_spec_steps
+        return mean_acceptance_length(self.num_accepted_tokens, self.num_spec_steps)
 
     @property
     def draft_acceptance_rate(self) -> float:
-        if not self.num_draft_tokens:
-            return 0.0
-        return self.num_accepted_tokens / self.num_draft_tokens
+        return acceptance_rate(self.num_accepted_tokens, self.num_draft_tokens)
 
     def merge(self, other: SpecDecodeStats) -> None:
         self.num_spec_steps += other.num_spec_steps

@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from workers import engine as engine_mod
 from workers.arm import Arm
+from workers.drafters.s3d import MaskAdapter
 from workers.engine import Generation
 from workers.runner import ModelRunner
 from workers.sampling import SamplingParams, target_probs
@@ -57,13 +58,24 @@ def exact_marginals(model, prompt) -> list[torch.Tensor]:
     return marginals
 
 
+def tiny_adapter(runner: ModelRunner) -> MaskAdapter:
+    torch.manual_seed(1)
+    adapter = MaskAdapter(runner, gamma=2, rank=4)
+    with torch.no_grad():
+        adapter.mask_embed.copy_(runner.embed.weight[5])
+        for b in adapter.lora_b.values():
+            b.normal_(0, 0.05)
+    return adapter.requires_grad_(False)
+
+
 def empirical_marginals(model, prompt, arm: Arm) -> tuple[list[torch.Tensor], int]:
     runner = ModelRunner(model)
+    adapter = tiny_adapter(runner)
     counts = torch.zeros(STEPS, VOCAB)
     accepted = 0
     for seed in range(DRAWS):
         params = SamplingParams(PARAMS.temperature, PARAMS.top_p, seed=seed)
-        gen = Generation(runner, prompt, STEPS, arm, params)
+        gen = Generation(runner, prompt, STEPS, arm, params, adapter_for=lambda a: adapter)
         out = gen.run()
         for pos, tok in enumerate(out):
             counts[pos, tok] += 1
@@ -81,6 +93,7 @@ ARMS = [
     Arm(name="chain", drafter="skip_chain", skip_layers=(1, 2), depth=2, draft_exit=0.0),
     Arm(name="tree", drafter="skip_tree", skip_layers=(2,), depth=2, top_k=3, total_tokens=6),
     Arm(name="ngram", drafter="ngram_tree", depth=2, top_k=3, total_tokens=6),
+    Arm(name="hybrid", drafter="hybrid", depth=2, top_k=2, total_tokens=6, gamma=2, attach=2),
 ]
 
 

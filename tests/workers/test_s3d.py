@@ -1,0 +1,122 @@
+"""S3D mask-token drafting: losslessness, adapter persistence, training, search."""
+
+import pytest
+import torch
+
+from workers.arm import Arm
+from workers.drafters.s3d import (
+    BUNDLED_ADAPTER,
+    AdapterMismatchError,
+    MaskAdapter,
+    per_position_tree,
+    tree_paths,
+)
+from workers.engine import Generation
+from workers.tree import DraftTree
+
+pytestmark = pytest.mark.model
+
+
+def random_adapter(runner, seed=0) -> MaskAdapter:
+    """An untrained adapter with non-zero deltas: losslessness must not depend on training."""
+    torch.manual_seed(seed)
+    adapter = MaskAdapter(runner, gamma=3, rank=4)
+    with torch.no_grad():
+        for b in adapter.lora_b.values():
+            b.normal_(0, 0.02)
+    adapter.requires_grad_(False)
+    return adapter
+
+
+def test_per_position_tree_and_paths():
+    logp = torch.log_softmax(torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]]), -1)
+    tree = per_position_tree(logp, top_k=2, total=4)
+    assert tree.tokens.tolist()[:2] == [0, 1]
+    assert tree.depths().tolist()[0] == 1
+    assert [0, 1] in tree_paths(tree)
+    chain = DraftTree.chain([4, 5])
+    assert tree_paths(chain) == [[4, 5]]
+
+
+@pytest.mark.parametrize("kind,depth,top_k,total,attach", [
+    ("s3d", 3, 1, 3, 1), ("s3d", 3, 2, 6, 3), ("hybrid", 5, 2, 10, 2)])
+def test_fused_s3d_greedy_identical(bundled, kind, depth, top_k, total, attach):
+    adapter = random_adapter(bundled.runner)
+    arm = Arm(name=kind, drafter=kind, depth=depth, top_k=top_k, total_tokens=total,
+              attach=attach)
+    for index in range(4):
+        gen = Generation(bundled.runner, bundled.prompts[index], 32, arm,
+                         stop_token_ids=bundled.stops, adapter_for=lambda a: adapter)
+        assert gen.run() == bundled.vanilla(index, 32), f"prompt {index}"
+
+
+def test_bundled_adapter_lossless_and_drafting(bundled):
+    if not BUNDLED_ADAPTER.exists():
+        pytest.fail(f"the committed adapter {BUNDLED_ADAPTER} is missing")
+    adapter = MaskAdapter.load(BUNDLED_ADAPTER, bundled.runner, bundled.loaded.fingerprint)
+    meta = adapter.metadata
+    assert meta["parameter_fraction"] <= 0.02
+    assert meta["expected_accepted_after"] > meta["expected_accepted_before"]
+    arm = Arm(name="s3d", drafter="s3d", depth=3, top_k=2, total_tokens=6, attach=3)
+    accepted = 0
+    for index in range(10):
+        gen = Generation(bundled.runner, bundled.prompts[index], 64, arm,
+                         stop_token_ids=bundled.stops, adapter_for=lambda a: adapter)
+        assert gen.run() == bundled.vanilla(index, 64), f"prompt {index}"
+        accepted += gen.stats.num_accepted_tokens
+    assert accepted > 0
+
+
+def test_adapter_round_trip_and_refusal(bundled, tmp_path):
+    adapter = random_adapter(bundled.runner, seed=3)
+    path = tmp_path / "a.safetensors"
+    adapter.save(path, {"model_fingerprint": bundled.loaded.fingerprint})
+    loaded = MaskAdapter.load(path, bundled.runner, bundled.loaded.fingerprint)
+    for key, value in adapter.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    assert loaded.metadata["gamma"] == 3
+    with pytest.raises(AdapterMismatchError):
+        MaskAdapter.load(path, bundled.runner, "another-model")
+
+
+def test_training_lowers_draft_loss(bundled):
+    from workers.train import mask_forward, sample_attach, targets_for
+
+    class EngineView:
+        runner = bundled.runner
+
+    torch.manual_seed(0)
+    bundled.loaded.model.requires_grad_(False)
+    adapter = MaskAdapter(bundled.runner, gamma=3, rank=8)
+    chunk = bundled.prompts[0][:96]
+    attach = sample_attach(len(chunk), 3, 16, torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(adapter.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(8):
+        logits, greedy = mask_forward(EngineView, adapter, chunk, attach)
+        target = targets_for(greedy, attach, 3)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 target.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(p.grad is None for p in bundled.loaded.model.parameters())  # base stays frozen
+
+
+def test_search_returns_valid_arms(bundled):
+    from workers.engine import Engine, resolve_profile
+    from workers.search import search
+
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
+                    resolve_profile(None, bundled.loaded.fingerprint, 30))
+    profile = search(engine, max_tokens=8, finalists=1, lengths=(4,), max_prompts=2,
+                     log=lambda m: None)
+    names = [a.name for a in profile.arms]
+    assert "none" in names and "skip_chain" in names and "ngram_tree" in names
+    assert profile.default_arm in names
+    for arm in profile.arms:
+        if arm.drafter.startswith("skip"):
+            assert arm.skip_layers and all(0 < i < 29 for i in arm.skip_layers)
+    assert profile.model_fingerprint == bundled.loaded.fingerprint
