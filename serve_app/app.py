@@ -8,6 +8,7 @@ records the request's acceptance statistics in the store.
 
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.config import ServeConfig, load_config
 from serve_app.metrics import DecoderMetrics, IngressMetrics
@@ -73,12 +75,49 @@ class Decoder:
         return self.scheduler.active
 
     async def generate(self, payload: dict) -> AsyncIterator[dict]:
-        """Stream ``{"text", "token_ids", "finish_reason"}`` deltas; the last one adds figures."""
+        """Stream ``{"index", "text", "token_ids", "finish_reason"}`` deltas of the request's
+        ``n`` choices (decoded side by side, seeds ``seed + i``); each choice's last delta adds
+        ``usage`` and ``spec_decode``."""
+        await self._ensure_store()
+        n = payload.get("n", 1)
+        if n == 1:
+            async for item in self._choice(payload, 0):
+                yield item
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(index: int) -> None:
+            seed = payload.get("seed")
+            try:
+                async for item in self._choice({**payload, "seed": None if seed is None
+                                                else seed + index}, index):
+                    await queue.put(item)
+            except Exception as exc:  # handed to the consumer, which re-raises it
+                await queue.put(exc)
+            finally:
+                await queue.put(done)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        remaining = n
+        try:
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _choice(self, payload: dict, index: int) -> AsyncIterator[dict]:
         from router.store import StatsKey
         from workers.sampling import SamplingParams
         from workers.textstream import StopStrings, TextStream
 
-        await self._ensure_store()
         params = SamplingParams(payload["temperature"], payload["top_p"], payload["top_k"],
                                 payload.get("seed"))
         gen = self.engine.generation(payload["prompt_ids"], payload["max_tokens"],
@@ -98,7 +137,8 @@ class Decoder:
                 delta += stops.push(text.flush()) + stops.flush()
                 finish_reason = "stop" if stops.stopped else gen.finish_reason
             if delta or finish_reason:
-                yield {"text": delta, "token_ids": tokens, "finish_reason": finish_reason}
+                yield {"index": index, "text": delta, "token_ids": tokens,
+                       "finish_reason": finish_reason}
             if finish_reason:
                 break
         elapsed = time.perf_counter() - start
@@ -111,7 +151,8 @@ class Decoder:
                                        gen.arm.name), gen.stats, max(decode_time, 1e-6))
         except Exception:
             log.exception("recording the statistics of a request failed")
-        yield {"text": "", "token_ids": [], "finish_reason": finish_reason or "stop",
+        yield {"index": index, "text": "", "token_ids": [],
+               "finish_reason": finish_reason or "stop",
                "usage": usage(len(gen.prompt), len(gen.output)), "spec_decode": summary}
 
 
@@ -133,10 +174,17 @@ def create_api(config: ServeConfig) -> FastAPI:
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error",
                                        code="internal_error"), status_code=500)
 
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
     @api.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        loc = [] if first.get("type") == "json_invalid" else [
+            str(x) for x in first.get("loc", ()) if x != "body"]
         message = "; ".join(
             f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e['msg']}"
             for e in exc.errors()[:5])
@@ -231,7 +279,7 @@ class IngressBase:
             return list(req.prompt), self.tokenizer.decode(req.prompt)
         return list(self.tokenizer(req.prompt)["input_ids"]), req.prompt
 
-    def _prepare(self, req: SamplingFields, is_chat: bool) -> tuple[list[dict], int]:
+    def _prepare(self, req: SamplingFields, is_chat: bool) -> tuple[dict, int]:
         from router.policy import context_bucket
 
         cfg = self.config
@@ -265,13 +313,10 @@ class IngressBase:
             names = ", ".join(a.name for a in self.profile.arms)
             raise APIError(400, f"unknown arm {req.arm!r}; arms: {names}", param="arm") from None
         self.metrics.observe_arm(arm, pinned=req.arm is not None)
-        payloads = []
-        for i in range(req.n):
-            seed = None if req.seed is None else req.seed + i
-            payloads.append({"prompt_ids": ids, "max_tokens": max_tokens, "arm": arm,
-                             "temperature": req.temperature, "top_p": req.top_p,
-                             "top_k": req.top_k, "seed": seed, "stop": stops, "bucket": bucket})
-        return payloads, len(ids)
+        payload = {"prompt_ids": ids, "max_tokens": max_tokens, "arm": arm, "n": req.n,
+                   "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+                   "seed": req.seed, "stop": stops, "bucket": bucket}
+        return payload, len(ids)
 
     # --- decoding -------------------------------------------------------------------------
 
@@ -287,57 +332,28 @@ class IngressBase:
                            headers={"Retry-After": str(self.config.retry_after_s)}) from exc
         finally:
             if gen is not None:
-                gen.cancel()
-
-    async def _merged(self, payloads: list[dict]) -> AsyncIterator[tuple[int, dict]]:
-        """Chunks of all choices, as they come, tagged with the choice index."""
-        if len(payloads) == 1:
-            async for item in self._stream(payloads[0]):
-                yield 0, item
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        async def pump(index: int, payload: dict) -> None:
-            try:
-                async for item in self._stream(payload):
-                    await queue.put((index, item))
-            except BaseException as exc:  # handed to the consumer, which re-raises it
-                await queue.put((index, exc))
-            finally:
-                await queue.put((index, done))
-
-        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(payloads)]
-        remaining = len(tasks)
-        try:
-            while remaining:
-                index, item = await queue.get()
-                if item is done:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield index, item
-        finally:
-            for task in tasks:
-                task.cancel()
+                with contextlib.suppress(Exception):  # cancel() re-raises a routing failure
+                    gen.cancel()
 
     async def complete(self, req: SamplingFields, is_chat: bool):
         await self._ensure_store()
         started = time.perf_counter()
-        payloads, prompt_tokens = self._prepare(req, is_chat)
+        payload, prompt_tokens = self._prepare(req, is_chat)
         rid = new_id("chatcmpl" if is_chat else "cmpl")
         obj = "chat.completion" if is_chat else "text_completion"
         if req.stream:
+            items = self._stream(payload)
+            # Wait for the first delta before answering 200, so back-pressure is a real 503.
+            first = await anext(items, None)
             return StreamingResponse(
-                self._sse(req, is_chat, payloads, prompt_tokens, rid, started),
+                self._sse(req, is_chat, with_first(first, items), prompt_tokens, rid, started),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts = [""] * len(payloads)
-        finals: list[dict] = [{} for _ in payloads]
-        async for index, item in self._merged(payloads):
-            texts[index] += item["text"]
+        texts = [""] * req.n
+        finals: list[dict] = [{} for _ in range(req.n)]
+        async for item in self._stream(payload):
+            texts[item["index"]] += item["text"]
             if "spec_decode" in item:
-                finals[index] = item
+                finals[item["index"]] = item
         choices = []
         for i, (text, final) in enumerate(zip(texts, finals)):
             if is_chat:
@@ -352,7 +368,7 @@ class IngressBase:
                 "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
                 "spec_decode": merge_spec_decode([f["spec_decode"] for f in finals])}
 
-    async def _sse(self, req: SamplingFields, is_chat: bool, payloads: list[dict],
+    async def _sse(self, req: SamplingFields, is_chat: bool, items: AsyncIterator[dict],
                    prompt_tokens: int, rid: str, started: float) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if is_chat else "text_completion"
         created = now()
@@ -367,8 +383,9 @@ class IngressBase:
         try:
             if is_chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                              "finish_reason": None} for i in range(len(payloads))])
-            async for index, item in self._merged(payloads):
+                              "finish_reason": None} for i in range(req.n)])
+            async for item in items:
+                index = item["index"]
                 final = "spec_decode" in item
                 if final:
                     finals[index] = item
@@ -397,6 +414,13 @@ class IngressBase:
                 f"the decoder failed mid-stream: {type(exc).__name__}", "server_error",
                 code="decoder_failed")) + "\n\n"
         yield "data: [DONE]\n\n"
+
+
+async def with_first(first: dict | None, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
 
 
 def merge_spec_decode(items: list[dict]) -> dict:
