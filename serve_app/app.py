@@ -127,20 +127,22 @@ class Decoder:
         start = time.perf_counter()
         first_token_at = None
         finish_reason = None
-        async for tokens in self.scheduler.stream(gen):
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            delta = stops.push(text.push(tokens))
-            if stops.stopped:
-                finish_reason = "stop"
-            elif gen.finished:
-                delta += stops.push(text.flush()) + stops.flush()
-                finish_reason = "stop" if stops.stopped else gen.finish_reason
-            if delta or finish_reason:
-                yield {"index": index, "text": delta, "token_ids": tokens,
-                       "finish_reason": finish_reason}
-            if finish_reason:
-                break
+        # aclosing: a stop string ends the choice before the generation does; free its slot now.
+        async with contextlib.aclosing(self.scheduler.stream(gen)) as steps:
+            async for tokens in steps:
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                delta = stops.push(text.push(tokens))
+                if stops.stopped:
+                    finish_reason = "stop"
+                elif gen.finished:
+                    delta += stops.push(text.flush()) + stops.flush()
+                    finish_reason = "stop" if stops.stopped else gen.finish_reason
+                if delta or finish_reason:
+                    yield {"index": index, "text": delta, "token_ids": tokens,
+                           "finish_reason": finish_reason}
+                if finish_reason:
+                    break
         elapsed = time.perf_counter() - start
         decode_time = elapsed - ((first_token_at or start) - start)
         summary = gen.stats.summary(gen.arm.name)

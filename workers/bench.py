@@ -355,7 +355,7 @@ def plot(data: dict, path: Path) -> None:
     categories = sorted({c for e in results for c in e["categories"]})
     groups = ["all", *categories]
     width = 0.8 / max(1, len(results))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(results)) / 3), 4))
+    fig, ax = plt.subplots(figsize=(min(14, max(6, 0.5 * len(groups) * len(results))), 4.5))
     for i, e in enumerate(results):
         values = [e["tokens_per_s"]] + [e["categories"].get(c, {}).get("tokens_per_s", 0)
                                         for c in categories]

@@ -67,7 +67,10 @@ def prepare_bundled_model(progress=print) -> Path:
         src, gguf_file=BUNDLED_GGUF, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=BUNDLED_GGUF)
-    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # the weights saved below are plain float32
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
@@ -120,8 +123,11 @@ def load_model(model: str, dtype: str = "float32", device: str = "auto",
     path = resolve_model_path(model)
     config = AutoConfig.from_pretrained(path)
     check_architecture(config)
+    quant = getattr(config, "quantization_config", None)
+    if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
+        del config.quantization_config  # a folder converted from GGUF holds plain weights
     dev = resolve_device(device)
-    kwargs: dict = {"dtype": resolve_dtype(dtype)}
+    kwargs: dict = {"dtype": resolve_dtype(dtype), "config": config}
     if quantization != "none":
         from transformers import BitsAndBytesConfig
 

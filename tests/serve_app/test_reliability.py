@@ -85,8 +85,8 @@ def test_replica_killed_mid_stream_ends_with_error_event_then_recovers(served):
     events: list[str] = []
     with httpx.Client(timeout=300) as client:
         with client.stream("POST", served.base_url + "/v1/completions", headers=served.headers,
-                           json={"prompt": "Write a very long story.", "max_tokens": 400,
-                                 "stream": True}) as resp:
+                           json={"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 400,
+                                 "temperature": 0, "arm": "none", "stream": True}) as resp:
             killed = False
             for line in resp.iter_lines():
                 if not line.startswith("data: "):
@@ -102,6 +102,7 @@ def test_replica_killed_mid_stream_ends_with_error_event_then_recovers(served):
                     killed = True
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])
+    assert "error" in error, f"the stream finished before the replica died: {events[-3:]}"
     assert set(error["error"]) == {"message", "type", "param", "code"}
     deadline = time.time() + 300
     while True:
