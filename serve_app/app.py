@@ -309,8 +309,10 @@ class IngressBase:
                                 f"{len(ids)} and max_tokens is {max_tokens}",
                            param="prompt", code="context_length_exceeded")
         bucket = context_bucket(text, is_chat, req.temperature, len(ids))
+        # A seeded request must reproduce: its arm may not depend on the router's exploration.
+        pinned = req.arm if req.arm is not None or req.seed is None else self.router.default_arm
         try:
-            arm = self.router.choose(bucket, req.arm)
+            arm = self.router.choose(bucket, pinned)
         except KeyError:
             names = ", ".join(a.name for a in self.profile.arms)
             raise APIError(400, f"unknown arm {req.arm!r}; arms: {names}", param="arm") from None
