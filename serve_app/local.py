@@ -42,8 +42,7 @@ def start_redis(echo) -> tuple[subprocess.Popen | None, str | None]:
     workdir = tempfile.mkdtemp(prefix="s3d-redis-")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 10
     while time.time() < deadline:
         try:
@@ -67,16 +66,17 @@ def serve_locally(config: ServeConfig, host: str, port: int, echo, num_cpus: int
 
     resolve_model_path(config.model)  # prepares the bundled model once, before any replica
     with ExitStack() as stack:
-        if config.redis_url is None:
-            proc, url = start_redis(echo)
-            if proc is not None:
-                stack.callback(lambda: (proc.terminate(), proc.wait(10)))
-                config = config.model_copy(update={"redis_url": url})
-                echo(f"statistics store: {url} (child redis-server)")
         ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False)
         stack.callback(ray.shutdown)
         serve.start(http_options={"host": host, "port": port})
         stack.callback(serve.shutdown)
+        if config.redis_url is None:
+            proc, url = start_redis(echo)
+            if proc is not None:
+                # Same process group: Ctrl-C reaches it even if this process dies first.
+                stack.callback(lambda: (proc.terminate(), proc.wait(10)))
+                config = config.model_copy(update={"redis_url": url})
+                echo(f"statistics store: {url} (child redis-server)")
         serve.run(build_app(config.model_dump()), name="s3d", route_prefix="/", blocking=False)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         url = f"http://{shown}:{port}"
