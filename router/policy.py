@@ -15,6 +15,10 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from router.store import StatsStore
 
 CODE_PATTERN = re.compile(
     r"(^\s*(def|class|import|from|return|for|if|while)\b|[{};]\s*$|==|->|\(\))", re.MULTILINE)
@@ -118,3 +122,14 @@ class ArmRouter:
             return self.default_arm
         estimates = self.estimates(bucket)
         return thompson_choice(estimates, calibrated_prior(estimates, self.prior), rng=self.rng)
+
+
+def store_estimates(store: StatsStore, model: str) -> Callable[[str], dict[str, ArmEstimate]]:
+    """The router's view of a store: per-arm estimates of one bucket from ``snapshot()``."""
+
+    def estimates(bucket: str) -> dict[str, ArmEstimate]:
+        return {key.arm: ArmEstimate(stats.goodput_tokens_per_s, stats.requests)
+                for key, stats in store.snapshot(model).items()
+                if key.bucket == bucket and stats.requests > 0}
+
+    return estimates

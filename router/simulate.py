@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from router.policy import ArmEstimate, ArmRouter
-from router.store import InProcessStatsStore, StatsKey, StatsStore
+from router.policy import ArmRouter, store_estimates
+from router.store import InProcessStatsStore, StatsKey
 from workers.stats import SpecDecodeStats
 
 MODEL = "sim-model"
@@ -128,17 +128,6 @@ class SimClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def store_estimates(store: StatsStore, model: str) -> Callable[[str], dict[str, ArmEstimate]]:
-    """The router's view of a store: per-arm estimates of one bucket from ``snapshot()``."""
-
-    def estimates(bucket: str) -> dict[str, ArmEstimate]:
-        return {key.arm: ArmEstimate(stats.goodput_tokens_per_s, stats.requests)
-                for key, stats in store.snapshot(model).items()
-                if key.bucket == bucket and stats.requests > 0}
-
-    return estimates
 
 
 def simulate(truth: Truth, mix: Mapping[str, float], requests: int, seed: int, *,

@@ -218,21 +218,17 @@ class IngressBase:
     """Request handling; wrapped by ``@serve.ingress`` in ``build_app`` with the config's API."""
 
     def __init__(self, decoder: DeploymentHandle, config: dict):
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
-        from router.policy import ArmRouter
+        from router.policy import ArmRouter, store_estimates
         from router.store import make_store
         from workers.engine import resolve_profile
-        from workers.model import resolve_model_path
+        from workers.model import check_architecture, fingerprint, resolve_model_path
 
         self.config = ServeConfig.model_validate(config)
         self.decoder = decoder
         path = resolve_model_path(self.config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        from transformers import AutoConfig
-
-        from workers.model import check_architecture, fingerprint
-
         model_config = AutoConfig.from_pretrained(path)
         check_architecture(model_config)
         self.context = int(getattr(model_config, "max_position_embeddings", 2048))
@@ -244,17 +240,10 @@ class IngressBase:
         self._store_started = False
         prior = {k: v["tokens_per_s"] for k, v in self.profile.notes.get("measured", {}).items()}
         self.router = ArmRouter([a.name for a in self.profile.arms], default, prior or None,
-                                self.config.router, estimates=self._estimates)
+                                self.config.router,
+                                estimates=store_estimates(self.store,
+                                                          self.config.served_model_name))
         self.metrics = IngressMetrics()
-
-    def _estimates(self, bucket: str):
-        from router.policy import ArmEstimate
-
-        out = {}
-        for key, stats in self.store.snapshot(self.config.served_model_name).items():
-            if key.bucket == bucket and stats.requests > 0:
-                out[key.arm] = ArmEstimate(stats.goodput_tokens_per_s, stats.requests)
-        return out
 
     async def _ensure_store(self) -> None:
         if not self._store_started:

@@ -122,19 +122,15 @@ class Bench:
 
     def _routed(self) -> Callable[[int, int], PromptRun]:
         """The adaptive router over the profile's arms, its statistics warming as it goes."""
-        from router.policy import ArmEstimate, ArmRouter, context_bucket
+        from router.policy import ArmRouter, context_bucket, store_estimates
         from router.store import InProcessStatsStore, StatsKey
 
         store = InProcessStatsStore()
         profile = self.engine.profile
         prior = {k: v["tokens_per_s"] for k, v in profile.notes.get("measured", {}).items()}
 
-        def estimates(bucket: str) -> dict[str, ArmEstimate]:
-            return {k.arm: ArmEstimate(v.goodput_tokens_per_s, v.requests)
-                    for k, v in store.snapshot().items() if k.bucket == bucket and v.requests}
-
         router = ArmRouter([a.name for a in profile.arms], profile.default_arm, prior or None,
-                           estimates=estimates, rng=random.Random(0))
+                           estimates=store_estimates(store, "bench"), rng=random.Random(0))
         self.router_choices: list[str] = []
 
         def run(index: int, max_tokens: int) -> PromptRun:
