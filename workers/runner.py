@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from workers.gemm import Gemm, GemmPlan
+
 
 @dataclass
 class Attention:
@@ -103,6 +105,15 @@ class ModelRunner:
         self.dtype = self.embed.weight.dtype
         self.vocab_size = self.lm_head.out_features
         self.all_layers = tuple(range(self.num_layers))
+        self.gemm_plan = GemmPlan(tune=self.device.type == "cpu")
+        self.matmuls = [_LayerMatmuls(layer, self.gemm_plan) for layer in self.layers]
+        head = self.lm_head
+        self._head = (Gemm(head.weight, head.bias, self.gemm_plan)
+                      if type(head) is torch.nn.Linear and head.weight.is_floating_point()
+                      else head)
+        self.gemm_plan.warm([w for mm in self.matmuls for w in mm.weights()], range(1, 49))
+        if isinstance(self._head, Gemm):
+            self.gemm_plan.warm([self._head.weight], range(1, 9))
         self._cos = self._sin = None
         self._rope_len = 0
 
@@ -142,7 +153,8 @@ class ModelRunner:
         return self.logits(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden)).float()
+        """Float32 logits ``[T, vocab]`` for final hidden states ``[T, hidden]``."""
+        return self._head(self.norm(hidden)).float()
 
     def hidden_states(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
                       attention: Attention, layers: Sequence[int] | None = None,
@@ -164,15 +176,14 @@ class ModelRunner:
         hidden = self.embed(tokens.clamp(min=0))
         if draft is not None:
             hidden = draft.adapter.embed_masks(hidden, tokens)
-        hidden = hidden[None]  # [1, T, hidden]
         for idx in (self.all_layers if layers is None else layers):
-            layer = self.layers[idx]
-            attn = layer.self_attn
+            layer, mm = self.layers[idx], self.matmuls[idx]
             proj = _Projector(idx, draft)
             x = layer.input_layernorm(hidden)
-            q = proj(attn.q_proj, "q_proj", x).view(1, num_new, self.num_heads, self.head_dim)
-            k = proj(attn.k_proj, "k_proj", x).view(1, num_new, self.kv_heads, self.head_dim)
-            v = proj(attn.v_proj, "v_proj", x).view(1, num_new, self.kv_heads, self.head_dim)
+            q, k, v = mm.qkv(x)
+            q = proj.adjust("q_proj", x, q).view(1, num_new, self.num_heads, self.head_dim)
+            k = proj.adjust("k_proj", x, k).view(1, num_new, self.kv_heads, self.head_dim)
+            v = proj.adjust("v_proj", x, v).view(1, num_new, self.kv_heads, self.head_dim)
             q = self._rotate(q.transpose(1, 2), cos, sin)
             k = self._rotate(k.transpose(1, 2), cos, sin)
             v = v.transpose(1, 2)
@@ -181,17 +192,14 @@ class ModelRunner:
                 q, cache.k[idx][:, :, :end], cache.v[idx][:, :, :end], attn_mask=mask,
                 scale=self.scaling, enable_gqa=True,
             )
-            out = out.transpose(1, 2).reshape(1, num_new, -1)
-            hidden = hidden + proj(attn.o_proj, "o_proj", out)
+            out = out.transpose(1, 2).reshape(num_new, -1)
+            hidden = hidden + proj.adjust("o_proj", out, mm.o(out))
             x = layer.post_attention_layernorm(hidden)
-            if proj.touches_mlp():
-                mlp = layer.mlp
-                inner = mlp.act_fn(proj(mlp.gate_proj, "gate_proj", x)) * proj(
-                    mlp.up_proj, "up_proj", x)
-                hidden = hidden + proj(mlp.down_proj, "down_proj", inner)
-            else:
-                hidden = hidden + layer.mlp(x)
-        return hidden[0]
+            gate, up = mm.gate_up(x)
+            gate, up = proj.adjust("gate_proj", x, gate), proj.adjust("up_proj", x, up)
+            inner = layer.mlp.act_fn(gate) * up
+            hidden = hidden + proj.adjust("down_proj", inner, mm.down(inner))
+        return hidden
 
 
 MASK_ID = -1  # token id of a mask row (S3D); embedded by the draft adapter
@@ -214,21 +222,73 @@ class DraftAdapter(Protocol):
 
 
 class _Projector:
-    """Applies a linear module; adds the draft adapter's delta on draft rows when it has one."""
+    """Adds the draft adapter's delta to the draft rows of a projection's output, if it has one."""
 
     def __init__(self, layer: int, draft: DraftRows | None):
         self.layer, self.draft = layer, draft
 
-    def touches_mlp(self) -> bool:
-        return self.draft is not None and self.draft.adapter.touches_mlp(self.layer)
-
-    def __call__(self, module: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-        out = module(x)
+    def adjust(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out [T, out]`` of projection ``name`` applied to ``x [T, in]``, with the delta."""
         if self.draft is None:
             return out
-        delta = self.draft.adapter.delta(self.layer, name, x[:, self.draft.start:])
+        delta = self.draft.adapter.delta(self.layer, name, x[self.draft.start:])
         if delta is None:
             return out
         if self.draft.start == 0:
             return out + delta
-        return torch.cat([out[:, : self.draft.start], out[:, self.draft.start:] + delta], dim=1)
+        return torch.cat([out[: self.draft.start], out[self.draft.start:] + delta])
+
+
+class _LayerMatmuls:
+    """A decoder layer's projections: fused ``qkv`` and ``gate_up`` products over plain float
+    linears (the HF modules' weights become views into the fused tensors, so nothing is copied),
+    else each HF module called as is (quantized layers)."""
+
+    def __init__(self, layer: torch.nn.Module, plan: GemmPlan):
+        attn, mlp = layer.self_attn, layer.mlp
+        self._qkv_modules = (attn.q_proj, attn.k_proj, attn.v_proj)
+        self._gate_up_modules = (mlp.gate_proj, mlp.up_proj)
+        self._fused = all(type(m) is torch.nn.Linear and m.weight.is_floating_point()
+                          for m in (*self._qkv_modules, *self._gate_up_modules, attn.o_proj,
+                                    mlp.down_proj))
+        if self._fused:
+            self._qkv = _fuse(self._qkv_modules, plan)
+            self._gate_up = _fuse(self._gate_up_modules, plan)
+            self.o = Gemm(attn.o_proj.weight, attn.o_proj.bias, plan)
+            self.down = Gemm(mlp.down_proj.weight, mlp.down_proj.bias, plan)
+        else:
+            self.o, self.down = attn.o_proj, mlp.down_proj
+        self._qkv_sizes = [m.out_features for m in self._qkv_modules]
+        self._gate_up_sizes = [m.out_features for m in self._gate_up_modules]
+
+    def weights(self) -> list[torch.Tensor]:
+        if not self._fused:
+            return []
+        return [self._qkv.weight, self._gate_up.weight, self.o.weight, self.down.weight]
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._fused:
+            return self._qkv(x).split(self._qkv_sizes, dim=-1)
+        return tuple(m(x) for m in self._qkv_modules)
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._fused:
+            return self._gate_up(x).split(self._gate_up_sizes, dim=-1)
+        return tuple(m(x) for m in self._gate_up_modules)
+
+
+def _fuse(modules: tuple[torch.nn.Linear, ...], plan: GemmPlan) -> Gemm:
+    """One ``Gemm`` over the modules' stacked weights; the modules keep views into it."""
+    weight = torch.cat([m.weight.detach() for m in modules])
+    biases = [m.bias for m in modules]
+    bias = None if all(b is None for b in biases) else torch.cat([
+        b.detach() if b is not None else weight.new_zeros(m.out_features)
+        for m, b in zip(modules, biases)])
+    offset = 0
+    for m in modules:
+        rows = m.out_features
+        m.weight = torch.nn.Parameter(weight[offset: offset + rows], requires_grad=False)
+        if m.bias is not None:
+            m.bias = torch.nn.Parameter(bias[offset: offset + rows], requires_grad=False)
+        offset += rows
+    return Gemm(weight, bias, plan)
