@@ -1,0 +1,56 @@
+"""The matmul formulations agree, the plan picks among them, fused layers keep HF modules intact."""
+
+import torch
+
+from workers.gemm import PRODUCTS, Gemm, GemmPlan
+from workers.runner import _fuse
+
+
+def test_every_product_equals_linear():
+    torch.manual_seed(0)
+    w = torch.randn(40, 24)
+    for rows in (1, 2, 5):
+        x = torch.randn(rows, 24)
+        for name, product in PRODUCTS.items():
+            if name == "pad_to_two" and rows != 1:
+                continue
+            out = product(x, w)
+            assert out.shape == (rows, 40) and out.is_contiguous(), name
+            torch.testing.assert_close(out, x @ w.t(), msg=name)
+
+
+def test_plan_measures_once_per_shape_and_rows():
+    plan = GemmPlan(tune=True, max_rows=4)
+    a, b = torch.randn(16, 8), torch.randn(16, 8)
+    with torch.inference_mode():
+        first = plan.product(a, 2)
+        assert plan.product(b, 2) is first  # same shape: shared choice
+        assert first in PRODUCTS.values()
+        assert plan.product(a, 5) is PRODUCTS["linear"]  # beyond max_rows
+    assert len(plan._choice) == 1
+    assert GemmPlan(tune=False).product(a, 2) is PRODUCTS["linear"]
+
+
+def test_gemm_adds_bias_and_keeps_autograd():
+    w, bias = torch.randn(6, 4), torch.randn(6)
+    x = torch.randn(3, 4, requires_grad=True)
+    out = Gemm(w, bias, GemmPlan(tune=True))(x)  # grad enabled: plain linear
+    torch.testing.assert_close(out, x @ w.t() + bias)
+    out.sum().backward()
+    assert x.grad is not None
+
+
+def test_fuse_keeps_module_weights_as_views():
+    q, k = torch.nn.Linear(8, 6, bias=False), torch.nn.Linear(8, 2, bias=True)
+    before_q, before_k, before_kb = q.weight.detach().clone(), k.weight.detach().clone(), \
+        k.bias.detach().clone()
+    x = torch.randn(3, 8)
+    fused = _fuse((q, k), GemmPlan(tune=False))
+    assert fused.weight.shape == (8, 8)
+    assert q.weight.data_ptr() == fused.weight.data_ptr()  # no copy kept
+    torch.testing.assert_close(q.weight, before_q)
+    torch.testing.assert_close(k.weight, before_k)
+    out_q, out_k = fused(x).split([6, 2], dim=-1)
+    torch.testing.assert_close(out_q, x @ before_q.t())
+    torch.testing.assert_close(out_k, x @ before_k.t() + before_kb)
+    torch.testing.assert_close(q(x), out_q)
