@@ -101,10 +101,9 @@ def serve_locally(config: ServeConfig, host: str, port: int, echo, num_cpus: int
         def _stop(signum, frame):
             stopped["flag"] = True
 
+        # Both set explicitly: a process started in the background inherits SIGINT ignored.
         signal.signal(signal.SIGTERM, _stop)
-        try:
-            while not stopped["flag"]:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
+        signal.signal(signal.SIGINT, _stop)
+        while not stopped["flag"]:
+            time.sleep(0.5)
         echo("shutting down...")
