@@ -3,7 +3,8 @@
 Arms are scored by goodput (output tokens per second of decoding) measured by the whole fleet and
 read from the statistics store's in-process snapshot (never awaited per request). Exploration is
 Thompson sampling: each arm's goodput gets a normal posterior around its decayed mean, with the
-profile's measured figure as a prior worth ``prior_weight`` requests. The router first calibrates
+profile's measured figure (for the bucket's prompt class when the search measured one) as a prior
+worth ``prior_weight`` requests. The router first calibrates
 the prior to the bucket (``calibrated_prior``): profile figures, or the unit-less defaults when
 there are none, only say how arms compare, while the bucket's observations set the scale.
 """
@@ -102,13 +103,17 @@ class ArmRouter:
     def __init__(self, arms: list[str], default_arm: str, prior: dict[str, float] | None = None,
                  mode: str = "adaptive",
                  estimates: Callable[[str], dict[str, ArmEstimate]] | None = None,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None,
+                 class_priors: dict[str, dict[str, float]] | None = None):
         if default_arm not in arms:
             raise ValueError(f"default arm {default_arm!r} is not one of {arms}")
         self.arms = list(arms)
         self.default_arm = default_arm
         # Without measured priors every arm starts equal, the default slightly ahead.
         self.prior = {a: (prior or {}).get(a, 1.0 if a == default_arm else 0.9) for a in arms}
+        # Per prompt class (the bucket's first field), falling back to the overall prior per arm.
+        self.class_priors = {cls: {a: values.get(a, self.prior[a]) for a in arms}
+                             for cls, values in (class_priors or {}).items()}
         self.mode = mode
         self.estimates = estimates or (lambda bucket: {})
         self.rng = rng or random.Random()
@@ -121,7 +126,8 @@ class ArmRouter:
         if self.mode == "fixed":
             return self.default_arm
         estimates = self.estimates(bucket)
-        return thompson_choice(estimates, calibrated_prior(estimates, self.prior), rng=self.rng)
+        prior = self.class_priors.get(bucket.split(".", 1)[0], self.prior)
+        return thompson_choice(estimates, calibrated_prior(estimates, prior), rng=self.rng)
 
 
 def store_estimates(store: StatsStore, model: str) -> Callable[[str], dict[str, ArmEstimate]]:

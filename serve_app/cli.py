@@ -130,7 +130,8 @@ if __name__ == "__main__":  # pragma: no cover
 def search_cmd(
     out: Path = typer.Option(..., help="Where to write the profile JSON."),
     max_tokens: int = typer.Option(48, min=8, help="Tokens per calibration prompt."),
-    finalists: int = typer.Option(3, min=1, help="Skip sets decoded for real in stage 2."),
+    finalists: int = typer.Option(3, min=1, help="Skip sets decoded as chain and tree arms."),
+    trials: int = typer.Option(30, min=1, help="Bayesian-optimisation trials over skip sets."),
     adapter: str = typer.Option(None, help="S3D adapter (default: the bundled model's)."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
     quantization: str = QUANT_OPT, threads: int = THREADS_OPT,
@@ -142,7 +143,7 @@ def search_cmd(
     _threads(threads)
     engine = Engine.load(model, dtype, device, quantization, None)
     profile = search(engine, max_tokens=max_tokens, finalists=finalists, adapter_path=adapter,
-                     log=lambda m: typer.echo(m, err=True))
+                     trials=trials, log=lambda m: typer.echo(m, err=True))
     profile.save(out)
     typer.echo(f"wrote {out} (default arm {profile.default_arm})")
 
@@ -211,6 +212,9 @@ def train_cmd(
     max_chars: int = typer.Option(3_000_000, help="Corpus size in characters."),
     eval_every: int = typer.Option(200, min=1),
     resume: bool = typer.Option(True, help="Resume from OUT.ckpt.pt when present."),
+    skip_layers: str = typer.Option(
+        "", help="Comma list of layers the draft pass skips (separate-pass `s3d_skip` arms); "
+                 "empty: every layer runs (fused `s3d` / `hybrid` arms)."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
     threads: int = THREADS_OPT,
 ) -> None:
@@ -222,4 +226,6 @@ def train_cmd(
     engine = Engine.load(model, dtype, device, "none", None)
     train(engine, out, gamma=gamma, rank=rank, steps=steps, minutes=minutes, lr=lr,
           chunk_len=chunk_len, attach_per_chunk=attach_per_chunk, max_chars=max_chars,
-          eval_every=eval_every, resume=resume, log=lambda m: typer.echo(m, err=True))
+          eval_every=eval_every, resume=resume,
+          skip_layers=tuple(int(x) for x in skip_layers.split(",") if x.strip()),
+          log=lambda m: typer.echo(m, err=True))

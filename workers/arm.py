@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DrafterKind = Literal["none", "skip_chain", "skip_tree", "ngram_tree", "s3d", "hybrid"]
+DrafterKind = Literal["none", "skip_chain", "skip_tree", "ngram_tree", "s3d", "hybrid",
+                      "s3d_skip"]
 
 
 class Arm(BaseModel):
@@ -36,6 +37,11 @@ class Arm(BaseModel):
                        description="S3D: mask rows per attach point (drafts tokens 2..gamma+1).")
     attach: int = Field(default=3, ge=1, le=16,
                         description="S3D: verify rows (root and first children) that get masks.")
+    draft_vocab: int = Field(
+        default=0, ge=0,
+        description="Drafts choose among the first N token ids only (0: the whole vocabulary): "
+                    "BPE ids follow merge order, so low ids are the frequent tokens, and the "
+                    "draft's output layer shrinks to N rows. Verification is untouched.")
     adapter: str | None = Field(default=None, description="S3D adapter file; default: the "
                                                           "bundled model's committed adapter.")
 
@@ -58,7 +64,8 @@ class Arm(BaseModel):
         if self.drafter == "none":
             return 0
         expanded = 1 + self.top_k * self.depth
-        masks = self.attach * self.gamma if self.drafter in ("s3d", "hybrid") else 0
+        masks = {"s3d": self.attach * self.gamma, "hybrid": self.attach * self.gamma,
+                 "s3d_skip": self.gamma + 1}.get(self.drafter, 0)
         return max(self.total_tokens, self.depth) + expanded + masks + 1
 
 
@@ -84,6 +91,17 @@ class Profile(BaseModel):
         if self.default_arm not in names:
             raise ValueError(f"default_arm {self.default_arm!r} is not one of {names}")
         return self
+
+    def measured_goodput(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """The search's measured tokens/s per arm: overall, and by prompt class
+        (``code`` / ``chat`` / ``prose``) as ``{class: {arm: tokens/s}}``."""
+        measured = self.notes.get("measured", {})
+        overall = {arm: fig["tokens_per_s"] for arm, fig in measured.items()}
+        by_class: dict[str, dict[str, float]] = {}
+        for arm, fig in measured.items():
+            for prompt_class, value in fig.get("by_class", {}).items():
+                by_class.setdefault(prompt_class, {})[arm] = value
+        return overall, by_class
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:

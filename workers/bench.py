@@ -27,7 +27,8 @@ from workers.sampling import SamplingParams
 from workers.stats import SpecDecodeStats
 
 HF_METHODS = ("hf_vanilla", "hf_prompt_lookup", "hf_early_exit")
-OWN_METHODS = ("vanilla", "skip_chain", "skip_tree", "ngram_tree", "s3d", "hybrid", "router")
+OWN_METHODS = ("vanilla", "skip_chain", "skip_tree", "ngram_tree", "s3d", "hybrid", "s3d_skip",
+               "router")
 ALL_METHODS = HF_METHODS + OWN_METHODS
 DEFAULT_METHODS = ALL_METHODS
 
@@ -127,10 +128,10 @@ class Bench:
 
         store = InProcessStatsStore()
         profile = self.engine.profile
-        prior = {k: v["tokens_per_s"] for k, v in profile.notes.get("measured", {}).items()}
-
+        prior, class_priors = profile.measured_goodput()
         router = ArmRouter([a.name for a in profile.arms], profile.default_arm, prior or None,
-                           estimates=store_estimates(store, "bench"), rng=random.Random(0))
+                           estimates=store_estimates(store, "bench"), rng=random.Random(0),
+                           class_priors=class_priors)
         self.router_choices: list[str] = []
 
         def run(index: int, max_tokens: int) -> PromptRun:

@@ -111,6 +111,7 @@ class ModelRunner:
         self._head = (Gemm(head.weight, head.bias, self.gemm_plan)
                       if type(head) is torch.nn.Linear and head.weight.is_floating_point()
                       else head)
+        self._draft_heads: dict[int, Gemm] = {}  # views of the head's first rows, by size
         self.gemm_plan.warm([w for mm in self.matmuls for w in mm.weights()], range(1, 49))
         if isinstance(self._head, Gemm):
             self.gemm_plan.warm([self._head.weight], range(1, 9))
@@ -141,20 +142,28 @@ class ModelRunner:
     def forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
                 attention: Attention, layers: Sequence[int] | None = None,
                 logits_rows: torch.Tensor | slice | None = None,
-                draft: DraftRows | None = None) -> torch.Tensor:
+                draft: DraftRows | None = None, vocab: int = 0) -> torch.Tensor:
         """Run ``tokens`` ``[T]`` at ``positions`` ``[T]`` through ``layers`` (default: all).
 
         Writes K/V of the run layers at slots ``attention.start..`` and returns logits
-        ``[T', vocab]`` in float32 for ``logits_rows`` (default: every row).
+        ``[T', V]`` in float32 for ``logits_rows`` (default: every row); see ``logits``.
         """
         hidden = self.hidden_states(cache, tokens, positions, attention, layers, draft)
         if logits_rows is not None:
             hidden = hidden[logits_rows]
-        return self.logits(hidden)
+        return self.logits(hidden, vocab)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[T, vocab]`` for final hidden states ``[T, hidden]``."""
-        return self._head(self.norm(hidden)).float()
+    def logits(self, hidden: torch.Tensor, vocab: int = 0) -> torch.Tensor:
+        """Float32 logits ``[T, V]`` for final hidden states ``[T, hidden]``: over the whole
+        vocabulary, or (drafts) over token ids ``< vocab`` only when ``0 < vocab < V``."""
+        head = self._head
+        if 0 < vocab < self.vocab_size and isinstance(head, Gemm):
+            head = self._draft_heads.get(vocab)
+            if head is None:
+                bias = None if self._head.bias is None else self._head.bias[:vocab]
+                head = self._draft_heads[vocab] = Gemm(self._head.weight[:vocab], bias,
+                                                       self.gemm_plan)
+        return head(self.norm(hidden)).float()
 
     def hidden_states(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
                       attention: Attention, layers: Sequence[int] | None = None,

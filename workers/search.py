@@ -1,12 +1,15 @@
 """`s3d search`: pick skip sets and arm parameters by measurement, and write a profile.
 
-Stage 1 scores every candidate skip set (contiguous blocks of middle layers) by teacher-forced
-agreement: how often the skipped model's top-1 is the full model's greedy token on calibration
-text, and turns that into an expected speedup with measured forward costs (DESIGN.md's formula).
-Stage 2 decodes the calibration prompts with the best few candidates as real arms, and with a few
-n-gram and S3D (fused mask-token) settings, and keeps the arm of each drafter kind with the highest
-measured goodput (tokens per second). Calibration text
-is not the benchmark suite: stdlib modules and questions the suite does not use.
+Stage 1 scores contiguous blocks of middle layers by teacher-forced agreement (how often the
+skipped model's top-1 is the full model's greedy token on calibration text) turned into an
+expected speedup with measured forward costs (DESIGN.md's formula); a cheap map of the space.
+Stage 2 is Bayesian optimisation over arbitrary skip sets (one yes/no per middle layer, as Draft &
+Verify does; optuna's TPE sampler), warm-started with stage 1's best blocks: each trial decodes
+calibration prompts with a layer-skip chain and its measured goodput (tokens per second) is the
+objective. Stage 3 decodes all calibration prompts with the best skip sets as real chain and tree
+arms, and with a few n-gram and S3D (fused mask-token) settings, and keeps the arm of each drafter
+kind with the highest measured goodput. Calibration text is not the benchmark suite: stdlib
+modules and questions the suite does not use.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from workers.drafters.s3d import BUNDLED_ADAPTER
 from workers.engine import Engine
 from workers.runner import Attention
 
+DRAFT_VOCAB = 8192  # truncated draft vocabulary tried per drafter kind (85% of tokens here)
 CALIBRATION_MODULES = ("os.py", "argparse.py", "random.py", "pathlib.py", "tarfile.py")
 CALIBRATION_QUESTIONS = (
     "How do I read a CSV file in Python and compute the average of one column?",
@@ -32,7 +36,8 @@ CALIBRATION_QUESTIONS = (
 )
 
 
-def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[list[int]]:
+def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[tuple[str, list[int]]]:
+    """``(prompt class, token ids)``: stdlib code to continue, then chat questions."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     prompts = []
     for name in CALIBRATION_MODULES:
@@ -42,12 +47,12 @@ def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[list[in
         text = path.read_text(errors="ignore")
         start = text.find("\ndef ", len(text) // 3)
         snippet = text[max(0, start - 600): start + 200]
-        prompts.append(tokenizer(snippet)["input_ids"][-max_prompt_tokens:])
+        prompts.append(("code", tokenizer(snippet)["input_ids"][-max_prompt_tokens:]))
     for q in CALIBRATION_QUESTIONS:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": q}],
                                             add_generation_prompt=True, tokenize=True)
-        prompts.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys")
-                            else ids))
+        prompts.append(("chat", list(ids["input_ids"] if isinstance(ids, dict)
+                                     or hasattr(ids, "keys") else ids)))
     return prompts
 
 
@@ -100,28 +105,74 @@ def teacher_forced(engine: Engine, sequences: list[tuple[list[int], int]],
     return hit1 / total, hit4 / total
 
 
-def measure_goodput(engine: Engine, prompts: list[list[int]], arm: Arm, max_tokens: int) -> dict:
-    tokens = 0
-    seconds = 0.0
+def measure_goodput(engine: Engine, prompts: list[tuple[str, list[int]]], arm: Arm,
+                    max_tokens: int) -> dict:
+    """Tokens per second and mean accepted length of ``arm`` over ``(class, ids)`` prompts,
+    overall and (``by_class``) per prompt class."""
+    tokens: dict[str, int] = {}
+    seconds: dict[str, float] = {}
     accepted_len = []
-    for ids in prompts:
+    for prompt_class, ids in prompts:
         gen = engine.generation(ids, max_tokens, arm)
         t0 = time.perf_counter()
         gen.run()
-        seconds += time.perf_counter() - t0
-        tokens += len(gen.output)
+        seconds[prompt_class] = seconds.get(prompt_class, 0.0) + time.perf_counter() - t0
+        tokens[prompt_class] = tokens.get(prompt_class, 0) + len(gen.output)
         accepted_len.append(gen.stats.mean_acceptance_length)
-    return {"tokens_per_s": tokens / seconds,
-            "mean_accepted_length": sum(accepted_len) / len(accepted_len)}
+    return {"tokens_per_s": sum(tokens.values()) / sum(seconds.values()),
+            "mean_accepted_length": sum(accepted_len) / len(accepted_len),
+            "by_class": {c: tokens[c] / seconds[c] for c in tokens}}
+
+
+@dataclass
+class SkipTrial:
+    skip: tuple[int, ...]
+    tokens_per_s: float
+    mean_accepted_length: float
+
+
+def optimize_skip_sets(engine: Engine, prompts: list[tuple[str, list[int]]], trials: int,
+                       max_tokens: int,
+                       warm_start: list[tuple[int, ...]] = (), seed: int = 0,
+                       log=print) -> list[SkipTrial]:
+    """Bayesian optimisation of the skip set on measured goodput; trials best first.
+
+    The search space is one yes/no per middle layer (the first and last two layers always run).
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    middle = range(2, engine.runner.num_layers - 2)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, n_startup_trials=max(len(warm_start), min(8, trials // 3))))
+    for skip in warm_start:
+        study.enqueue_trial({f"skip_{i}": i in skip for i in middle})
+    results: dict[tuple[int, ...], SkipTrial] = {}
+
+    def objective(trial) -> float:
+        skip = tuple(i for i in middle if trial.suggest_categorical(f"skip_{i}", (False, True)))
+        if not skip:
+            return 0.0
+        if skip not in results:
+            arm = Arm(name="skip_chain", drafter="skip_chain", skip_layers=skip, depth=4)
+            fig = measure_goodput(engine, prompts, arm, max_tokens)
+            results[skip] = SkipTrial(skip, fig["tokens_per_s"], fig["mean_accepted_length"])
+            log(f"trial {trial.number}: skip {list(skip)}: {fig['tokens_per_s']:.2f} tok/s, "
+                f"MAL {fig['mean_accepted_length']:.2f}")
+        return results[skip].tokens_per_s
+
+    study.optimize(objective, n_trials=trials)
+    return sorted(results.values(), key=lambda t: -t.tokens_per_s)
 
 
 def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
            adapter_path: str | None = None, lengths: tuple[int, ...] = (2, 4, 6, 8, 10),
-           max_prompts: int | None = None, log=print) -> Profile:
+           max_prompts: int | None = None, trials: int = 30, trial_prompts: int = 4,
+           log=print) -> Profile:
     runner = engine.runner
     prompts = calibration_prompts(engine.tokenizer)[:max_prompts]
     sequences = []
-    for ids in prompts:
+    for _, ids in prompts:
         gen = engine.generation(ids, max_tokens, NONE_ARM)
         sequences.append((ids + gen.run(), len(ids)))
     full_1 = _forward_time(engine, 1)
@@ -140,17 +191,23 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
         candidates.append(Candidate(skip, top1, top4, best))
         log(f"skip {skip[0]}-{skip[-1]}: top1 {top1:.2f} top4 {top4:.2f} est {best:.2f}x")
     candidates.sort(key=lambda c: -c.est_speedup)
+    # Trials decode code and chat prompts alike: take them alternately from both ends.
+    mixed = [p for pair in zip(prompts, reversed(prompts)) for p in pair][:trial_prompts]
+    skip_trials = optimize_skip_sets(engine, mixed, trials, max_tokens,
+                                     warm_start=[c.skip for c in candidates[:finalists]], log=log)
+    skips = [t.skip for t in skip_trials[:finalists]]
     arms: list[Arm] = [NONE_ARM]
     measured: dict[str, dict] = {"none": measure_goodput(engine, prompts, NONE_ARM, max_tokens)}
     kinds: dict[str, list[Arm]] = {
-        "skip_chain": [Arm(name="skip_chain", drafter="skip_chain", skip_layers=c.skip, depth=d)
-                       for c in candidates[:finalists] for d in (3, 5)],
-        "skip_tree": [Arm(name="skip_tree", drafter="skip_tree", skip_layers=c.skip, **v)
-                      for c in candidates[:finalists]
+        "skip_chain": [Arm(name="skip_chain", drafter="skip_chain", skip_layers=skip, depth=d)
+                       for skip in skips for d in (3, 5)],
+        "skip_tree": [Arm(name="skip_tree", drafter="skip_tree", skip_layers=skip, **v)
+                      for skip in skips
                       for v in (dict(depth=3, top_k=2, total_tokens=6),
                                 dict(depth=4, top_k=3, total_tokens=10))],
-        "ngram_tree": [Arm(name="ngram_tree", drafter="ngram_tree", depth=d, top_k=4,
-                           total_tokens=t) for d, t in ((4, 8), (6, 16), (8, 24))],
+        "ngram_tree": [Arm(name="ngram_tree", drafter="ngram_tree", depth=d, top_k=k,
+                           total_tokens=t) for d, k, t in ((4, 2, 6), (5, 4, 8), (6, 4, 16),
+                                                           (8, 4, 24))],
     }
     adapter = Path(adapter_path) if adapter_path else BUNDLED_ADAPTER
     if adapter.exists():
@@ -159,21 +216,35 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
                 dict(depth=3, top_k=1, total_tokens=3, attach=2),
                 dict(depth=3, top_k=2, total_tokens=6, attach=3),
                 dict(depth=6, top_k=2, total_tokens=10, attach=3))]
+        # Separate pass of the (unskipped) model over root + masks, with this adapter.
+        kinds["s3d_skip"] = [Arm(name="s3d_skip", drafter="s3d_skip", adapter=adapter_path, **v)
+                             for v in (dict(depth=4, top_k=1, total_tokens=4),
+                                       dict(depth=4, top_k=2, total_tokens=8))]
+    def measured_arm(kind: str, arm: Arm) -> tuple[Arm, dict]:
+        fig = measure_goodput(engine, prompts, arm, max_tokens)
+        log(f"{kind} {arm.model_dump(exclude_defaults=True, exclude={'name', 'drafter'})}: "
+            f"{fig['tokens_per_s']:.2f} tok/s, MAL {fig['mean_accepted_length']:.2f}")
+        return arm, fig
+
+    def goodput(result: tuple[Arm, dict]) -> float:
+        return result[1]["tokens_per_s"]
+
     for kind, variants in kinds.items():
-        best_arm, best_fig = None, None
-        for arm in variants:
-            fig = measure_goodput(engine, prompts, arm, max_tokens)
-            log(f"{kind} {arm.model_dump(exclude_defaults=True, exclude={'name', 'drafter'})}: "
-                f"{fig['tokens_per_s']:.2f} tok/s, MAL {fig['mean_accepted_length']:.2f}")
-            if best_fig is None or fig["tokens_per_s"] > best_fig["tokens_per_s"]:
-                best_arm, best_fig = arm, fig
-        arms.append(best_arm)
-        measured[kind] = best_fig
+        best = max((measured_arm(kind, arm) for arm in variants), key=goodput)
+        if kind != "ngram_tree":  # drafts come from the model: its output layer can shrink
+            truncated = best[0].model_copy(update={"draft_vocab": DRAFT_VOCAB})
+            best = max(best, measured_arm(kind, truncated), key=goodput)
+        arms.append(best[0])
+        measured[kind] = best[1]
     default = max(measured, key=lambda k: measured[k]["tokens_per_s"])
     return Profile(model_fingerprint=engine.loaded.fingerprint, default_arm=default, arms=arms,
                    notes={
-                       "method": "teacher-forced agreement over contiguous skip blocks, then "
-                                 "measured goodput of the best candidates on calibration prompts",
+                       "method": "teacher-forced agreement over contiguous skip blocks, "
+                                 "Bayesian optimisation (TPE) of skip sets on measured goodput, "
+                                 "then measured goodput of arms on calibration prompts",
+                       "trials": [{"skip": list(t.skip), "tokens_per_s": round(t.tokens_per_s, 2),
+                                   "mean_accepted_length": round(t.mean_accepted_length, 2)}
+                                  for t in skip_trials[:10]],
                        "dtype": str(runner.dtype).replace("torch.", ""),
                        "device": str(runner.device),
                        "max_tokens": max_tokens,
@@ -181,6 +252,11 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
                                        "top4": round(c.top4, 3),
                                        "est_speedup": round(c.est_speedup, 3)}
                                       for c in candidates[:10]],
-                       "measured": {k: {kk: round(vv, 3) for kk, vv in v.items()}
-                                    for k, v in measured.items()},
+                       "measured": {k: _rounded(v) for k, v in measured.items()},
                    })
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 3)

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from workers.drafters.s3d import MaskAdapter
+from workers.drafters.skip import kept_layers
 from workers.engine import Engine
 from workers.runner import MASK_ID, Attention, DraftRows
 
@@ -74,9 +75,10 @@ class Batch:
     targets: torch.Tensor  # [K, gamma] base model's greedy tokens j+1 after each attach point
 
 
-def mask_forward(engine: Engine, adapter: MaskAdapter, chunk: list[int],
-                 attach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefix pass (no grad) then the mask rows (with grad); returns mask logits
+def mask_forward(engine: Engine, adapter: MaskAdapter, chunk: list[int], attach: torch.Tensor,
+                 layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix pass of the full model (no grad) then the mask rows (with grad) through ``layers``
+    (default: all; a skip set's kept layers for the separate-pass variant); returns mask logits
     ``[K, gamma, V]`` and the base model's greedy predictions ``[L]`` for the chunk."""
     runner = engine.runner
     length, gamma, k = len(chunk), adapter.gamma, attach.shape[0]
@@ -95,7 +97,7 @@ def mask_forward(engine: Engine, adapter: MaskAdapter, chunk: list[int],
             positions.append(t + 1 + j)
     tokens = torch.full((k * gamma,), MASK_ID, dtype=torch.long)
     hidden = runner.hidden_states(cache, tokens, torch.tensor(positions),
-                                  Attention(length, 0, local), draft=DraftRows(0, adapter))
+                                  Attention(length, 0, local), layers, DraftRows(0, adapter))
     logits = runner.logits(hidden).view(k, gamma, -1)
     return logits, greedy
 
@@ -107,7 +109,7 @@ def targets_for(greedy: torch.Tensor, attach: torch.Tensor, gamma: int) -> torch
 
 
 def evaluate(engine: Engine, adapter: MaskAdapter, chunks: list[list[int]],
-             attach_per_chunk: int) -> list[float]:
+             attach_per_chunk: int, layers: list[int] | None = None) -> list[float]:
     """Per-position top-1 agreement of the masks with the base model on held-out chunks."""
     hits = torch.zeros(adapter.gamma)
     total = 0
@@ -115,7 +117,7 @@ def evaluate(engine: Engine, adapter: MaskAdapter, chunks: list[list[int]],
     with torch.no_grad():
         for chunk in chunks:
             attach = sample_attach(len(chunk), adapter.gamma, attach_per_chunk, gen)
-            logits, greedy = mask_forward(engine, adapter, chunk, attach)
+            logits, greedy = mask_forward(engine, adapter, chunk, attach, layers)
             target = targets_for(greedy, attach, adapter.gamma)
             hits += (logits.argmax(-1) == target).float().sum(0)
             total += attach.shape[0]
@@ -141,7 +143,9 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
           minutes: float | None = None, lr: float = 2e-3, chunk_len: int = 256,
           attach_per_chunk: int = 32, max_chars: int = 3_000_000, eval_chunks: int = 16,
           eval_every: int = 200, resume: bool = True, seed: int = 0,
-          log=print, progress: bool = True) -> dict:
+          skip_layers: tuple[int, ...] = (), log=print, progress: bool = True) -> dict:
+    """Self-distil an adapter; with ``skip_layers`` the mask rows run the kept layers only
+    (the separate-pass ``s3d_skip`` drafter), else every layer (fused S3D)."""
     torch.manual_seed(seed)
     runner = engine.runner
     for p in engine.loaded.model.parameters():
@@ -152,7 +156,8 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     train_chunks = [c for i, c in enumerate(chunks) if i % HELD_OUT_EVERY != 0]
     log(f"corpus: {len(texts)} texts, {len(train_chunks)} train / {len(held)} held-out chunks "
         f"of {chunk_len} tokens")
-    adapter = MaskAdapter(runner, gamma=gamma, rank=rank)
+    layers = kept_layers(runner.num_layers, tuple(skip_layers)) if skip_layers else None
+    adapter = MaskAdapter(runner, gamma=gamma, rank=rank, layers=layers)
     opt = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
     ckpt = out.with_suffix(".ckpt.pt")
     step = 0
@@ -164,7 +169,7 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
         step, history = state["step"], state["history"]
         log(f"resumed from {ckpt} at step {step}")
     baseline = history[0]["accuracy"] if history else evaluate(engine, adapter, held,
-                                                               attach_per_chunk)
+                                                               attach_per_chunk, layers)
     if not history:
         history.append({"step": 0, "accuracy": baseline})
         log(f"held-out per-position accuracy before training: {fmt(baseline)}")
@@ -179,7 +184,7 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
         cosine = 0.5 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1.0)))
         for group in opt.param_groups:
             group["lr"] = lr * (0.1 + 0.9 * cosine)
-        logits, greedy = mask_forward(engine, adapter, chunk, attach)
+        logits, greedy = mask_forward(engine, adapter, chunk, attach, layers)
         target = targets_for(greedy, attach, gamma)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                  target.reshape(-1))
@@ -193,17 +198,17 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
         bar.set_postfix_str(f"loss {loss.item():.3f} acc {fmt(acc)}")
         bar.update()
         if step % eval_every == 0 or step == steps:
-            held_acc = evaluate(engine, adapter, held, attach_per_chunk)
+            held_acc = evaluate(engine, adapter, held, attach_per_chunk, layers)
             history.append({"step": step, "accuracy": held_acc, "loss": round(loss.item(), 4)})
             log(f"step {step}: held-out accuracy {fmt(held_acc)}, expected accepted "
                 f"{expected_accepted(held_acc):.2f}")
             torch.save({"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
                         "step": step, "history": history}, ckpt)
     bar.close()
-    final = evaluate(engine, adapter, held, attach_per_chunk)
+    final = evaluate(engine, adapter, held, attach_per_chunk, layers)
     meta = {"model_fingerprint": engine.loaded.fingerprint, "model": engine.loaded.path,
-            "skip_layers": [], "fused": True, "steps": step, "chunk_len": chunk_len,
-            "attach_per_chunk": attach_per_chunk, "lr": lr,
+            "skip_layers": sorted(skip_layers), "fused": not skip_layers, "steps": step,
+            "chunk_len": chunk_len, "attach_per_chunk": attach_per_chunk, "lr": lr,
             "data": "stdlib source, Debian package descriptions, Python docs (if installed); "
                     f"{len(train_chunks)} chunks, every {HELD_OUT_EVERY}th held out",
             "accuracy_before": [round(a, 4) for a in baseline],

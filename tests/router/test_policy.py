@@ -199,6 +199,31 @@ def test_adaptive_router_prefers_the_measured_best_arm() -> None:
     assert picks(lambda: router.choose("A"))["ngram_tree"] >= 0.99
 
 
+def test_class_priors_steer_each_prompt_class_to_its_own_best_arm() -> None:
+    router = ArmRouter(["none", "ngram"], "ngram", prior={"none": 20.0, "ngram": 21.0},
+                       rng=random.Random(0),
+                       class_priors={"code": {"ngram": 30.0}, "chat": {"none": 20.0,
+                                                                      "ngram": 16.0}})
+    code = [router.choose("code.t0.ps") for _ in range(200)]
+    chat = [router.choose("chat.t0.ps") for _ in range(200)]
+    prose = [router.choose("prose.t0.ps") for _ in range(200)]
+    assert code.count("ngram") > 160  # 30 vs the overall 20 for `none`
+    assert chat.count("none") > 130
+    assert 60 < prose.count("ngram") < 160  # no class prior: the overall one (21 vs 20)
+
+
+def test_profile_measured_goodput_splits_overall_and_by_class() -> None:
+    from workers.arm import NONE_ARM, Arm, Profile
+
+    profile = Profile(model_fingerprint="f", default_arm="none", arms=[
+        NONE_ARM, Arm(name="ngram_tree", drafter="ngram_tree")], notes={"measured": {
+            "none": {"tokens_per_s": 20.0, "by_class": {"code": 19.0, "chat": 21.0}},
+            "ngram_tree": {"tokens_per_s": 24.0, "mean_accepted_length": 1.5}}})
+    overall, by_class = profile.measured_goodput()
+    assert overall == {"none": 20.0, "ngram_tree": 24.0}
+    assert by_class == {"code": {"none": 19.0}, "chat": {"none": 21.0}}
+
+
 def test_adaptive_router_without_a_prior_starts_near_the_default_arm() -> None:
     router = ArmRouter(ARMS, "skip_tree", rng=random.Random(0))
     shares = picks(lambda: router.choose("A"))

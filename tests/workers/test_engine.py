@@ -51,11 +51,36 @@ def test_random_skip_sets_identical(bundled, skip, depth, index):
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(top_k=st.integers(1, 4), depth=st.integers(1, 5), total=st.integers(1, 20),
-       index=st.integers(0, 9), skip_start=st.integers(4, 20), skip_len=st.integers(2, 8))
-def test_random_skip_trees_identical(bundled, top_k, depth, total, index, skip_start, skip_len):
+       index=st.integers(0, 9), skip_start=st.integers(4, 20), skip_len=st.integers(2, 8),
+       vocab=st.sampled_from([0, 300, 8192]))
+def test_random_skip_trees_identical(bundled, top_k, depth, total, index, skip_start, skip_len,
+                                     vocab):
     arm = Arm(name="t", drafter="skip_tree", skip_layers=tuple(range(skip_start,
-              skip_start + skip_len)), depth=depth, top_k=top_k, total_tokens=total)
+              skip_start + skip_len)), depth=depth, top_k=top_k, total_tokens=total,
+              draft_vocab=vocab)
     assert bundled.generate(bundled.prompts[index], 24, arm).output == bundled.vanilla(index, 24)
+
+
+def test_draft_vocab_logits_are_the_first_columns(bundled):
+    runner = bundled.runner
+    cache = runner.new_cache(16)
+    hidden = runner.hidden_states(cache, torch.tensor(bundled.prompts[0][:5]), torch.arange(5),
+                                  Attention.causal(0))
+    full = runner.logits(hidden)
+    assert full.shape == (5, runner.vocab_size)
+    for vocab in (1, 300, 8192):
+        torch.testing.assert_close(runner.logits(hidden, vocab), full[:, :vocab])
+    assert runner.logits(hidden, runner.vocab_size + 5).shape == full.shape
+
+
+def test_skip_chain_with_draft_vocab_identical(bundled):
+    arm = Arm(name="chain", drafter="skip_chain", skip_layers=SKIP, depth=4, draft_vocab=4096)
+    accepted = 0
+    for index in range(4):
+        gen = bundled.generate(bundled.prompts[index], 32, arm)
+        assert gen.output == bundled.vanilla(index, 32), f"prompt {index}"
+        accepted += gen.stats.num_accepted_tokens
+    assert accepted > 0
 
 
 def test_ngram_tree_identical_and_accepts(bundled):

@@ -38,16 +38,41 @@ def test_per_position_tree_and_paths():
     assert tree_paths(chain) == [[4, 5]]
 
 
-@pytest.mark.parametrize("kind,depth,top_k,total,attach", [
-    ("s3d", 3, 1, 3, 1), ("s3d", 3, 2, 6, 3), ("hybrid", 5, 2, 10, 2)])
-def test_fused_s3d_greedy_identical(bundled, kind, depth, top_k, total, attach):
+@pytest.mark.parametrize("kind,depth,top_k,total,attach,vocab", [
+    ("s3d", 3, 1, 3, 1, 0), ("s3d", 3, 2, 6, 3, 2048), ("hybrid", 5, 2, 10, 2, 0)])
+def test_fused_s3d_greedy_identical(bundled, kind, depth, top_k, total, attach, vocab):
     adapter = random_adapter(bundled.runner)
     arm = Arm(name=kind, drafter=kind, depth=depth, top_k=top_k, total_tokens=total,
-              attach=attach)
+              attach=attach, draft_vocab=vocab)
     for index in range(4):
         gen = Generation(bundled.runner, bundled.prompts[index], 32, arm,
                          stop_token_ids=bundled.stops, adapter_for=lambda a: adapter)
         assert gen.run() == bundled.vanilla(index, 32), f"prompt {index}"
+
+
+@pytest.mark.parametrize("skip,depth,top_k,total,vocab", [
+    ((), 4, 1, 4, 0), (tuple(range(12, 18)), 4, 2, 8, 0), (tuple(range(8, 14)), 3, 3, 6, 4096)])
+def test_separate_pass_s3d_greedy_identical(bundled, skip, depth, top_k, total, vocab):
+    adapter = random_adapter(bundled.runner, seed=5)
+    adapter.metadata = {"skip_layers": list(skip)}
+    arm = Arm(name="s3d_skip", drafter="s3d_skip", skip_layers=skip, depth=depth, top_k=top_k,
+              total_tokens=total, draft_vocab=vocab)
+    accepted = 0
+    for index in range(4):
+        gen = Generation(bundled.runner, bundled.prompts[index], 32, arm,
+                         stop_token_ids=bundled.stops, adapter_for=lambda a: adapter)
+        assert gen.run() == bundled.vanilla(index, 32), f"prompt {index}"
+        accepted += gen.stats.num_accepted_tokens
+    assert accepted > 0  # the root row alone (skipped model, no adapter) drafts usable tokens
+
+
+def test_separate_pass_refuses_an_adapter_for_another_skip_set(bundled):
+    adapter = random_adapter(bundled.runner)
+    adapter.metadata = {"skip_layers": []}
+    arm = Arm(name="s3d_skip", drafter="s3d_skip", skip_layers=(12, 13))
+    with pytest.raises(AdapterMismatchError, match="skip set"):
+        Generation(bundled.runner, bundled.prompts[0], 4, arm, stop_token_ids=bundled.stops,
+                   adapter_for=lambda a: adapter)
 
 
 def test_bundled_adapter_lossless_and_drafting(bundled):
@@ -79,7 +104,8 @@ def test_adapter_round_trip_and_refusal(bundled, tmp_path):
         MaskAdapter.load(path, bundled.runner, "another-model")
 
 
-def test_training_lowers_draft_loss(bundled):
+@pytest.mark.parametrize("skip", [(), tuple(range(10, 16))])
+def test_training_lowers_draft_loss(bundled, skip):
     from workers.train import mask_forward, sample_attach, targets_for
 
     class EngineView:
@@ -87,13 +113,14 @@ def test_training_lowers_draft_loss(bundled):
 
     torch.manual_seed(0)
     bundled.loaded.model.requires_grad_(False)
-    adapter = MaskAdapter(bundled.runner, gamma=3, rank=8)
+    layers = [i for i in range(30) if i not in skip] if skip else None
+    adapter = MaskAdapter(bundled.runner, gamma=3, rank=8, layers=layers)
     chunk = bundled.prompts[0][:96]
     attach = sample_attach(len(chunk), 3, 16, torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(adapter.parameters(), lr=5e-3)
     losses = []
     for _ in range(8):
-        logits, greedy = mask_forward(EngineView, adapter, chunk, attach)
+        logits, greedy = mask_forward(EngineView, adapter, chunk, attach, layers)
         target = targets_for(greedy, attach, 3)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                  target.reshape(-1))
@@ -111,8 +138,8 @@ def test_search_returns_valid_arms(bundled):
 
     engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
                     resolve_profile(None, bundled.loaded.fingerprint, 30))
-    profile = search(engine, max_tokens=8, finalists=1, lengths=(4,), max_prompts=2,
-                     log=lambda m: None)
+    profile = search(engine, max_tokens=8, finalists=1, lengths=(4,), max_prompts=2, trials=3,
+                     trial_prompts=2, log=lambda m: None)
     names = [a.name for a in profile.arms]
     assert "none" in names and "skip_chain" in names and "ngram_tree" in names
     assert profile.default_arm in names
@@ -120,3 +147,9 @@ def test_search_returns_valid_arms(bundled):
         if arm.drafter.startswith("skip"):
             assert arm.skip_layers and all(0 < i < 29 for i in arm.skip_layers)
     assert profile.model_fingerprint == bundled.loaded.fingerprint
+    trials = profile.notes["trials"]
+    assert trials and all(t["tokens_per_s"] > 0 for t in trials)
+    assert [t["tokens_per_s"] for t in trials] == sorted((t["tokens_per_s"] for t in trials),
+                                                         reverse=True)
+    chain = next(a for a in profile.arms if a.drafter == "skip_chain")
+    assert list(chain.skip_layers) in [t["skip"] for t in trials]

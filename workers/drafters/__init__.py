@@ -7,15 +7,17 @@ from collections.abc import Callable
 from workers.arm import Arm
 from workers.drafters.base import DraftContext, Drafter, NoDrafter
 from workers.drafters.ngram import NgramDrafter
-from workers.drafters.s3d import MaskAdapter, S3DDrafter
+from workers.drafters.s3d import MaskAdapter, S3DDrafter, S3DSkipDrafter
 from workers.drafters.skip import SkipChainDrafter, SkipTreeDrafter
 
 
 def make_drafter(arm: Arm, num_layers: int,
                  adapter_for: Callable[[Arm], MaskAdapter] | None = None) -> Drafter:
-    if arm.drafter in ("s3d", "hybrid"):
+    if arm.drafter in ("s3d", "hybrid", "s3d_skip"):
         if adapter_for is None:
             raise ValueError(f"arm {arm.name!r} needs an S3D adapter and none can be loaded")
+        if arm.drafter == "s3d_skip":
+            return S3DSkipDrafter(arm, adapter_for(arm), num_layers)
         return S3DDrafter(arm, adapter_for(arm), hybrid=arm.drafter == "hybrid")
     if arm.drafter == "none":
         return NoDrafter()

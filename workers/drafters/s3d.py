@@ -8,6 +8,11 @@ inside the verify forward: they are attached after the verify rows most likely t
 sees a mask row, so the real rows' outputs are exactly the base model's. If the accepted path
 ends at a row with masks attached, the next step's draft tree comes from their per-position top-k
 at no extra forward; the hybrid drafter merges n-gram continuations into the same tree.
+
+The *separate-pass* variant (``s3d_skip``, the paper's own) runs one forward of the model with the
+arm's skip set over the root token and ``gamma`` mask rows after it: the root's row predicts the
+next token and mask j the token j+1 after it, ``gamma + 1`` drafts from one cheap pass, whose
+per-position top-k make the draft tree. Its adapter must have been trained for that skip set.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from torch import nn
 from workers.arm import Arm
 from workers.drafters.base import DraftContext, Drafter
 from workers.drafters.ngram import ngram_continuations, trie_tree
-from workers.drafters.skip import select_tree
-from workers.runner import MASK_ID, ModelRunner
+from workers.drafters.skip import kept_layers, select_tree
+from workers.runner import MASK_ID, Attention, DraftRows, ModelRunner
 from workers.tree import DraftTree
 
 ADAPTER_TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
@@ -203,7 +208,31 @@ class S3DDrafter(Drafter):
             return
         g = groups.attach_rows.index(accepted_row)
         rows = hidden[g * groups.gamma:(g + 1) * groups.gamma]
-        self.pending = runner.logits(rows).log_softmax(-1)
+        self.pending = runner.logits(rows, self.arm.draft_vocab).log_softmax(-1)
+
+
+class S3DSkipDrafter(Drafter):
+    """Separate-pass S3D: one skipped-model forward over ``[root, mask x gamma]`` drafts
+    ``gamma + 1`` positions; the tree takes each position's top-k."""
+
+    def __init__(self, arm: Arm, adapter: MaskAdapter, num_layers: int):
+        trained_skip = sorted(adapter.metadata.get("skip_layers", []))
+        if trained_skip != sorted(arm.skip_layers):
+            raise AdapterMismatchError(
+                f"arm {arm.name!r} skips layers {sorted(arm.skip_layers)} but its adapter was "
+                f"trained with skip set {trained_skip}")
+        self.arm, self.adapter = arm, adapter
+        self.layers = kept_layers(num_layers, arm.skip_layers)
+        self.gamma = min(arm.gamma, adapter.gamma, max(arm.depth - 1, 0))
+
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        start = ctx.cache.length
+        tokens = torch.tensor([ctx.tokens[-1]] + [MASK_ID] * self.gamma)
+        logits = ctx.runner.forward(
+            ctx.cache, tokens, torch.arange(start, start + 1 + self.gamma),
+            Attention.causal(start), self.layers, draft=DraftRows(1, self.adapter),
+            vocab=self.arm.draft_vocab)
+        return per_position_tree(logits.log_softmax(-1), self.arm.top_k, self.arm.total_tokens)
 
 
 def load_adapter(arm: Arm, runner: ModelRunner, fingerprint: str,

@@ -28,6 +28,7 @@ class SkipChainDrafter(Drafter):
     def __init__(self, arm: Arm, num_layers: int, target_rate: float = 0.8, step: float = 0.05):
         self.layers = kept_layers(num_layers, arm.skip_layers)
         self.max_depth = arm.depth
+        self.vocab = arm.draft_vocab
         self.threshold = arm.draft_exit
         self.target_rate = target_rate
         self.step = step
@@ -41,7 +42,7 @@ class SkipChainDrafter(Drafter):
         for i in range(self.max_depth):
             slot = start + i
             logits = runner.forward(cache, torch.tensor([token]), torch.tensor([slot]),
-                                    Attention.causal(slot), self.layers)
+                                    Attention.causal(slot), self.layers, vocab=self.vocab)
             prob, token = torch.softmax(logits[-1], -1).max(-1)
             token = int(token)
             if drafted and float(prob) < self.threshold:
@@ -66,6 +67,7 @@ class SkipTreeDrafter(Drafter):
         self.depth = arm.depth
         self.top_k = arm.top_k
         self.total = arm.total_tokens
+        self.vocab = arm.draft_vocab
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         runner, cache = ctx.runner, ctx.cache
@@ -77,7 +79,7 @@ class SkipTreeDrafter(Drafter):
         depths: list[int] = []
         slot_of: dict[int, int] = {}  # expanded node -> scratch slot
         logits = runner.forward(cache, torch.tensor([ctx.tokens[-1]]), torch.tensor([root_slot]),
-                                Attention.causal(root_slot), self.layers)
+                                Attention.causal(root_slot), self.layers, vocab=self.vocab)
         frontier = self._add_children(logits.log_softmax(-1), [-1], [0.0], 1,
                                       tokens, parents, scores, depths)
         next_slot = root_slot + 1
@@ -96,7 +98,8 @@ class SkipTreeDrafter(Drafter):
             logits = runner.forward(
                 cache, torch.tensor([tokens[n] for n in frontier]),
                 torch.full((num,), root_slot + depth - 1),
-                Attention(start=next_slot, prefix_len=root_slot, local=local), self.layers)
+                Attention(start=next_slot, prefix_len=root_slot, local=local), self.layers,
+                vocab=self.vocab)
             next_slot += num
             frontier = self._add_children(logits.log_softmax(-1), frontier,
                                           [scores[n] for n in frontier], depth,
