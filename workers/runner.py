@@ -112,7 +112,7 @@ class ModelRunner:
                       if type(head) is torch.nn.Linear and head.weight.is_floating_point()
                       else head)
         self._draft_heads: dict[int, Gemm] = {}  # views of the head's first rows, by size
-        self.gemm_plan.warm([w for mm in self.matmuls for w in mm.weights()], range(1, 49))
+        self.gemm_plan.warm([w for mm in self.matmuls for w in mm.weights()], range(1, 17))
         if isinstance(self._head, Gemm):
             self.gemm_plan.warm([self._head.weight], range(1, 9))
         self._cos = self._sin = None

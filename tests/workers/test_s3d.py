@@ -44,10 +44,7 @@ def test_fused_s3d_greedy_identical(bundled, kind, depth, top_k, total, attach, 
     adapter = random_adapter(bundled.runner)
     arm = Arm(name=kind, drafter=kind, depth=depth, top_k=top_k, total_tokens=total,
               attach=attach, draft_vocab=vocab)
-    for index in range(4):
-        gen = Generation(bundled.runner, bundled.prompts[index], 32, arm,
-                         stop_token_ids=bundled.stops, adapter_for=lambda a: adapter)
-        assert gen.run() == bundled.vanilla(index, 32), f"prompt {index}"
+    bundled.accepted_if_identical(arm, 4, 32, adapter)
 
 
 @pytest.mark.parametrize("skip,depth,top_k,total,vocab", [
@@ -57,13 +54,8 @@ def test_separate_pass_s3d_greedy_identical(bundled, skip, depth, top_k, total, 
     adapter.metadata = {"skip_layers": list(skip)}
     arm = Arm(name="s3d_skip", drafter="s3d_skip", skip_layers=skip, depth=depth, top_k=top_k,
               total_tokens=total, draft_vocab=vocab)
-    accepted = 0
-    for index in range(4):
-        gen = Generation(bundled.runner, bundled.prompts[index], 32, arm,
-                         stop_token_ids=bundled.stops, adapter_for=lambda a: adapter)
-        assert gen.run() == bundled.vanilla(index, 32), f"prompt {index}"
-        accepted += gen.stats.num_accepted_tokens
-    assert accepted > 0  # the root row alone (skipped model, no adapter) drafts usable tokens
+    # the root row alone (skipped model, no adapter) drafts usable tokens
+    assert bundled.accepted_if_identical(arm, 4, 32, adapter) > 0
 
 
 def test_separate_pass_refuses_an_adapter_for_another_skip_set(bundled):
@@ -83,13 +75,7 @@ def test_bundled_adapter_lossless_and_drafting(bundled):
     assert meta["parameter_fraction"] <= 0.02
     assert meta["expected_accepted_after"] > meta["expected_accepted_before"]
     arm = Arm(name="s3d", drafter="s3d", depth=3, top_k=2, total_tokens=6, attach=3)
-    accepted = 0
-    for index in range(10):
-        gen = Generation(bundled.runner, bundled.prompts[index], 64, arm,
-                         stop_token_ids=bundled.stops, adapter_for=lambda a: adapter)
-        assert gen.run() == bundled.vanilla(index, 64), f"prompt {index}"
-        accepted += gen.stats.num_accepted_tokens
-    assert accepted > 0
+    assert bundled.accepted_if_identical(arm, 10, 64, adapter) > 0
 
 
 def test_adapter_round_trip_and_refusal(bundled, tmp_path):
