@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from router.store import StatsStore
+    from workers.arm import Profile
 
 CODE_PATTERN = re.compile(
     r"(^\s*(def|class|import|from|return|for|if|while)\b|[{};]\s*$|==|->|\(\))", re.MULTILINE)
@@ -104,7 +105,8 @@ class ArmRouter:
                  mode: str = "adaptive",
                  estimates: Callable[[str], dict[str, ArmEstimate]] | None = None,
                  rng: random.Random | None = None,
-                 class_priors: dict[str, dict[str, float]] | None = None):
+                 class_priors: dict[str, dict[str, float]] | None = None,
+                 prior_weight: float = 2.0):
         if default_arm not in arms:
             raise ValueError(f"default arm {default_arm!r} is not one of {arms}")
         self.arms = list(arms)
@@ -114,6 +116,7 @@ class ArmRouter:
         # Per prompt class (the bucket's first field), falling back to the overall prior per arm.
         self.class_priors = {cls: {a: values.get(a, self.prior[a]) for a in arms}
                              for cls, values in (class_priors or {}).items()}
+        self.prior_weight = prior_weight
         self.mode = mode
         self.estimates = estimates or (lambda bucket: {})
         self.rng = rng or random.Random()
@@ -127,7 +130,20 @@ class ArmRouter:
             return self.default_arm
         estimates = self.estimates(bucket)
         prior = self.class_priors.get(bucket.split(".", 1)[0], self.prior)
-        return thompson_choice(estimates, calibrated_prior(estimates, prior), rng=self.rng)
+        return thompson_choice(estimates, calibrated_prior(estimates, prior),
+                               prior_weight=self.prior_weight, rng=self.rng)
+
+    @classmethod
+    def for_profile(cls, profile: Profile, default_arm: str | None = None,
+                    mode: str = "adaptive",
+                    estimates: Callable[[str], dict[str, ArmEstimate]] | None = None,
+                    rng: random.Random | None = None) -> ArmRouter:
+        """A router over a profile's arms, its measured goodput (overall and per prompt class)
+        as the prior, weighed as many requests as the search decoded per class."""
+        prior, class_priors = profile.measured_goodput()
+        return cls([a.name for a in profile.arms], default_arm or profile.default_arm,
+                   prior or None, mode, estimates, rng, class_priors,
+                   float(profile.notes.get("prior_weight", 2.0)))
 
 
 def store_estimates(store: StatsStore, model: str) -> Callable[[str], dict[str, ArmEstimate]]:

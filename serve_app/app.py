@@ -238,12 +238,9 @@ class IngressBase:
         self.profile.arm(default)
         self.store = make_store(self.config.redis_url, prefix=self.config.stats_prefix)
         self._store_started = False
-        prior, class_priors = self.profile.measured_goodput()
-        self.router = ArmRouter([a.name for a in self.profile.arms], default, prior or None,
-                                self.config.router,
-                                estimates=store_estimates(self.store,
-                                                          self.config.served_model_name),
-                                class_priors=class_priors)
+        self.router = ArmRouter.for_profile(
+            self.profile, default, self.config.router,
+            estimates=store_estimates(self.store, self.config.served_model_name))
         self.metrics = IngressMetrics()
 
     async def _ensure_store(self) -> None:

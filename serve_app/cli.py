@@ -132,18 +132,27 @@ def search_cmd(
     max_tokens: int = typer.Option(48, min=8, help="Tokens per calibration prompt."),
     finalists: int = typer.Option(3, min=1, help="Skip sets decoded as chain and tree arms."),
     trials: int = typer.Option(30, min=1, help="Bayesian-optimisation trials over skip sets."),
+    remeasure: Path = typer.Option(
+        None, help="Instead of searching, measure this profile's arms again here (for the "
+                   "router's prior on new hardware) and write the result to OUT."),
     adapter: str = typer.Option(None, help="S3D adapter (default: the bundled model's)."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
     quantization: str = QUANT_OPT, threads: int = THREADS_OPT,
 ) -> None:
     """Measure skip sets and arm parameters; write a profile of arms for the router."""
     from workers.engine import Engine
+    from workers.search import remeasure as remeasure_profile
     from workers.search import search
 
     _threads(threads)
-    engine = Engine.load(model, dtype, device, quantization, None)
-    profile = search(engine, max_tokens=max_tokens, finalists=finalists, adapter_path=adapter,
-                     trials=trials, log=lambda m: typer.echo(m, err=True))
+    engine = Engine.load(model, dtype, device, quantization,
+                         str(remeasure) if remeasure else None)
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    if remeasure:
+        profile = remeasure_profile(engine, engine.profile, max_tokens=max_tokens, log=log)
+    else:
+        profile = search(engine, max_tokens=max_tokens, finalists=finalists,
+                         adapter_path=adapter, trials=trials, log=log)
     profile.save(out)
     typer.echo(f"wrote {out} (default arm {profile.default_arm})")
 

@@ -128,10 +128,8 @@ class Bench:
 
         store = InProcessStatsStore()
         profile = self.engine.profile
-        prior, class_priors = profile.measured_goodput()
-        router = ArmRouter([a.name for a in profile.arms], profile.default_arm, prior or None,
-                           estimates=store_estimates(store, "bench"), rng=random.Random(0),
-                           class_priors=class_priors)
+        router = ArmRouter.for_profile(profile, estimates=store_estimates(store, "bench"),
+                                       rng=random.Random(0))
         self.router_choices: list[str] = []
 
         def run(index: int, max_tokens: int) -> PromptRun:

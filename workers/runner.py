@@ -227,8 +227,6 @@ class DraftAdapter(Protocol):
 
     def delta(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor | None: ...
 
-    def touches_mlp(self, layer: int) -> bool: ...
-
 
 class _Projector:
     """Adds the draft adapter's delta to the draft rows of a projection's output, if it has one."""

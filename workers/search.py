@@ -14,6 +14,7 @@ modules and questions the suite does not use.
 
 from __future__ import annotations
 
+import ast
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from workers.runner import Attention
 
 DRAFT_VOCAB = 8192  # truncated draft vocabulary tried per drafter kind (85% of tokens here)
 CALIBRATION_MODULES = ("os.py", "argparse.py", "random.py", "pathlib.py", "tarfile.py")
+CALIBRATION_DOCSTRINGS = ("difflib.py", "smtplib.py", "tokenize.py")
 CALIBRATION_QUESTIONS = (
     "How do I read a CSV file in Python and compute the average of one column?",
     "Explain the difference between a process and a thread.",
@@ -36,8 +38,15 @@ CALIBRATION_QUESTIONS = (
 )
 
 
+def _chat_ids(tokenizer, content: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                        add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
 def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[tuple[str, list[int]]]:
-    """``(prompt class, token ids)``: stdlib code to continue, then chat questions."""
+    """``(prompt class, token ids)``: stdlib code to continue, chat questions, and chat requests
+    to summarise a module docstring (text-grounded chat, where copying from the prompt pays)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     prompts = []
     for name in CALIBRATION_MODULES:
@@ -49,10 +58,15 @@ def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[tuple[s
         snippet = text[max(0, start - 600): start + 200]
         prompts.append(("code", tokenizer(snippet)["input_ids"][-max_prompt_tokens:]))
     for q in CALIBRATION_QUESTIONS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": q}],
-                                            add_generation_prompt=True, tokenize=True)
-        prompts.append(("chat", list(ids["input_ids"] if isinstance(ids, dict)
-                                     or hasattr(ids, "keys") else ids)))
+        prompts.append(("chat", _chat_ids(tokenizer, q)))
+    for name in CALIBRATION_DOCSTRINGS:
+        path = stdlib / name
+        if not path.exists():
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text(errors="ignore")))
+        if doc:
+            prompts.append(("chat", _chat_ids(tokenizer, "Summarize the following text in two or "
+                                                         f"three sentences:\n\n{doc[:1200]}")))
     return prompts
 
 
@@ -245,15 +259,40 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
                        "trials": [{"skip": list(t.skip), "tokens_per_s": round(t.tokens_per_s, 2),
                                    "mean_accepted_length": round(t.mean_accepted_length, 2)}
                                   for t in skip_trials[:10]],
-                       "dtype": str(runner.dtype).replace("torch.", ""),
-                       "device": str(runner.device),
-                       "max_tokens": max_tokens,
                        "candidates": [{"skip": list(c.skip), "top1": round(c.top1, 3),
                                        "top4": round(c.top4, 3),
                                        "est_speedup": round(c.est_speedup, 3)}
                                       for c in candidates[:10]],
-                       "measured": {k: _rounded(v) for k, v in measured.items()},
+                       **measurement_notes(engine, prompts, measured, max_tokens),
                    })
+
+
+def remeasure(engine: Engine, profile: Profile, max_tokens: int = 48,
+              max_prompts: int | None = None, log=print) -> Profile:
+    """The profile's arms as they are, their goodput measured again on this machine's
+    calibration prompts (the router's prior); the default arm becomes the fastest."""
+    prompts = calibration_prompts(engine.tokenizer)[:max_prompts]
+    measured = {}
+    for arm in profile.arms:
+        measured[arm.name] = measure_goodput(engine, prompts, arm, max_tokens)
+        log(f"{arm.name}: {measured[arm.name]['tokens_per_s']:.2f} tok/s, "
+            f"MAL {measured[arm.name]['mean_accepted_length']:.2f}")
+    default = max(measured, key=lambda k: measured[k]["tokens_per_s"])
+    notes = {**profile.notes, **measurement_notes(engine, prompts, measured, max_tokens)}
+    return profile.model_copy(update={"default_arm": default, "notes": notes})
+
+
+def measurement_notes(engine: Engine, prompts: list[tuple[str, list[int]]],
+                      measured: dict[str, dict], max_tokens: int) -> dict:
+    """Where and how the arms' goodput was measured; ``prior_weight``: the fewest calibration
+    prompts of any class (the router weighs the measured prior as that many requests)."""
+    per_class: dict[str, int] = {}
+    for prompt_class, _ in prompts:
+        per_class[prompt_class] = per_class.get(prompt_class, 0) + 1
+    return {"dtype": str(engine.runner.dtype).replace("torch.", ""),
+            "device": str(engine.runner.device), "max_tokens": max_tokens,
+            "calibration_prompts": per_class, "prior_weight": min(per_class.values()),
+            "measured": {k: _rounded(v) for k, v in measured.items()}}
 
 
 def _rounded(value):

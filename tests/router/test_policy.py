@@ -224,6 +224,20 @@ def test_profile_measured_goodput_splits_overall_and_by_class() -> None:
     assert by_class == {"code": {"none": 19.0}, "chat": {"none": 21.0}}
 
 
+def test_router_for_profile_takes_its_priors_and_prior_weight() -> None:
+    from workers.arm import NONE_ARM, Arm, Profile
+
+    profile = Profile(model_fingerprint="f", default_arm="none", arms=[
+        NONE_ARM, Arm(name="ngram_tree", drafter="ngram_tree")], notes={"prior_weight": 7,
+        "measured": {"none": {"tokens_per_s": 20.0, "by_class": {"code": 19.0}},
+                     "ngram_tree": {"tokens_per_s": 24.0, "by_class": {"code": 30.0}}}})
+    router = ArmRouter.for_profile(profile, rng=random.Random(0))
+    assert router.arms == ["none", "ngram_tree"] and router.default_arm == "none"
+    assert router.prior == {"none": 20.0, "ngram_tree": 24.0} and router.prior_weight == 7.0
+    assert router.class_priors == {"code": {"none": 19.0, "ngram_tree": 30.0}}
+    assert ArmRouter.for_profile(profile, "ngram_tree", mode="fixed").choose("x") == "ngram_tree"
+
+
 def test_adaptive_router_without_a_prior_starts_near_the_default_arm() -> None:
     router = ArmRouter(ARMS, "skip_tree", rng=random.Random(0))
     shares = picks(lambda: router.choose("A"))

@@ -137,5 +137,27 @@ def test_search_returns_valid_arms(bundled):
     assert trials and all(t["tokens_per_s"] > 0 for t in trials)
     assert [t["tokens_per_s"] for t in trials] == sorted((t["tokens_per_s"] for t in trials),
                                                          reverse=True)
+    overall, by_class = profile.measured_goodput()
+    assert set(overall) == set(names) and set(by_class["code"]) == set(names)
     chain = next(a for a in profile.arms if a.drafter == "skip_chain")
     assert list(chain.skip_layers) in [t["skip"] for t in trials]
+    assert profile.notes["calibration_prompts"] == {"code": 2}
+    assert profile.notes["prior_weight"] == 2
+
+
+def test_remeasure_keeps_the_arms_and_renews_the_figures(bundled):
+    from workers.arm import NONE_ARM, Arm, Profile
+    from workers.engine import Engine
+    from workers.search import remeasure
+
+    ngram = Arm(name="ngram_tree", drafter="ngram_tree", depth=4, top_k=2, total_tokens=6)
+    old = Profile(model_fingerprint=bundled.loaded.fingerprint, default_arm="none",
+                  arms=[NONE_ARM, ngram], notes={"method": "by hand", "measured": {
+                      "none": {"tokens_per_s": 1.0}, "ngram_tree": {"tokens_per_s": 2.0}}})
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops, old)
+    new = remeasure(engine, old, max_tokens=6, max_prompts=2, log=lambda m: None)
+    assert new.arms == old.arms and new.notes["method"] == "by hand"
+    measured = new.notes["measured"]
+    assert set(measured) == {"none", "ngram_tree"}
+    assert all(m["tokens_per_s"] > 2.0 for m in measured.values())  # real figures, not 1 and 2
+    assert new.default_arm == max(measured, key=lambda k: measured[k]["tokens_per_s"])

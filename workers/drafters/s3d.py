@@ -81,9 +81,6 @@ class MaskAdapter(nn.Module):
         a, b = self.lora_a[key], self.lora_b[key]
         return (x.to(a.dtype) @ a.t() @ b.t() * self.scale).to(x.dtype)
 
-    def touches_mlp(self, layer: int) -> bool:
-        return any(f"{layer}_{n}" in self.lora_a for n in ("gate_proj", "up_proj", "down_proj"))
-
     # --- persistence -----------------------------------------------------------------------
 
     def num_parameters(self) -> int:
