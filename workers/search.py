@@ -218,6 +218,7 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
         "skip_tree": [Arm(name="skip_tree", drafter="skip_tree", skip_layers=skip, **v)
                       for skip in skips
                       for v in (dict(depth=3, top_k=2, total_tokens=6),
+                                dict(depth=3, top_k=2, total_tokens=6, draft_exit=0.7),
                                 dict(depth=4, top_k=3, total_tokens=10))],
         "ngram_tree": [Arm(name="ngram_tree", drafter="ngram_tree", depth=d, top_k=k,
                            total_tokens=t) for d, k, t in ((4, 2, 6), (5, 4, 8), (6, 4, 16),

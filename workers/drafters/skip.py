@@ -4,10 +4,13 @@
 falls below a threshold that adapts to the acceptance rate (Draft & Verify, arXiv 2309.08168).
 ``SkipTreeDrafter`` grows an EAGLE-2 dynamic tree (arXiv 2406.16858): each depth expands the
 ``top_k`` best frontier nodes in one forward, and the ``total_tokens`` best nodes by cumulative
-draft log-probability are kept.
+draft log-probability are kept; it stops growing early once the likeliest frontier path's draft
+probability falls below the arm's ``draft_exit``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -68,6 +71,7 @@ class SkipTreeDrafter(Drafter):
         self.top_k = arm.top_k
         self.total = arm.total_tokens
         self.vocab = arm.draft_vocab
+        self.exit = arm.draft_exit
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         runner, cache = ctx.runner, ctx.cache
@@ -84,6 +88,8 @@ class SkipTreeDrafter(Drafter):
                                       tokens, parents, scores, depths)
         next_slot = root_slot + 1
         for depth in range(2, self.depth + 1):
+            if math.exp(scores[frontier[0]]) < self.exit:
+                break  # even the likeliest path so far is unlikely: another pass would not pay
             num = len(frontier)
             # Each frontier node sees the root's slot, its ancestors' slots and itself.
             local = torch.zeros(num, next_slot + num - root_slot, dtype=torch.bool)
