@@ -29,8 +29,9 @@ class Arm(BaseModel):
                               description="Draft-tree budget: nodes kept for verification.")
     draft_exit: float = Field(
         default=0.5, ge=0.0, le=1.0,
-        description="Initial draft-exit threshold on the drafter's top-1 probability (chains); "
-                    "it then adapts online to the acceptance rate.")
+        description="Chains: initial draft-exit threshold on the drafter's top-1 probability, "
+                    "then adapted online to the acceptance rate. Trees: stop growing once the "
+                    "likeliest path's cumulative draft probability is below it.")
     ngram_max: int = Field(default=4, ge=1, le=16, description="Longest n-gram matched (n-gram).")
     ngram_min: int = Field(default=1, ge=1, le=16, description="Shortest n-gram matched.")
     gamma: int = Field(default=3, ge=1, le=16,
