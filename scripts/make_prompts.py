@@ -25,12 +25,13 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from workers.prompts import SUMMARY_INSTRUCTION
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "workers" / "data" / "prompts.jsonl"
 
 CODE_MIN_CHARS, CODE_MAX_CHARS = 300, 1200
 SUMMARY_MIN_CHARS, SUMMARY_MAX_CHARS = 400, 1500
-SUMMARY_INSTRUCTION = "Summarize the following text in two or three sentences:"
 
 # (stdlib file, function qualname, body statements kept after the docstring)
 CODE_SOURCES: list[tuple[str, str, int]] = [

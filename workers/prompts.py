@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 DEFAULT_PROMPTS_PATH = Path(__file__).parent / "data" / "prompts.jsonl"
+# The request of the suite's summary prompts; `s3d search` calibrates with the same request.
+SUMMARY_INSTRUCTION = "Summarize the following text in two or three sentences:"
 
 
 class PromptFileError(ValueError):

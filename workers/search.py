@@ -25,6 +25,7 @@ import torch
 from workers.arm import NONE_ARM, Arm, Profile
 from workers.drafters.s3d import BUNDLED_ADAPTER
 from workers.engine import Engine
+from workers.prompts import SUMMARY_INSTRUCTION
 from workers.runner import Attention
 
 DRAFT_VOCAB = 8192  # truncated draft vocabulary tried per drafter kind (85% of tokens here)
@@ -65,8 +66,7 @@ def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[tuple[s
             continue
         doc = ast.get_docstring(ast.parse(path.read_text(errors="ignore")))
         if doc:
-            prompts.append(("chat", _chat_ids(tokenizer, "Summarize the following text in two or "
-                                                         f"three sentences:\n\n{doc[:1200]}")))
+            prompts.append(("chat", _chat_ids(tokenizer, f"{SUMMARY_INSTRUCTION}\n\n{doc[:1200]}")))
     return prompts
 
 
@@ -138,6 +138,14 @@ def measure_goodput(engine: Engine, prompts: list[tuple[str, list[int]]], arm: A
             "by_class": {c: tokens[c] / seconds[c] for c in tokens}}
 
 
+def measure_and_log(engine: Engine, prompts: list[tuple[str, list[int]]], arm: Arm,
+                    max_tokens: int, label: str, log) -> dict:
+    """``measure_goodput``, with one log line under ``label``."""
+    fig = measure_goodput(engine, prompts, arm, max_tokens)
+    log(f"{label}: {fig['tokens_per_s']:.2f} tok/s, MAL {fig['mean_accepted_length']:.2f}")
+    return fig
+
+
 @dataclass
 class SkipTrial:
     skip: tuple[int, ...]
@@ -169,10 +177,9 @@ def optimize_skip_sets(engine: Engine, prompts: list[tuple[str, list[int]]], tri
             return 0.0
         if skip not in results:
             arm = Arm(name="skip_chain", drafter="skip_chain", skip_layers=skip, depth=4)
-            fig = measure_goodput(engine, prompts, arm, max_tokens)
+            fig = measure_and_log(engine, prompts, arm, max_tokens,
+                                  f"trial {trial.number}: skip {list(skip)}", log)
             results[skip] = SkipTrial(skip, fig["tokens_per_s"], fig["mean_accepted_length"])
-            log(f"trial {trial.number}: skip {list(skip)}: {fig['tokens_per_s']:.2f} tok/s, "
-                f"MAL {fig['mean_accepted_length']:.2f}")
         return results[skip].tokens_per_s
 
     study.optimize(objective, n_trials=trials)
@@ -236,10 +243,8 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
                              for v in (dict(depth=4, top_k=1, total_tokens=4),
                                        dict(depth=4, top_k=2, total_tokens=8))]
     def measured_arm(kind: str, arm: Arm) -> tuple[Arm, dict]:
-        fig = measure_goodput(engine, prompts, arm, max_tokens)
-        log(f"{kind} {arm.model_dump(exclude_defaults=True, exclude={'name', 'drafter'})}: "
-            f"{fig['tokens_per_s']:.2f} tok/s, MAL {fig['mean_accepted_length']:.2f}")
-        return arm, fig
+        settings = arm.model_dump(exclude_defaults=True, exclude={"name", "drafter"})
+        return arm, measure_and_log(engine, prompts, arm, max_tokens, f"{kind} {settings}", log)
 
     def goodput(result: tuple[Arm, dict]) -> float:
         return result[1]["tokens_per_s"]
@@ -273,11 +278,8 @@ def remeasure(engine: Engine, profile: Profile, max_tokens: int = 48,
     """The profile's arms as they are, their goodput measured again on this machine's
     calibration prompts (the router's prior); the default arm becomes the fastest."""
     prompts = calibration_prompts(engine.tokenizer)[:max_prompts]
-    measured = {}
-    for arm in profile.arms:
-        measured[arm.name] = measure_goodput(engine, prompts, arm, max_tokens)
-        log(f"{arm.name}: {measured[arm.name]['tokens_per_s']:.2f} tok/s, "
-            f"MAL {measured[arm.name]['mean_accepted_length']:.2f}")
+    measured = {arm.name: measure_and_log(engine, prompts, arm, max_tokens, arm.name, log)
+                for arm in profile.arms}
     default = max(measured, key=lambda k: measured[k]["tokens_per_s"])
     notes = {**profile.notes, **measurement_notes(engine, prompts, measured, max_tokens)}
     return profile.model_copy(update={"default_arm": default, "notes": notes})
