@@ -19,8 +19,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from router.store import StatsStore
-    from workers.arm import Profile
+    from router.store import ArmStats, StatsStore
+    from workers.arm import Arm, Profile
+
+# Drafters that run one draft forward per level of depth: their depth trades draft time against
+# accepted tokens. The others draft every level at once (S3D's masks) or for free (n-gram).
+PER_LEVEL_DRAFTERS = ("skip_chain", "skip_tree")
+# Verify steps an arm needs in a bucket before the router sets its depth from them.
+MIN_DEPTH_STEPS = 32
 
 CODE_PATTERN = re.compile(
     r"(^\s*(def|class|import|from|return|for|if|while)\b|[{};]\s*$|==|->|\(\))", re.MULTILINE)
@@ -59,6 +65,16 @@ class ArmEstimate:
 
     goodput: float  # tokens / s
     requests: float  # decayed count of requests behind the figure
+    stats: ArmStats | None = None  # the record behind it (acceptance curve, draft/verify time)
+
+
+@dataclass(frozen=True)
+class Route:
+    """The router's decision for one request: an arm, and the draft depth to run it with
+    (None: the arm's own)."""
+
+    arm: str
+    depth: int | None = None
 
 
 def thompson_choice(estimates: dict[str, ArmEstimate], prior: dict[str, float],
@@ -98,6 +114,47 @@ def calibrated_prior(estimates: dict[str, ArmEstimate],
     return {arm: value * observed / expected for arm, value in prior.items()}
 
 
+def expected_tokens(acceptance: list[float], depth: int) -> float:
+    """Tokens one verify step commits with drafts ``depth`` deep: the bonus token plus the
+    expected accepted drafts, ``1 + sum_{j<depth} prod_{i<=j} acceptance[i]``, where
+    ``acceptance[j]`` is the chance that position ``j`` is accepted once the walk reaches it."""
+    total, run = 1.0, 1.0
+    for a in acceptance[:depth]:
+        run *= a
+        total += run
+    return total
+
+
+def best_depth(acceptance: list[float], verify_s: float, level_s: float, max_depth: int) -> int:
+    """The depth ``d <= max_depth`` with the most tokens per second of a step costing
+    ``verify_s + d * level_s`` (DESIGN.md's expected-speedup formula, per depth)."""
+    return max(range(1, max_depth + 1),
+               key=lambda d: expected_tokens(acceptance, d) / (verify_s + d * level_s))
+
+
+def choose_depth(arm: Arm, stats: ArmStats | None, rng: random.Random | None = None,
+                 min_steps: float = MIN_DEPTH_STEPS) -> int | None:
+    """The draft depth for a request on ``arm`` from the bucket's record of it, or None (the
+    arm's own depth) for drafters whose depth costs no draft time or without enough steps.
+
+    Thompson sampling again: each position's acceptance is drawn from its Beta posterior
+    (accepted vs reached counts, uniform prior), so positions the router stopped drafting keep a
+    chance of being tried; the draft time per level and the verify time per step are measured.
+    """
+    if (arm.drafter not in PER_LEVEL_DRAFTERS or stats is None or arm.depth <= 1
+            or stats.num_spec_steps < min_steps or stats.num_draft_levels <= 0):
+        return None
+    rng = rng or random
+    accepted, tried = stats.accepted_per_pos, stats.tried_per_pos
+    acceptance = []
+    for j in range(arm.depth):
+        hits = accepted[j] if j < len(accepted) else 0.0
+        reached = tried[j] if j < len(tried) else 0.0
+        acceptance.append(rng.betavariate(1.0 + hits, 1.0 + max(reached - hits, 0.0)))
+    return best_depth(acceptance, stats.verify_time_s / stats.num_spec_steps,
+                      stats.draft_time_s / stats.num_draft_levels, arm.depth)
+
+
 class ArmRouter:
     """Picks an arm per request: pinned, fixed (the default arm) or adaptive (Thompson)."""
 
@@ -106,7 +163,7 @@ class ArmRouter:
                  estimates: Callable[[str], dict[str, ArmEstimate]] | None = None,
                  rng: random.Random | None = None,
                  class_priors: dict[str, dict[str, float]] | None = None,
-                 prior_weight: float = 2.0):
+                 prior_weight: float = 2.0, specs: dict[str, Arm] | None = None):
         if default_arm not in arms:
             raise ValueError(f"default arm {default_arm!r} is not one of {arms}")
         self.arms = list(arms)
@@ -120,18 +177,29 @@ class ArmRouter:
         self.mode = mode
         self.estimates = estimates or (lambda bucket: {})
         self.rng = rng or random.Random()
+        # The arms' settings, where known: the router then also sets layer-skip drafts' depth.
+        self.specs = dict(specs or {})
 
     def choose(self, bucket: str, pinned: str | None = None) -> str:
+        return self.route(bucket, pinned).arm
+
+    def route(self, bucket: str, pinned: str | None = None) -> Route:
+        """A pinned arm runs as it is; ``fixed`` mode runs the default arm; else the arm by
+        Thompson sampling over goodput, and its depth from the bucket's acceptance curve."""
         if pinned is not None:
             if pinned not in self.arms:
                 raise KeyError(pinned)
-            return pinned
+            return Route(pinned)
         if self.mode == "fixed":
-            return self.default_arm
+            return Route(self.default_arm)
         estimates = self.estimates(bucket)
         prior = self.class_priors.get(bucket.split(".", 1)[0], self.prior)
-        return thompson_choice(estimates, calibrated_prior(estimates, prior),
-                               prior_weight=self.prior_weight, rng=self.rng)
+        arm = thompson_choice(estimates, calibrated_prior(estimates, prior),
+                              prior_weight=self.prior_weight, rng=self.rng)
+        depth = None
+        if arm in self.specs and arm in estimates:
+            depth = choose_depth(self.specs[arm], estimates[arm].stats, self.rng)
+        return Route(arm, depth)
 
     @classmethod
     def for_profile(cls, profile: Profile, default_arm: str | None = None,
@@ -143,14 +211,15 @@ class ArmRouter:
         prior, class_priors = profile.measured_goodput()
         return cls([a.name for a in profile.arms], default_arm or profile.default_arm,
                    prior or None, mode, estimates, rng, class_priors,
-                   float(profile.notes.get("prior_weight", 2.0)))
+                   float(profile.notes.get("prior_weight", 2.0)),
+                   {a.name: a for a in profile.arms})
 
 
 def store_estimates(store: StatsStore, model: str) -> Callable[[str], dict[str, ArmEstimate]]:
     """The router's view of a store: per-arm estimates of one bucket from ``snapshot()``."""
 
     def estimates(bucket: str) -> dict[str, ArmEstimate]:
-        return {key.arm: ArmEstimate(stats.goodput_tokens_per_s, stats.requests)
+        return {key.arm: ArmEstimate(stats.goodput_tokens_per_s, stats.requests, stats)
                 for key, stats in store.snapshot(model).items()
                 if key.bucket == bucket and stats.requests > 0}
 

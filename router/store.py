@@ -14,7 +14,9 @@ Redis key schema (numbers only: no prompt text, nothing pickled; values are pars
 * ``{prefix}:{model}:{bucket}:{arm}`` -- a hash per key with the fields ``requests``,
   ``num_spec_steps``, ``num_drafts``, ``num_draft_tokens``, ``num_accepted_tokens``,
   ``draft_time_s``, ``verify_time_s``, ``num_output_tokens``, ``decode_time_s``,
-  ``acc_pos:0``, ``acc_pos:1``, ... and ``updated_at`` (unix seconds). Components are
+  ``num_draft_levels``, ``acc_pos:0``, ``acc_pos:1``, ... (steps that accepted the draft at that
+  position), ``tried_pos:0``, ``tried_pos:1``, ... (steps whose draft reached that position with
+  the earlier ones accepted) and ``updated_at`` (unix seconds). Components are
   percent-encoded (``%`` -> ``%25``, ``:`` -> ``%3A``) so a ``:`` in a name cannot collide.
   Each write refreshes the hash's TTL.
 * ``{prefix}:index`` -- a sorted set of the hash keys scored by ``updated_at``, so reads need no
@@ -42,14 +44,20 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from workers.stats import SpecDecodeStats, acceptance_rate, mean_acceptance_length
+from workers.stats import (
+    SpecDecodeStats,
+    acceptance_rate,
+    add_lists,
+    mean_acceptance_length,
+)
 
 log = logging.getLogger(__name__)
 
 _COUNTERS = ("requests", "num_spec_steps", "num_drafts", "num_draft_tokens",
              "num_accepted_tokens", "draft_time_s", "verify_time_s", "num_output_tokens",
-             "decode_time_s")
-_POS_FIELD = "acc_pos:"
+             "decode_time_s", "num_draft_levels")
+# Per-position lists: attribute -> hash field prefix.
+_POS_FIELDS = {"accepted_per_pos": "acc_pos:", "tried_per_pos": "tried_pos:"}
 _OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError,
                   OSError, asyncio.TimeoutError)
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -97,11 +105,6 @@ def _decay_factor(age_s: float, half_life_s: float) -> float:
     return 0.5 ** (max(age_s, 0.0) / half_life_s)
 
 
-def _add_lists(a: list[float], b: list[float]) -> list[float]:
-    longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
-    return [x + (shorter[i] if i < len(shorter) else 0.0) for i, x in enumerate(longer)]
-
-
 @dataclass
 class ArmStats:
     """The aggregated, decayed record of one ``StatsKey``."""
@@ -116,6 +119,8 @@ class ArmStats:
     verify_time_s: float = 0.0
     num_output_tokens: float = 0.0
     decode_time_s: float = 0.0  # wall-clock decode time of the requests
+    num_draft_levels: float = 0.0
+    tried_per_pos: list[float] = field(default_factory=list)
     updated_at: float = 0.0
 
     @classmethod
@@ -127,6 +132,8 @@ class ArmStats:
                    num_draft_tokens=float(stats.num_draft_tokens),
                    num_accepted_tokens=float(stats.num_accepted_tokens),
                    accepted_per_pos=[float(n) for n in stats.accepted_per_pos],
+                   tried_per_pos=[float(n) for n in stats.tried_per_pos],
+                   num_draft_levels=float(stats.num_draft_levels),
                    draft_time_s=float(stats.draft_time_s),
                    verify_time_s=float(stats.verify_time_s),
                    num_output_tokens=float(stats.num_output_tokens),
@@ -156,7 +163,8 @@ class ArmStats:
 
     def scaled(self, factor: float) -> ArmStats:
         return replace(self, **{name: getattr(self, name) * factor for name in _COUNTERS},
-                       accepted_per_pos=[n * factor for n in self.accepted_per_pos])
+                       **{name: [n * factor for n in getattr(self, name)]
+                          for name in _POS_FIELDS})
 
     def decayed(self, now: float, half_life_s: float) -> ArmStats:
         return self.scaled(_decay_factor(now - self.updated_at, half_life_s))
@@ -166,25 +174,27 @@ class ArmStats:
         stamp = max(self.updated_at, other.updated_at)
         a, b = self.decayed(stamp, half_life_s), other.decayed(stamp, half_life_s)
         return ArmStats(**{name: getattr(a, name) + getattr(b, name) for name in _COUNTERS},
-                        accepted_per_pos=_add_lists(a.accepted_per_pos, b.accepted_per_pos),
+                        **{name: add_lists(getattr(a, name), getattr(b, name))
+                           for name in _POS_FIELDS},
                         updated_at=stamp)
 
     def counter_fields(self) -> dict[str, float]:
         """The numeric hash fields except ``updated_at``."""
         fields = {name: float(getattr(self, name)) for name in _COUNTERS}
-        fields.update({f"{_POS_FIELD}{i}": float(n) for i, n in enumerate(self.accepted_per_pos)})
+        for name, prefix in _POS_FIELDS.items():
+            fields.update({f"{prefix}{i}": float(n) for i, n in enumerate(getattr(self, name))})
         return fields
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, str | float]) -> ArmStats:
         counters = {name: float(fields.get(name, 0.0)) for name in _COUNTERS}
-        positions = {int(name[len(_POS_FIELD):]): float(value)
-                     for name, value in fields.items() if name.startswith(_POS_FIELD)}
-        per_pos = [0.0] * (max(positions) + 1 if positions else 0)
-        for pos, value in positions.items():
-            per_pos[pos] = value
-        return cls(**counters, accepted_per_pos=per_pos,
-                   updated_at=float(fields.get("updated_at", 0.0)))
+        lists = {}
+        for name, prefix in _POS_FIELDS.items():
+            positions = {int(key[len(prefix):]): float(value)
+                         for key, value in fields.items() if key.startswith(prefix)}
+            lists[name] = [positions.get(i, 0.0)
+                           for i in range(max(positions) + 1 if positions else 0)]
+        return cls(**counters, **lists, updated_at=float(fields.get("updated_at", 0.0)))
 
 
 class StatsStore(abc.ABC):

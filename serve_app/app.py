@@ -121,7 +121,7 @@ class Decoder:
         params = SamplingParams(payload["temperature"], payload["top_p"], payload["top_k"],
                                 payload.get("seed"))
         gen = self.engine.generation(payload["prompt_ids"], payload["max_tokens"],
-                                     payload["arm"], params)
+                                     payload["arm"], params, payload.get("depth"))
         text = TextStream(self.engine.tokenizer)
         stops = StopStrings(payload.get("stop") or [])
         start = time.perf_counter()
@@ -145,7 +145,7 @@ class Decoder:
                     break
         elapsed = time.perf_counter() - start
         decode_time = elapsed - ((first_token_at or start) - start)
-        summary = gen.stats.summary(gen.arm.name)
+        summary = gen.stats.summary(gen.arm.name, gen.arm.depth)
         try:  # figures are sinks: losing one never fails a served request
             self.metrics.observe_request(gen.stats, gen.arm.name, elapsed,
                                          (first_token_at or start) - start)
@@ -299,12 +299,13 @@ class IngressBase:
         # A seeded request must reproduce: its arm may not depend on the router's exploration.
         pinned = req.arm if req.arm is not None or req.seed is None else self.router.default_arm
         try:
-            arm = self.router.choose(bucket, pinned)
+            route = self.router.route(bucket, pinned)
         except KeyError:
             names = ", ".join(a.name for a in self.profile.arms)
             raise APIError(400, f"unknown arm {req.arm!r}; arms: {names}", param="arm") from None
-        self.metrics.observe_arm(arm, pinned=req.arm is not None)
-        payload = {"prompt_ids": ids, "max_tokens": max_tokens, "arm": arm, "n": req.n,
+        self.metrics.observe_arm(route.arm, pinned=req.arm is not None)
+        payload = {"prompt_ids": ids, "max_tokens": max_tokens, "arm": route.arm,
+                   "depth": route.depth, "n": req.n,
                    "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
                    "seed": req.seed, "stop": stops, "bucket": bucket}
         return payload, len(ids)
@@ -421,7 +422,7 @@ def merge_spec_decode(items: list[dict]) -> dict:
     steps = sum(i["num_spec_steps"] for i in items)
     drafted = sum(i["num_draft_tokens"] for i in items)
     accepted = sum(i["num_accepted_tokens"] for i in items)
-    return {"arm": items[0]["arm"],
+    return {"arm": items[0]["arm"], "depth": items[0].get("depth"),
             "mean_acceptance_length": round(mean_acceptance_length(accepted, steps), 4),
             "draft_acceptance_rate": round(acceptance_rate(accepted, drafted), 4),
             "num_spec_steps": steps, "num_drafts": sum(i["num_drafts"] for i in items),

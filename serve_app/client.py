@@ -84,6 +84,7 @@ class SpecDecode(_Schema):
     """Acceptance statistics of one request under the speculative arm that served it."""
 
     arm: str
+    depth: int | None = Field(default=None, description="Draft depth the request ran with.")
     mean_acceptance_length: float
     draft_acceptance_rate: float
     num_spec_steps: int

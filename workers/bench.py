@@ -138,8 +138,10 @@ class Bench:
             bucket = context_bucket(text, p.is_chat, self.params.temperature,
                                     len(self.ids[index]))
             t0 = time.perf_counter()
-            arm = router.choose(bucket)
-            gen = self.engine.generation(self.ids[index], max_tokens, arm, self._params(index))
+            route = router.route(bucket)
+            arm = route.arm
+            gen = self.engine.generation(self.ids[index], max_tokens, arm, self._params(index),
+                                         route.depth)
             gen.run()
             seconds = time.perf_counter() - t0
             store.record(StatsKey("bench", bucket, arm), gen.stats, seconds)

@@ -87,7 +87,7 @@ class Generation:
         path, next_token = self._verify(tree)
         t2 = time.perf_counter()
         self.drafter.observe(tree, len(path))
-        self.stats.observe_step(len(tree), len(path), t1 - t0, t2 - t1)
+        self.stats.observe_step(len(tree), len(path), t1 - t0, t2 - t1, tree.depth)
         return self._commit([int(tree.tokens[i]) for i in path] + [next_token])
 
     def _verify(self, tree: DraftTree) -> tuple[list[int], int]:
@@ -240,9 +240,15 @@ class Engine:
         return self.profile.arm(name or self.profile.default_arm)
 
     def generation(self, prompt: list[int], max_tokens: int, arm: Arm | str | None = None,
-                   params: SamplingParams | None = None) -> Generation:
+                   params: SamplingParams | None = None, depth: int | None = None) -> Generation:
+        """A request's decoding state; ``depth`` (the router's choice, at most the arm's own)
+        caps its draft depth."""
         if not isinstance(arm, Arm):
             arm = self.arm(arm)
+        if depth is not None and depth != arm.depth:
+            if not 1 <= depth <= arm.depth:
+                raise ValueError(f"depth {depth} is outside 1..{arm.depth} of arm {arm.name!r}")
+            arm = arm.model_copy(update={"depth": depth})
         return Generation(self.runner, prompt, max_tokens, arm, params or SamplingParams(),
                           stop_token_ids=self.stops, adapter_for=self.adapter_for)
 

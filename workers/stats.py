@@ -18,6 +18,20 @@ def acceptance_rate(accepted: float, drafted: float) -> float:
     return accepted / drafted if drafted else 0.0
 
 
+def add_lists(a: list, b: list) -> list:
+    """Element-wise sum of two per-position lists of different lengths."""
+    longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
+    return [x + (shorter[i] if i < len(shorter) else 0) for i, x in enumerate(longer)]
+
+
+def _add_ones(counts: list[int], n: int) -> None:
+    """Count one more step at positions ``0 .. n-1``."""
+    if n > len(counts):
+        counts.extend([0] * (n - len(counts)))
+    for pos in range(n):
+        counts[pos] += 1
+
+
 @dataclass
 class SpecDecodeStats:
     num_spec_steps: int = 0  # verify forwards after the prefill
@@ -25,21 +39,26 @@ class SpecDecodeStats:
     num_draft_tokens: int = 0  # drafted tokens verified (tree nodes)
     num_accepted_tokens: int = 0  # drafted tokens accepted
     accepted_per_pos: list[int] = field(default_factory=list)  # accepted count by draft position
+    # Steps whose draft reached position j with positions < j accepted: acceptance at depth j
+    # given the walk got there is accepted_per_pos[j] / tried_per_pos[j].
+    tried_per_pos: list[int] = field(default_factory=list)
+    num_draft_levels: int = 0  # sum over steps of the draft's depth (a skip drafter's passes)
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     num_output_tokens: int = 0
 
     def observe_step(self, num_draft_tokens: int, num_accepted: int,
-                     draft_time_s: float, verify_time_s: float) -> None:
+                     draft_time_s: float, verify_time_s: float, draft_depth: int) -> None:
+        """One verify step; ``draft_depth`` is the draft's deepest position (a chain's length)."""
         self.num_spec_steps += 1
         if num_draft_tokens:
             self.num_drafts += 1
+        draft_depth = max(draft_depth, num_accepted) if num_draft_tokens else 0
         self.num_draft_tokens += num_draft_tokens
         self.num_accepted_tokens += num_accepted
-        if num_accepted > len(self.accepted_per_pos):
-            self.accepted_per_pos.extend([0] * (num_accepted - len(self.accepted_per_pos)))
-        for pos in range(num_accepted):
-            self.accepted_per_pos[pos] += 1
+        self.num_draft_levels += draft_depth
+        _add_ones(self.accepted_per_pos, num_accepted)
+        _add_ones(self.tried_per_pos, min(num_accepted + 1, draft_depth))
         self.draft_time_s += draft_time_s
         self.verify_time_s += verify_time_s
 
@@ -56,19 +75,19 @@ class SpecDecodeStats:
         self.num_drafts += other.num_drafts
         self.num_draft_tokens += other.num_draft_tokens
         self.num_accepted_tokens += other.num_accepted_tokens
-        if len(other.accepted_per_pos) > len(self.accepted_per_pos):
-            self.accepted_per_pos.extend(
-                [0] * (len(other.accepted_per_pos) - len(self.accepted_per_pos)))
-        for i, n in enumerate(other.accepted_per_pos):
-            self.accepted_per_pos[i] += n
+        self.num_draft_levels += other.num_draft_levels
+        self.accepted_per_pos = add_lists(self.accepted_per_pos, other.accepted_per_pos)
+        self.tried_per_pos = add_lists(self.tried_per_pos, other.tried_per_pos)
         self.draft_time_s += other.draft_time_s
         self.verify_time_s += other.verify_time_s
         self.num_output_tokens += other.num_output_tokens
 
-    def summary(self, arm: str) -> dict:
-        """The ``spec_decode`` object of an HTTP response."""
+    def summary(self, arm: str, depth: int | None = None) -> dict:
+        """The ``spec_decode`` object of an HTTP response (``depth``: the draft depth the
+        request ran with)."""
         return {
             "arm": arm,
+            "depth": depth,
             "mean_acceptance_length": round(self.mean_acceptance_length, 4),
             "draft_acceptance_rate": round(self.draft_acceptance_rate, 4),
             "num_spec_steps": self.num_spec_steps,

@@ -43,6 +43,14 @@ class DraftTree:
         """``[N]`` depth of each node; children of the root have depth 1."""
         return tree_depths(self.parents)
 
+    @property
+    def depth(self) -> int:
+        """The deepest node's depth (0 for an empty tree)."""
+        depths: list[int] = []
+        for p in self.parents.tolist():
+            depths.append(1 if p < 0 else depths[p] + 1)
+        return max(depths, default=0)
+
     def children(self) -> list[list[int]]:
         """Children of each verify row: entry 0 is the root's, entry ``i + 1`` node ``i``'s."""
         out: list[list[int]] = [[] for _ in range(len(self) + 1)]

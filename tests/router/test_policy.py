@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from functools import cache
 
 import pytest
@@ -10,14 +11,22 @@ import pytest
 from router.policy import (
     ArmEstimate,
     ArmRouter,
+    Route,
+    best_depth,
     calibrated_prior,
+    choose_depth,
     classify_prompt,
     context_bucket,
+    expected_tokens,
     length_bucket,
+    store_estimates,
     temperature_bucket,
     thompson_choice,
 )
 from router.simulate import ArmTruth, SimResult, decision_time_p99, simulate
+from router.store import ArmStats, InProcessStatsStore, StatsKey
+from workers.arm import Arm
+from workers.stats import SpecDecodeStats
 
 ARMS = ["none", "skip_chain", "skip_tree", "ngram_tree"]
 # Best arms: A ngram_tree (+20% over the runner-up), B none (+14%), C skip_tree (+17%).
@@ -315,3 +324,83 @@ def test_router_follows_a_change_of_best_arm(seed: int, after: dict) -> None:
 
 def test_decision_time_p99_is_measured() -> None:
     assert decision_time_p99(TRUTH, decisions=500) > 0
+
+
+# --- draft depth from the acceptance curve -------------------------------------------------
+
+CHAIN = Arm(name="skip_chain", drafter="skip_chain", skip_layers=(10, 11, 12), depth=6)
+
+
+def test_expected_tokens_is_the_bonus_plus_the_chance_of_each_prefix() -> None:
+    assert expected_tokens([0.5, 0.5, 0.5], 0) == 1.0
+    assert expected_tokens([0.5, 0.5, 0.5], 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens([1.0, 0.0, 1.0], 3) == pytest.approx(2.0)
+    assert expected_tokens([0.9], 4) == pytest.approx(1.9)  # no figures past the curve
+
+
+def test_best_depth_trades_draft_levels_against_acceptance() -> None:
+    likely, unlikely = [0.9] * 6, [0.3] * 6
+    assert best_depth(likely, verify_s=1.0, level_s=0.01, max_depth=6) == 6
+    assert best_depth(unlikely, verify_s=1.0, level_s=0.5, max_depth=6) == 1
+    # tokens per second by depth: 1.9/1.2, 2.62/1.4 (best), 2.764/1.6, 2.894/1.8
+    assert best_depth([0.9, 0.8, 0.2, 0.9], verify_s=1.0, level_s=0.2, max_depth=4) == 2
+
+
+def chain_stats(acceptance: list[float], depth: int, steps: int, rng: random.Random,
+                verify_s: float = 0.04, level_s: float = 0.02) -> SpecDecodeStats:
+    """Steps of a chain ``depth`` deep whose position j is accepted with ``acceptance[j]``."""
+    stats = SpecDecodeStats()
+    for _ in range(steps):
+        accepted = 0
+        while accepted < depth and rng.random() < acceptance[accepted]:
+            accepted += 1
+        stats.observe_step(depth, accepted, level_s * depth, verify_s, depth)
+    stats.num_output_tokens = stats.num_spec_steps + stats.num_accepted_tokens
+    return stats
+
+
+def test_step_statistics_count_where_drafts_were_tried() -> None:
+    stats = SpecDecodeStats()
+    stats.observe_step(4, 2, 0.1, 0.2, 4)  # positions 0, 1 accepted, 2 rejected, 3 unreached
+    stats.observe_step(4, 4, 0.1, 0.2, 4)
+    stats.observe_step(0, 0, 0.0, 0.2, 0)  # nothing drafted
+    assert stats.accepted_per_pos == [2, 2, 1, 1]
+    assert stats.tried_per_pos == [2, 2, 2, 1]
+    assert stats.num_draft_levels == 8
+
+
+def test_choose_depth_only_for_drafters_paying_per_level() -> None:
+    rng = random.Random(0)
+    record = ArmStats.from_spec_decode(chain_stats([0.2] * 6, 6, 200, rng), 1.0, 0.0)
+    ngram = Arm(name="ngram_tree", drafter="ngram_tree", depth=6)
+    assert choose_depth(ngram, record, rng) is None
+    assert choose_depth(CHAIN, None, rng) is None
+    few = ArmStats.from_spec_decode(chain_stats([0.2] * 6, 6, 5, rng), 1.0, 0.0)
+    assert choose_depth(CHAIN, few, rng) is None
+    assert Counter(choose_depth(CHAIN, record, rng) for _ in range(200)).most_common(1)[0][0] == 1
+
+
+@pytest.mark.parametrize(("truth", "level_s", "expected"), [
+    ([0.95, 0.9, 0.9, 0.85, 0.8, 0.8], 0.004, 6), ([0.95, 0.9, 0.9, 0.85, 0.8, 0.8], 0.02, 3),
+    ([0.9, 0.85, 0.3, 0.2, 0.1, 0.1], 0.02, 2), ([0.3] * 6, 0.02, 1)])
+def test_router_depth_converges_to_the_best_depth(truth: list[float], level_s: float,
+                                                  expected: int) -> None:
+    """Simulated layer-skip chain traffic with a known acceptance curve: the depths the router
+    picks end at the depth that maximises tokens per second."""
+    rng = random.Random(7)
+    store = InProcessStatsStore(half_life_s=1e9)
+    key = StatsKey("m", "A", CHAIN.name)
+    router = ArmRouter([CHAIN.name], CHAIN.name, estimates=store_estimates(store, "m"),
+                       rng=rng, specs={CHAIN.name: CHAIN})
+    depths = []
+    for _ in range(300):
+        route = router.route("A")
+        depth = route.depth or CHAIN.depth
+        depths.append(depth)
+        store.record(key, chain_stats(truth, depth, 20, rng, level_s=level_s), 1.0)
+    assert best_depth(truth, 0.04, level_s, CHAIN.depth) == expected
+    late = Counter(depths[-100:])
+    assert late.most_common(1)[0][0] == expected, late
+    assert late[expected] >= 80
+    pinned = router.route("A", pinned=CHAIN.name)
+    assert pinned == Route(CHAIN.name, None)

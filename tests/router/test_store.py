@@ -26,6 +26,7 @@ KEY = StatsKey("tiny-llama", "short", "s3d-k4")
 def spec_stats(steps: int = 4, accepted: int = 6, output: int = 10) -> SpecDecodeStats:
     return SpecDecodeStats(num_spec_steps=steps, num_drafts=steps, num_draft_tokens=4 * steps,
                            num_accepted_tokens=accepted, accepted_per_pos=[3, 2, 1],
+                           tried_per_pos=[4, 3, 2, 1], num_draft_levels=4 * steps,
                            draft_time_s=0.1, verify_time_s=0.3, num_output_tokens=output)
 
 
@@ -77,17 +78,20 @@ def test_arm_stats_from_one_request_round_trips_through_fields():
     stats = ArmStats.from_spec_decode(spec_stats(), decode_time_s=0.5, now=123.0)
     assert stats.requests == 1.0
     assert stats.accepted_per_pos == [3.0, 2.0, 1.0]
+    assert stats.tried_per_pos == [4.0, 3.0, 2.0, 1.0]
     assert stats.mean_acceptance_length == pytest.approx((6 + 4) / 4)
     fields = {name: str(value) for name, value in stats.counter_fields().items()}
     assert ArmStats.from_fields(fields | {"updated_at": "123.0"}) == stats
 
 
 def test_combined_decays_both_sides_to_the_later_timestamp():
-    old = ArmStats(requests=4, accepted_per_pos=[4.0], updated_at=0.0)
-    new = ArmStats(requests=1, accepted_per_pos=[1.0, 1.0], updated_at=HALF_LIFE)
+    old = ArmStats(requests=4, accepted_per_pos=[4.0], tried_per_pos=[4.0, 2.0], updated_at=0.0)
+    new = ArmStats(requests=1, accepted_per_pos=[1.0, 1.0], tried_per_pos=[1.0],
+                   updated_at=HALF_LIFE)
     for merged in (old.combined(new, HALF_LIFE), new.combined(old, HALF_LIFE)):
         assert merged.requests == pytest.approx(3.0)
         assert merged.accepted_per_pos == pytest.approx([3.0, 1.0])
+        assert merged.tried_per_pos == pytest.approx([3.0, 1.0])
         assert merged.updated_at == HALF_LIFE
 
 
@@ -185,6 +189,8 @@ def test_many_records_accumulate_atomically(redis_server):
         assert total.requests == pytest.approx(300.0)
         assert total.num_accepted_tokens == pytest.approx(1800.0)
         assert total.accepted_per_pos == pytest.approx([900.0, 600.0, 300.0])
+        assert total.tried_per_pos == pytest.approx([1200.0, 900.0, 600.0, 300.0])
+        assert total.num_draft_levels == pytest.approx(4800.0)
         for store in stores:
             await store.close()
 

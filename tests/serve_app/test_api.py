@@ -233,6 +233,58 @@ def test_statistics_reach_redis(served):
                 float(value)  # numbers only: no prompt text in the store
 
 
+def test_router_sets_a_layer_skip_arms_depth_from_fleet_statistics(served):
+    """Statistics another replica wrote to Redis make the router send a code request (at a
+    temperature bucket no other test uses) to the skip chain, and the chain's recorded
+    acceptance curve (nothing past the first draft is ever accepted, a draft level costs as much
+    as a verify) makes it draft one level deep."""
+    import redis
+
+    from router.store import RedisStatsStore, StatsKey
+    from workers.arm import Profile
+    from workers.engine import BUNDLED_PROFILE
+    from workers.stats import SpecDecodeStats
+
+    profile = Profile.load(BUNDLED_PROFILE)
+    chain = next(a for a in profile.arms if a.drafter == "skip_chain")
+    assert chain.depth > 1
+    bucket = "code.tlo.ps"
+
+    async def write_fleet_statistics() -> None:
+        store = RedisStatsStore(served.redis_url, prefix=served.prefix)
+        await store.start()
+        for arm in profile.arms:
+            for _ in range(40):
+                stats = SpecDecodeStats(num_output_tokens=100)
+                for _ in range(50):
+                    accepted = 1 if arm is chain else 0
+                    stats.observe_step(chain.depth, accepted, 0.05 * chain.depth, 0.05,
+                                       chain.depth)
+                # the chain: 1000 tokens/s; every other arm 10
+                store.record(StatsKey(MODEL, bucket, arm.name), stats,
+                             0.1 if arm is chain else 10.0)
+        assert await store.flush()
+        await store.close()
+
+    asyncio.run(write_fleet_statistics())
+    prompt = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n"
+    try:
+        deadline = time.time() + 60
+        while True:  # the ingress reads the store in the background
+            out = oai(served).completions.create(model=MODEL, prompt=prompt, max_tokens=4,
+                                                 temperature=0.5)
+            spec = out.model_extra["spec_decode"]
+            if spec["arm"] == chain.name:
+                break
+            assert time.time() < deadline, spec
+            time.sleep(0.5)
+        assert spec["depth"] == 1
+    finally:
+        keys = RedisStatsStore(served.redis_url, prefix=served.prefix)
+        redis.Redis.from_url(served.redis_url).delete(
+            *(keys.hash_key(StatsKey(MODEL, bucket, arm.name)) for arm in profile.arms))
+
+
 def test_serve_config_file_validates():
     from pathlib import Path
 

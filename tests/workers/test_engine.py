@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workers.arm import Arm
+from workers.arm import NONE_ARM, Arm, Profile
 from workers.runner import Attention, KVCache
 
 pytestmark = pytest.mark.model
@@ -124,3 +124,28 @@ def test_tree_attention_matches_sequential_decoding(bundled):
     seq = runner.forward(cache, torch.tensor([prompt[-1], 22, 33]), torch.tensor([39, 40, 41]),
                          Attention.causal(39))
     assert torch.allclose(tree_logits[[0, 2, 3]], seq, atol=1e-4)
+
+
+def test_step_statistics_and_a_router_depth_cap(bundled):
+    """Every step records where its draft reached; ``Engine.generation(depth=d)`` caps a
+    layer-skip drafter at ``d`` levels and stays identical to plain decoding."""
+    from workers.engine import Engine
+
+    arm = Arm(name="chain", drafter="skip_chain", skip_layers=SKIP, depth=4)
+    profile = Profile(model_fingerprint=bundled.loaded.fingerprint, default_arm="chain",
+                      arms=[arm, NONE_ARM])
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops, profile)
+    full = engine.generation(bundled.prompts[0], 32, "chain")
+    full.run()
+    stats = full.stats
+    assert stats.num_accepted_tokens > 0
+    assert stats.tried_per_pos[0] == stats.num_drafts
+    assert all(a <= t for a, t in zip(stats.accepted_per_pos, stats.tried_per_pos))
+    assert stats.num_draft_levels == stats.num_draft_tokens  # a chain: one token per level
+    capped = engine.generation(bundled.prompts[0], 32, "chain", depth=1)
+    capped.run()
+    assert capped.arm.depth == 1 and capped.output == full.output == bundled.vanilla(0, 32)
+    assert len(capped.stats.tried_per_pos) == 1
+    assert capped.stats.num_draft_levels == capped.stats.num_drafts
+    with pytest.raises(ValueError, match="depth 5"):
+        engine.generation(bundled.prompts[0], 32, "chain", depth=5)
