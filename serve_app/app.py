@@ -145,7 +145,7 @@ class Decoder:
                     break
         elapsed = time.perf_counter() - start
         decode_time = elapsed - ((first_token_at or start) - start)
-        summary = gen.stats.summary(gen.arm.name, gen.arm.depth)
+        summary = gen.stats.summary(gen.arm.name, gen.arm.draft_depth)
         try:  # figures are sinks: losing one never fails a served request
             self.metrics.observe_request(gen.stats, gen.arm.name, elapsed,
                                          (first_token_at or start) - start)

@@ -68,7 +68,7 @@ def generate(
         sys.stdout.flush()
     sys.stdout.write(stream.flush() + "\n")
     seconds = time.perf_counter() - t0
-    summary = gen.stats.summary(gen.arm.name, gen.arm.depth)
+    summary = gen.stats.summary(gen.arm.name, gen.arm.draft_depth)
     typer.echo(
         f"\n[{len(gen.output)} tokens in {seconds:.2f} s, {len(gen.output) / seconds:.1f} tok/s; "
         f"arm {summary['arm']}; mean acceptance length {summary['mean_acceptance_length']:.2f}; "

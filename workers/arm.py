@@ -60,6 +60,11 @@ class Arm(BaseModel):
         return self
 
     @property
+    def draft_depth(self) -> int | None:
+        """The depth this arm drafts to; None for plain decoding."""
+        return None if self.drafter == "none" else self.depth
+
+    @property
     def max_draft_nodes(self) -> int:
         """Upper bound on the scratch KV slots one step may write past the committed length."""
         if self.drafter == "none":

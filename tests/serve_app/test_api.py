@@ -62,6 +62,8 @@ def test_every_profile_arm_serves_identical_greedy_text(served):
         out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24,
                                         temperature=0, extra_body={"arm": arm})
         assert out.model_extra["spec_decode"]["arm"] == arm
+        depth = out.model_extra["spec_decode"]["depth"]
+        assert (depth is None) == (arm == "none") and (depth is None or depth >= 1)
         texts[arm] = out.choices[0].text
     assert len(set(texts.values())) == 1, texts
 
