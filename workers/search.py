@@ -25,7 +25,7 @@ import torch
 from workers.arm import NONE_ARM, Arm, Profile
 from workers.drafters.s3d import BUNDLED_ADAPTER
 from workers.engine import Engine
-from workers.prompts import SUMMARY_INSTRUCTION
+from workers.prompts import SUMMARY_INSTRUCTION, BenchPrompt
 from workers.runner import Attention
 
 DRAFT_VOCAB = 8192  # truncated draft vocabulary tried per drafter kind (85% of tokens here)
@@ -40,9 +40,9 @@ CALIBRATION_QUESTIONS = (
 
 
 def _chat_ids(tokenizer, content: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                        add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    """A one-message chat request through the suite's own chat tokenization."""
+    return BenchPrompt(id="calibration", category="chat",
+                       messages=[{"role": "user", "content": content}]).to_token_ids(tokenizer)
 
 
 def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[tuple[str, list[int]]]:

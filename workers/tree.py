@@ -46,10 +46,7 @@ class DraftTree:
     @property
     def depth(self) -> int:
         """The deepest node's depth (0 for an empty tree)."""
-        depths: list[int] = []
-        for p in self.parents.tolist():
-            depths.append(1 if p < 0 else depths[p] + 1)
-        return max(depths, default=0)
+        return int(self.depths().max()) if len(self) else 0
 
     def children(self) -> list[list[int]]:
         """Children of each verify row: entry 0 is the root's, entry ``i + 1`` node ``i``'s."""
@@ -60,12 +57,12 @@ class DraftTree:
 
 
 def tree_depths(parents: torch.Tensor) -> torch.Tensor:
-    depths = torch.zeros(parents.shape[0], dtype=torch.long)
+    depths: list[int] = []  # built in Python, one tensor at the end: called every step
     for i, p in enumerate(parents.tolist()):
         if p >= i:
             raise ValueError("a node's parent must come before it")
-        depths[i] = 1 if p < 0 else depths[p] + 1
-    return depths
+        depths.append(1 if p < 0 else depths[p] + 1)
+    return torch.tensor(depths, dtype=torch.long)
 
 
 def tree_attention_mask(parents: torch.Tensor) -> torch.Tensor:
