@@ -135,11 +135,15 @@ def search_cmd(
     remeasure: Path = typer.Option(
         None, help="Instead of searching, measure this profile's arms again here (for the "
                    "router's prior on new hardware) and write the result to OUT."),
+    skip_sets_from: Path = typer.Option(
+        None, help="Skip the skip-set stages: take the best skip sets of this profile's search "
+                   "and search the arms' settings again (after retraining the adapter)."),
     adapter: str = typer.Option(None, help="S3D adapter (default: the bundled model's)."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
     quantization: str = QUANT_OPT, threads: int = THREADS_OPT,
 ) -> None:
     """Measure skip sets and arm parameters; write a profile of arms for the router."""
+    from workers.arm import Profile
     from workers.engine import Engine
     from workers.search import remeasure as remeasure_profile
     from workers.search import search
@@ -151,8 +155,9 @@ def search_cmd(
     if remeasure:
         profile = remeasure_profile(engine, engine.profile, max_tokens=max_tokens, log=log)
     else:
+        reuse = Profile.load(skip_sets_from) if skip_sets_from else None
         profile = search(engine, max_tokens=max_tokens, finalists=finalists,
-                         adapter_path=adapter, trials=trials, log=log)
+                         adapter_path=adapter, trials=trials, skip_sets_from=reuse, log=log)
     profile.save(out)
     typer.echo(f"wrote {out} (default arm {profile.default_arm})")
 

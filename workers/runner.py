@@ -225,7 +225,8 @@ class DraftRows:
 class DraftAdapter(Protocol):
     def embed_masks(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor: ...
 
-    def delta(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor | None: ...
+    def adjust(self, layer: int, name: str, x: torch.Tensor, out: torch.Tensor,
+               start: int) -> torch.Tensor: ...
 
 
 class _Projector:
@@ -238,12 +239,7 @@ class _Projector:
         """``out [T, out]`` of projection ``name`` applied to ``x [T, in]``, with the delta."""
         if self.draft is None:
             return out
-        delta = self.draft.adapter.delta(self.layer, name, x[self.draft.start:])
-        if delta is None:
-            return out
-        if self.draft.start == 0:
-            return out + delta
-        return torch.cat([out[: self.draft.start], out[self.draft.start:] + delta])
+        return self.draft.adapter.adjust(self.layer, name, x, out, self.draft.start)
 
 
 class _LayerMatmuls:

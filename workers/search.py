@@ -186,12 +186,51 @@ def optimize_skip_sets(engine: Engine, prompts: list[tuple[str, list[int]]], tri
     return sorted(results.values(), key=lambda t: -t.tokens_per_s)
 
 
-def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
-           adapter_path: str | None = None, lengths: tuple[int, ...] = (2, 4, 6, 8, 10),
-           max_prompts: int | None = None, trials: int = 30, trial_prompts: int = 4,
-           log=print) -> Profile:
+# Arm settings decoded per drafter kind in stage 3: (depth, top_k, total_tokens) trees, and for
+# S3D the mask rows too. Small ones are there because on a CPU a forward of up to about four rows
+# costs what one row does while eight cost 1.5x (a verify forward has 1 + nodes rows, plus
+# ``attach * gamma`` mask rows when fused), so a three-node draft can beat a six-node one.
+SKIP_CHAIN_DEPTHS = (2, 3, 5)
+SKIP_TREE_VARIANTS = (dict(depth=3, top_k=2, total_tokens=3),
+                      dict(depth=3, top_k=2, total_tokens=6),
+                      dict(depth=3, top_k=2, total_tokens=6, draft_exit=0.7),
+                      dict(depth=4, top_k=3, total_tokens=10))
+NGRAM_VARIANTS = ((3, 1, 3), (4, 2, 3), (4, 2, 6), (5, 4, 8), (8, 4, 15))
+S3D_VARIANTS = (dict(depth=1, top_k=1, total_tokens=1, gamma=1, attach=2),
+                dict(depth=3, top_k=1, total_tokens=3, gamma=1, attach=1),
+                dict(depth=3, top_k=1, total_tokens=3, attach=2),
+                dict(depth=3, top_k=2, total_tokens=6, attach=3))
+S3D_SKIP_VARIANTS = (dict(depth=2, top_k=1, total_tokens=2, gamma=1),
+                     dict(depth=4, top_k=1, total_tokens=4),
+                     dict(depth=4, top_k=2, total_tokens=8))
+
+
+def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None) -> dict[str, list[Arm]]:
+    """Stage 3's candidate arms per drafter kind (S3D kinds only when the adapter exists)."""
+    kinds: dict[str, list[Arm]] = {
+        "skip_chain": [Arm(name="skip_chain", drafter="skip_chain", skip_layers=skip, depth=d)
+                       for skip in skips for d in SKIP_CHAIN_DEPTHS],
+        "skip_tree": [Arm(name="skip_tree", drafter="skip_tree", skip_layers=skip, **v)
+                      for skip in skips for v in SKIP_TREE_VARIANTS],
+        "ngram_tree": [Arm(name="ngram_tree", drafter="ngram_tree", depth=d, top_k=k,
+                           total_tokens=t) for d, k, t in NGRAM_VARIANTS],
+    }
+    adapter = Path(adapter_path) if adapter_path else BUNDLED_ADAPTER
+    if adapter.exists():
+        for kind in ("s3d", "hybrid"):
+            kinds[kind] = [Arm(name=kind, drafter=kind, adapter=adapter_path, **v)
+                           for v in S3D_VARIANTS]
+        # Separate pass of the (unskipped) model over root + masks, with this adapter.
+        kinds["s3d_skip"] = [Arm(name="s3d_skip", drafter="s3d_skip", adapter=adapter_path, **v)
+                             for v in S3D_SKIP_VARIANTS]
+    return kinds
+
+
+def skip_stage(engine: Engine, prompts: list[tuple[str, list[int]]], max_tokens: int,
+               finalists: int, lengths: tuple[int, ...], trials: int, trial_prompts: int,
+               log) -> tuple[list[tuple[int, ...]], dict]:
+    """Stages 1 and 2: the ``finalists`` best skip sets, and notes on the trials behind them."""
     runner = engine.runner
-    prompts = calibration_prompts(engine.tokenizer)[:max_prompts]
     sequences = []
     for _, ids in prompts:
         gen = engine.generation(ids, max_tokens, NONE_ARM)
@@ -216,32 +255,47 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
     mixed = [p for pair in zip(prompts, reversed(prompts)) for p in pair][:trial_prompts]
     skip_trials = optimize_skip_sets(engine, mixed, trials, max_tokens,
                                      warm_start=[c.skip for c in candidates[:finalists]], log=log)
-    skips = [t.skip for t in skip_trials[:finalists]]
+    notes = {"trials": [{"skip": list(t.skip), "tokens_per_s": round(t.tokens_per_s, 2),
+                         "mean_accepted_length": round(t.mean_accepted_length, 2)}
+                        for t in skip_trials[:10]],
+             "candidates": [{"skip": list(c.skip), "top1": round(c.top1, 3),
+                             "top4": round(c.top4, 3), "est_speedup": round(c.est_speedup, 3)}
+                            for c in candidates[:10]]}
+    return [t.skip for t in skip_trials[:finalists]], notes
+
+
+SEARCH_METHOD = ("teacher-forced agreement over contiguous skip blocks, Bayesian optimisation "
+                 "(TPE) of skip sets on measured goodput, then measured goodput of arms on "
+                 "calibration prompts")
+
+
+REUSED = "; arms searched again over the same skip sets"
+
+
+def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
+           adapter_path: str | None = None, lengths: tuple[int, ...] = (2, 4, 6, 8, 10),
+           max_prompts: int | None = None, trials: int = 30, trial_prompts: int = 4,
+           skip_sets_from: Profile | None = None, log=print) -> Profile:
+    """All three stages; with ``skip_sets_from``, stage 3 only, over the skip sets that
+    profile's search found (its best ``finalists`` trials): stages 1 and 2 use no adapter and
+    no arm settings, so they need no re-run when only those change."""
+    prompts = calibration_prompts(engine.tokenizer)[:max_prompts]
+    if skip_sets_from is None:
+        skips, notes = skip_stage(engine, prompts, max_tokens, finalists, lengths, trials,
+                                  trial_prompts, log)
+        method = SEARCH_METHOD
+    else:
+        notes = {k: skip_sets_from.notes[k] for k in ("trials", "candidates")
+                 if k in skip_sets_from.notes}
+        skips = [tuple(t["skip"]) for t in notes.get("trials", [])[:finalists]]
+        if not skips:
+            raise ValueError("the profile given for its skip sets holds no search trials")
+        method = skip_sets_from.notes.get("method", SEARCH_METHOD)
+        if REUSED not in method:
+            method += REUSED
     arms: list[Arm] = [NONE_ARM]
     measured: dict[str, dict] = {"none": measure_goodput(engine, prompts, NONE_ARM, max_tokens)}
-    kinds: dict[str, list[Arm]] = {
-        "skip_chain": [Arm(name="skip_chain", drafter="skip_chain", skip_layers=skip, depth=d)
-                       for skip in skips for d in (3, 5)],
-        "skip_tree": [Arm(name="skip_tree", drafter="skip_tree", skip_layers=skip, **v)
-                      for skip in skips
-                      for v in (dict(depth=3, top_k=2, total_tokens=6),
-                                dict(depth=3, top_k=2, total_tokens=6, draft_exit=0.7),
-                                dict(depth=4, top_k=3, total_tokens=10))],
-        "ngram_tree": [Arm(name="ngram_tree", drafter="ngram_tree", depth=d, top_k=k,
-                           total_tokens=t) for d, k, t in ((4, 2, 6), (5, 4, 8), (6, 4, 16),
-                                                           (8, 4, 24))],
-    }
-    adapter = Path(adapter_path) if adapter_path else BUNDLED_ADAPTER
-    if adapter.exists():
-        for kind in ("s3d", "hybrid"):
-            kinds[kind] = [Arm(name=kind, drafter=kind, adapter=adapter_path, **v) for v in (
-                dict(depth=3, top_k=1, total_tokens=3, attach=2),
-                dict(depth=3, top_k=2, total_tokens=6, attach=3),
-                dict(depth=6, top_k=2, total_tokens=10, attach=3))]
-        # Separate pass of the (unskipped) model over root + masks, with this adapter.
-        kinds["s3d_skip"] = [Arm(name="s3d_skip", drafter="s3d_skip", adapter=adapter_path, **v)
-                             for v in (dict(depth=4, top_k=1, total_tokens=4),
-                                       dict(depth=4, top_k=2, total_tokens=8))]
+
     def measured_arm(kind: str, arm: Arm) -> tuple[Arm, dict]:
         settings = arm.model_dump(exclude_defaults=True, exclude={"name", "drafter"})
         return arm, measure_and_log(engine, prompts, arm, max_tokens, f"{kind} {settings}", log)
@@ -249,7 +303,7 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
     def goodput(result: tuple[Arm, dict]) -> float:
         return result[1]["tokens_per_s"]
 
-    for kind, variants in kinds.items():
+    for kind, variants in arm_candidates(skips, adapter_path).items():
         best = max((measured_arm(kind, arm) for arm in variants), key=goodput)
         if kind != "ngram_tree":  # drafts come from the model: its output layer can shrink
             truncated = best[0].model_copy(update={"draft_vocab": DRAFT_VOCAB})
@@ -258,19 +312,8 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
         measured[kind] = best[1]
     default = max(measured, key=lambda k: measured[k]["tokens_per_s"])
     return Profile(model_fingerprint=engine.loaded.fingerprint, default_arm=default, arms=arms,
-                   notes={
-                       "method": "teacher-forced agreement over contiguous skip blocks, "
-                                 "Bayesian optimisation (TPE) of skip sets on measured goodput, "
-                                 "then measured goodput of arms on calibration prompts",
-                       "trials": [{"skip": list(t.skip), "tokens_per_s": round(t.tokens_per_s, 2),
-                                   "mean_accepted_length": round(t.mean_accepted_length, 2)}
-                                  for t in skip_trials[:10]],
-                       "candidates": [{"skip": list(c.skip), "top1": round(c.top1, 3),
-                                       "top4": round(c.top4, 3),
-                                       "est_speedup": round(c.est_speedup, 3)}
-                                      for c in candidates[:10]],
-                       **measurement_notes(engine, prompts, measured, max_tokens),
-                   })
+                   notes={"method": method, **notes,
+                          **measurement_notes(engine, prompts, measured, max_tokens)})
 
 
 def remeasure(engine: Engine, profile: Profile, max_tokens: int = 48,

@@ -161,3 +161,26 @@ def test_remeasure_keeps_the_arms_and_renews_the_figures(bundled):
     assert set(measured) == {"none", "ngram_tree"}
     assert all(m["tokens_per_s"] > 2.0 for m in measured.values())  # real figures, not 1 and 2
     assert new.default_arm == max(measured, key=lambda k: measured[k]["tokens_per_s"])
+
+
+def test_search_can_reuse_a_profiles_skip_sets_and_search_only_the_arms(bundled):
+    from workers.arm import NONE_ARM, Profile
+    from workers.engine import Engine
+    from workers.search import REUSED, search
+
+    trials = [{"skip": [6, 7], "tokens_per_s": 9.0, "mean_accepted_length": 2.0},
+              {"skip": [3, 4, 6, 7], "tokens_per_s": 8.0, "mean_accepted_length": 1.5}]
+    old = Profile(model_fingerprint=bundled.loaded.fingerprint, default_arm="none",
+                  arms=[NONE_ARM], notes={"method": "by hand", "trials": trials})
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops, old)
+    lines: list[str] = []
+    new = search(engine, max_tokens=6, finalists=1, max_prompts=2, skip_sets_from=old,
+                 log=lines.append)
+    assert not any(line.startswith(("skip ", "trial ")) for line in lines)  # stages 1-2 skipped
+    layer_skip = [a for a in new.arms if a.drafter in ("skip_chain", "skip_tree")]
+    assert layer_skip and all(a.skip_layers == (6, 7) for a in layer_skip)
+    assert new.notes["trials"] == trials
+    assert new.notes["method"] == "by hand" + REUSED
+    with pytest.raises(ValueError, match="no search trials"):
+        search(engine, max_tokens=6, max_prompts=2, log=lambda m: None,
+               skip_sets_from=old.model_copy(update={"notes": {}}))

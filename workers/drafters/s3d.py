@@ -66,6 +66,8 @@ class MaskAdapter(nn.Module):
                 self.lora_a[key] = nn.Parameter(a)
                 self.lora_b[key] = nn.Parameter(torch.zeros(module.out_features, rank))
         self.metadata: dict = {}
+        # Transposed, scaled factors of a frozen adapter, by (key, dtype): see adjust.
+        self._inference_factors: dict[tuple[str, torch.dtype], tuple[torch.Tensor, ...]] = {}
         self.to(device=runner.device)
 
     # --- the runner's DraftAdapter protocol ------------------------------------------------
@@ -74,12 +76,36 @@ class MaskAdapter(nn.Module):
         is_mask = (tokens == MASK_ID)[:, None]
         return torch.where(is_mask, self.mask_embed.to(hidden.dtype), hidden)
 
-    def delta(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor | None:
+    def adjust(self, layer: int, name: str, x: torch.Tensor, out: torch.Tensor,
+               start: int) -> torch.Tensor:
+        """``out`` (projection ``name`` of ``x``) plus the low-rank delta on rows ``start..``.
+
+        While the adapter trains: out of place, in float32, so gradients reach it. A frozen
+        adapter at inference adds ``(x A^T)(scale B^T)`` into those rows in place, with both
+        factors kept transposed in the model's dtype: one small product and one ``addmm_`` per
+        projection, as dispatch overhead, not arithmetic, is what mask rows cost here.
+        """
         key = f"{layer}_{name}"
         if key not in self.lora_a:
-            return None
-        a, b = self.lora_a[key], self.lora_b[key]
-        return (x.to(a.dtype) @ a.t() @ b.t() * self.scale).to(x.dtype)
+            return out
+        if self.mask_embed.requires_grad or torch.is_grad_enabled():
+            a, b = self.lora_a[key], self.lora_b[key]
+            delta = (x[start:].to(a.dtype) @ a.t() @ b.t() * self.scale).to(out.dtype)
+            if start == 0:
+                return out + delta
+            return torch.cat([out[:start], out[start:] + delta])
+        factors = self._inference_factors.get((key, out.dtype))
+        if factors is None:
+            a, b = self.lora_a[key], self.lora_b[key]
+            factors = self._inference_factors[(key, out.dtype)] = (
+                a.t().to(out.dtype).contiguous(), (b * self.scale).t().to(out.dtype).contiguous())
+        a_t, b_t = factors
+        out[start:].addmm_(x[start:] @ a_t, b_t)
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._inference_factors.clear()
+        return super().load_state_dict(state_dict, strict, assign)
 
     # --- persistence -----------------------------------------------------------------------
 
