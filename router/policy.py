@@ -4,7 +4,8 @@ Arms are scored by goodput (output tokens per second of decoding) measured by th
 read from the statistics store's in-process snapshot (never awaited per request). Exploration is
 Thompson sampling: each arm's goodput gets a normal posterior around its decayed mean, with the
 profile's measured figure (for the bucket's prompt class when the search measured one) as a prior
-worth ``prior_weight`` requests. The router first calibrates the prior to the bucket
+worth ``prior_weight`` requests of a default spread, and the bucket's own observed spread of
+per-request goodput (``observed_noise``) setting how fast observations settle it. The router first calibrates the prior to the bucket
 (``calibrated_prior``): profile figures, or the unit-less defaults when there are none, only say
 how arms compare, while the bucket's observations set the scale.
 """
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 # Drafters that run one draft forward per level of depth: their depth trades draft time against
 # accepted tokens. The others draft every level at once (S3D's masks) or for free (n-gram).
 PER_LEVEL_DRAFTERS = ("skip_chain", "skip_tree")
+# Relative spread of one request's goodput before a bucket has shown its own, and how many
+# requests that assumption weighs against the bucket's observed spread.
+DEFAULT_REL_NOISE = 0.3
+NOISE_PSEUDO_REQUESTS = 4.0
 # Verify steps an arm needs in a bucket before the router sets its depth from them.
 MIN_DEPTH_STEPS = 32
 
@@ -78,24 +83,47 @@ class Route:
 
 
 def thompson_choice(estimates: dict[str, ArmEstimate], prior: dict[str, float],
-                    prior_weight: float = 2.0, rel_noise: float = 0.3,
-                    rng: random.Random | None = None) -> str:
+                    prior_weight: float = 2.0, rel_noise: float = DEFAULT_REL_NOISE,
+                    rng: random.Random | None = None, obs_noise: float | None = None) -> str:
     """Sample a goodput for each arm from its posterior; return the arm with the highest sample.
 
-    The posterior mean blends the prior (profile figure, weight ``prior_weight``) with the
-    observed mean (weight = requests); its spread is ``rel_noise * mean / sqrt(weight)``.
+    A normal model with relative spreads: the prior (profile figure) is as sure as
+    ``prior_weight`` requests of spread ``rel_noise``; one request's goodput spreads by
+    ``obs_noise`` (default ``rel_noise``) of the mean. So the prior counts as
+    ``w = prior_weight * (obs_noise / rel_noise) ** 2`` requests, the posterior mean blends it
+    with the observed mean (weight = requests) and its spread is
+    ``obs_noise * mean / sqrt(w + requests)``: an arm nobody has tried keeps the prior's spread
+    whatever ``obs_noise`` is, while steady observations settle an arm sooner than noisy ones.
     """
     rng = rng or random
+    noise = rel_noise if obs_noise is None else obs_noise
+    weight = prior_weight * (noise / rel_noise) ** 2
     best, best_value = None, -math.inf
     for arm, prior_goodput in prior.items():
         est = estimates.get(arm)
         n = est.requests if est else 0.0
-        mean = ((prior_goodput * prior_weight + (est.goodput * n if est else 0.0))
-                / (prior_weight + n))
-        value = rng.gauss(mean, rel_noise * max(mean, 1e-6) / math.sqrt(prior_weight + n))
+        mean = ((prior_goodput * weight + (est.goodput * n if est else 0.0)) / (weight + n))
+        value = rng.gauss(mean, noise * max(mean, 1e-6) / math.sqrt(weight + n))
         if value > best_value:
             best, best_value = arm, value
     return best
+
+
+def observed_noise(estimates: dict[str, ArmEstimate], default: float = DEFAULT_REL_NOISE,
+                   pseudo_requests: float = NOISE_PSEUDO_REQUESTS) -> float:
+    """How widely one request's goodput spreads in a bucket, relative to its mean.
+
+    The arms' sample variances (from the stored per-request goodput sums) are pooled, as the
+    bucket's prompts vary alike under every arm, and shrunk towards ``default`` with the weight
+    of ``pseudo_requests`` requests, so a few lucky-alike requests cannot make the router sure.
+    """
+    total, dof = pseudo_requests * default ** 2, pseudo_requests
+    for est in estimates.values():
+        spread = est.stats.goodput_relative_variance if est.stats is not None else None
+        if spread is not None:
+            total += spread[0] * spread[1]
+            dof += spread[1]
+    return math.sqrt(total / dof)
 
 
 def calibrated_prior(estimates: dict[str, ArmEstimate],
@@ -195,7 +223,8 @@ class ArmRouter:
         estimates = self.estimates(bucket)
         prior = self.class_priors.get(bucket.split(".", 1)[0], self.prior)
         arm = thompson_choice(estimates, calibrated_prior(estimates, prior),
-                              prior_weight=self.prior_weight, rng=self.rng)
+                              prior_weight=self.prior_weight, rng=self.rng,
+                              obs_noise=observed_noise(estimates))
         depth = None
         if arm in self.specs and arm in estimates:
             depth = choose_depth(self.specs[arm], estimates[arm].stats, self.rng)

@@ -14,11 +14,12 @@ Redis key schema (numbers only: no prompt text, nothing pickled; values are pars
 * ``{prefix}:{model}:{bucket}:{arm}`` -- a hash per key with the fields ``requests``,
   ``num_spec_steps``, ``num_drafts``, ``num_draft_tokens``, ``num_accepted_tokens``,
   ``draft_time_s``, ``verify_time_s``, ``num_output_tokens``, ``decode_time_s``,
-  ``num_draft_levels``, ``acc_pos:0``, ``acc_pos:1``, ... (steps that accepted the draft at that
-  position), ``tried_pos:0``, ``tried_pos:1``, ... (steps whose draft reached that position with
-  the earlier ones accepted) and ``updated_at`` (unix seconds). Components are
-  percent-encoded (``%`` -> ``%25``, ``:`` -> ``%3A``) so a ``:`` in a name cannot collide.
-  Each write refreshes the hash's TTL.
+  ``num_draft_levels``, ``goodput_sum`` and ``goodput_sq_sum`` (sums of each request's tokens
+  per second and of its square: how widely goodput spreads), ``acc_pos:0``, ``acc_pos:1``, ...
+  (steps that accepted the draft at that position), ``tried_pos:0``, ``tried_pos:1``, ...
+  (steps whose draft reached that position with the earlier ones accepted) and ``updated_at``
+  (unix seconds). Components are percent-encoded (``%`` -> ``%25``, ``:`` -> ``%3A``) so a
+  ``:`` in a name cannot collide. Each write refreshes the hash's TTL.
 * ``{prefix}:index`` -- a sorted set of the hash keys scored by ``updated_at``, so reads need no
   SCAN; members older than the TTL are pruned on write, and the index shares the TTL.
 
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 
 _COUNTERS = ("requests", "num_spec_steps", "num_drafts", "num_draft_tokens",
              "num_accepted_tokens", "draft_time_s", "verify_time_s", "num_output_tokens",
-             "decode_time_s", "num_draft_levels")
+             "decode_time_s", "num_draft_levels", "goodput_sum", "goodput_sq_sum")
 # Per-position lists: attribute -> hash field prefix.
 _POS_FIELDS = {"accepted_per_pos": "acc_pos:", "tried_per_pos": "tried_pos:"}
 _OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError,
@@ -121,11 +122,14 @@ class ArmStats:
     decode_time_s: float = 0.0  # wall-clock decode time of the requests
     num_draft_levels: float = 0.0
     tried_per_pos: list[float] = field(default_factory=list)
+    goodput_sum: float = 0.0  # of the requests' own tokens per second
+    goodput_sq_sum: float = 0.0
     updated_at: float = 0.0
 
     @classmethod
     def from_spec_decode(cls, stats: SpecDecodeStats, decode_time_s: float,
                          now: float) -> ArmStats:
+        goodput = stats.num_output_tokens / decode_time_s if decode_time_s > 0 else 0.0
         return cls(requests=1.0,
                    num_spec_steps=float(stats.num_spec_steps),
                    num_drafts=float(stats.num_drafts),
@@ -138,6 +142,7 @@ class ArmStats:
                    verify_time_s=float(stats.verify_time_s),
                    num_output_tokens=float(stats.num_output_tokens),
                    decode_time_s=float(decode_time_s),
+                   goodput_sum=goodput, goodput_sq_sum=goodput * goodput,
                    updated_at=now)
 
     @property
@@ -153,6 +158,17 @@ class ArmStats:
         if not self.decode_time_s:
             return 0.0
         return self.num_output_tokens / self.decode_time_s
+
+    @property
+    def goodput_relative_variance(self) -> tuple[float, float] | None:
+        """``(variance of per-request goodput / its mean squared, degrees of freedom)``, or None
+        without two requests' worth of figures (records from before these fields existed)."""
+        n = self.requests
+        if n <= 1 or self.goodput_sum <= 0:
+            return None
+        mean = self.goodput_sum / n
+        variance = max(self.goodput_sq_sum / n - mean * mean, 0.0) * n / (n - 1)
+        return variance / (mean * mean), n - 1
 
     @property
     def acceptance_rate_per_pos(self) -> list[float]:

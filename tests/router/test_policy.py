@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from functools import cache
 
 import pytest
 
+from router import policy
 from router.policy import (
+    DEFAULT_REL_NOISE,
     ArmEstimate,
     ArmRouter,
     Route,
@@ -19,6 +22,7 @@ from router.policy import (
     context_bucket,
     expected_tokens,
     length_bucket,
+    observed_noise,
     store_estimates,
     temperature_bucket,
     thompson_choice,
@@ -163,6 +167,41 @@ def test_thompson_prior_weight_trades_the_prior_against_observations() -> None:
 
     assert choose(2.0) == "b"  # a: (200 + 500) / 12 = 58
     assert choose(100.0) == "a"  # a: (10000 + 500) / 110 = 95
+
+
+def test_observation_noise_settles_observed_arms_but_not_the_prior() -> None:
+    # Equal priors, three requests each, a 10% better: how often is b still tried?
+    prior = {"a": 100.0, "b": 100.0}
+    three = {"a": ArmEstimate(110.0, 3), "b": ArmEstimate(100.0, 3)}
+    noisy = picks(lambda: thompson_choice(three, prior, rng=random.Random(3)))
+    steady = picks(lambda: thompson_choice(three, prior, rng=random.Random(3), obs_noise=0.05))
+    assert steady.get("b", 0) < 0.1 < noisy.get("b", 0)
+    # An arm nobody has tried keeps the prior's spread whatever the observations' noise.
+    unseen = {"a": ArmEstimate(100.0, 3)}
+
+    def share_of_unseen(noise: float) -> float:
+        rng = random.Random(4)
+        return picks(lambda: thompson_choice(unseen, {"a": 100.0, "b": 90.0}, prior_weight=5.0,
+                                             rng=rng, obs_noise=noise)).get("b", 0)
+
+    assert share_of_unseen(0.05) > 0.05 and share_of_unseen(0.3) > 0.05
+
+
+def stats_with_spread(requests: float, rel_variance: float, mean: float = 20.0) -> ArmStats:
+    """A record whose per-request goodput has the given sample relative variance."""
+    variance = rel_variance * mean * mean
+    sq_sum = (variance * (requests - 1) / requests + mean * mean) * requests
+    return ArmStats(requests=requests, goodput_sum=mean * requests, goodput_sq_sum=sq_sum)
+
+
+def test_observed_noise_pools_the_arms_spread_towards_the_default() -> None:
+    assert observed_noise({}) == pytest.approx(DEFAULT_REL_NOISE)
+    assert observed_noise({"a": ArmEstimate(10.0, 5)}) == pytest.approx(DEFAULT_REL_NOISE)
+    one = {"a": ArmEstimate(20.0, 5, stats_with_spread(5, 0.01))}
+    # (4 * 0.09 + 4 * 0.01) / (4 + 4)
+    assert observed_noise(one) == pytest.approx(math.sqrt(0.05))
+    many = {arm: ArmEstimate(20.0, 400, stats_with_spread(400, 0.01)) for arm in "ab"}
+    assert observed_noise(many) == pytest.approx(0.1, rel=0.02)
 
 
 def test_calibrated_prior_takes_the_scale_of_the_observations() -> None:
@@ -320,6 +359,15 @@ def test_router_follows_a_change_of_best_arm(seed: int, after: dict) -> None:
                  if result.summary(start, start + 100).goodput_ratio >= 0.95]
     assert recovered, "the router did not follow the new best arm"
     assert result.summary(DRIFT_AT + bound).goodput_ratio >= 0.95
+
+
+def test_learning_the_spread_cuts_regret_when_goodput_is_steady(monkeypatch) -> None:
+    # The simulated goodput spreads by 10% per request; assuming 30% explores three times longer.
+    learned = [simulate(TRUTH, MIX, 600, seed, half_life_s=1800.0) for seed in SEEDS]
+    monkeypatch.setattr(policy, "observed_noise", lambda estimates: DEFAULT_REL_NOISE)
+    assumed = [simulate(TRUTH, MIX, 600, seed, half_life_s=1800.0) for seed in SEEDS]
+    assert (sum(r.cumulative_regret for r in learned)
+            < 0.6 * sum(r.cumulative_regret for r in assumed))
 
 
 def test_decision_time_p99_is_measured() -> None:

@@ -84,6 +84,21 @@ def test_arm_stats_from_one_request_round_trips_through_fields():
     assert ArmStats.from_fields(fields | {"updated_at": "123.0"}) == stats
 
 
+def test_per_request_goodput_spread_accumulates():
+    store = InProcessStatsStore(half_life_s=1e9, clock=FakeClock())
+    for goodput in (10.0, 20.0, 30.0):  # 10 tokens in 1/1, 1/2, 1/3 of a second
+        store.record(KEY, spec_stats(output=10), decode_time_s=10.0 / goodput)
+    stats = store.snapshot()[KEY]
+    assert stats.goodput_sum == pytest.approx(60.0)
+    assert stats.goodput_sq_sum == pytest.approx(1400.0)
+    # Sample variance 100 around a mean of 20: relative variance 0.25 with 2 degrees of freedom.
+    assert stats.goodput_relative_variance == pytest.approx((0.25, 2.0))
+    assert ArmStats(requests=1.0, goodput_sum=5.0).goodput_relative_variance is None
+    # Records written before these fields existed carry no spread.
+    assert ArmStats.from_fields({"requests": "3", "decode_time_s": "1"}).goodput_relative_variance \
+        is None
+
+
 def test_combined_decays_both_sides_to_the_later_timestamp():
     old = ArmStats(requests=4, accepted_per_pos=[4.0], tried_per_pos=[4.0, 2.0], updated_at=0.0)
     new = ArmStats(requests=1, accepted_per_pos=[1.0, 1.0], tried_per_pos=[1.0],
@@ -163,6 +178,8 @@ def test_two_clients_share_statistics(redis_server):
         seen = reader.snapshot("tiny-llama")[KEY]
         assert seen.requests == pytest.approx(1.0, rel=1e-3)
         assert seen.mean_acceptance_length == pytest.approx(2.5)
+        assert seen.goodput_sum == pytest.approx(20.0, rel=1e-3)  # 10 tokens in 0.5 s
+        assert seen.goodput_sq_sum == pytest.approx(400.0, rel=1e-3)
         assert writer.available and reader.available
         await writer.close()
         await reader.close()
