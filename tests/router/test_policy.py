@@ -173,8 +173,9 @@ def test_observation_noise_settles_observed_arms_but_not_the_prior() -> None:
     # Equal priors, three requests each, a 10% better: how often is b still tried?
     prior = {"a": 100.0, "b": 100.0}
     three = {"a": ArmEstimate(110.0, 3), "b": ArmEstimate(100.0, 3)}
-    noisy = picks(lambda: thompson_choice(three, prior, rng=random.Random(3)))
-    steady = picks(lambda: thompson_choice(three, prior, rng=random.Random(3), obs_noise=0.05))
+    rng = random.Random(3)
+    noisy = picks(lambda: thompson_choice(three, prior, rng=rng))
+    steady = picks(lambda: thompson_choice(three, prior, rng=rng, obs_noise=0.05))
     assert steady.get("b", 0) < 0.1 < noisy.get("b", 0)
     # An arm nobody has tried keeps the prior's spread whatever the observations' noise.
     unseen = {"a": ArmEstimate(100.0, 3)}
