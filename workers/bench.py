@@ -1,6 +1,7 @@
 """`s3d bench`: decoding methods side by side, in one process and one run, on one prompt suite.
 
-Writes ``bench.json`` (one entry a method, ratios to ``hf_vanilla`` of the same run), ``bench.md``
+Writes ``bench.json`` (one entry a method, ratios to ``hf_vanilla`` of the same run, and each
+prompt's own figures and arm under ``runs``), ``bench.md``
 (a table) and ``bench.png`` (tokens/s per method and category) into the output folder.
 """
 
@@ -40,6 +41,16 @@ class PromptRun:
     tokens: list[int]
     seconds: float
     stats: SpecDecodeStats | None = None
+    arm: str | None = None  # the arm that decoded it (own methods)
+
+    def figures(self) -> dict:
+        """This prompt's line of ``bench.json``."""
+        return {"id": self.prompt_id, "category": self.category, "tokens": len(self.tokens),
+                "seconds": round(self.seconds, 4),
+                "tokens_per_s": round(len(self.tokens) / self.seconds, 3) if self.seconds else 0.0,
+                "mean_accepted_length": (round(self.stats.mean_acceptance_length, 4)
+                                         if self.stats is not None else None),
+                "arm": self.arm}
 
 
 @dataclass
@@ -117,7 +128,7 @@ class Bench:
             gen.run()
             seconds = time.perf_counter() - t0
             p = self.prompts[index]
-            return PromptRun(p.id, p.category, gen.output, seconds, gen.stats)
+            return PromptRun(p.id, p.category, gen.output, seconds, gen.stats, arm.name)
 
         return run
 
@@ -146,7 +157,7 @@ class Bench:
             seconds = time.perf_counter() - t0
             store.record(StatsKey("bench", bucket, arm), gen.stats, seconds)
             self.router_choices.append(arm)
-            return PromptRun(p.id, p.category, gen.output, seconds, gen.stats)
+            return PromptRun(p.id, p.category, gen.output, seconds, gen.stats, arm)
 
         return run
 
@@ -285,6 +296,7 @@ def report(results: list[MethodRun], *, params: SamplingParams, meta: dict) -> d
             figures["speedup_vs_hf"] = (round(figures["tokens_per_s"] / hf_cat["tokens_per_s"], 3)
                                         if hf_cat and hf_cat["tokens_per_s"] else None)
             entry["categories"][cat] = figures
+        entry["runs"] = [p.figures() for p in r.runs]
         entries.append(entry)
     return {"meta": meta, "results": entries}
 

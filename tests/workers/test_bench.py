@@ -1,0 +1,53 @@
+"""`s3d bench` end to end on a few prompts: methods side by side, identical outputs, reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from workers.bench import Bench, markdown_table, report, write_outputs
+from workers.engine import Engine, resolve_profile
+from workers.prompts import load_prompts
+from workers.sampling import SamplingParams
+
+METHODS = ["hf_vanilla", "vanilla", "ngram_tree", "router"]
+
+
+def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
+                    resolve_profile(None, bundled.loaded.fingerprint, bundled.runner.num_layers))
+    suite = load_prompts(limit=3)
+    params = SamplingParams()
+    results = Bench(engine, suite, 6, params).run(METHODS)
+    data = report(results, params=params, meta={
+        "date": "now", "machine": "test", "device": "cpu", "dtype": "float32", "max_tokens": 6,
+        "temperature": 0.0})
+    write_outputs(data, tmp_path)
+
+    entries = {e["method"]: e for e in json.loads((tmp_path / "bench.json").read_text())["results"]}
+    assert list(entries) == METHODS
+    assert entries["hf_vanilla"]["speedup_vs_hf"] == 1.0
+    for name, entry in entries.items():
+        assert entry["prompts"] == 3 and entry["tokens_per_s"] > 0
+        assert entry["identical_to_vanilla"] == 1.0, name
+        assert [run["id"] for run in entry["runs"]] == [p.id for p in suite]
+        assert sum(run["tokens"] for run in entry["runs"]) == entry["tokens"]
+        assert set(entry["categories"]) == {p.category for p in suite}
+    assert {run["arm"] for run in entries["ngram_tree"]["runs"]} == {"ngram_tree"}
+    assert {run["arm"] for run in entries["vanilla"]["runs"]} == {"none"}
+    # The router's per-prompt arms are the profile's, and its counts add up to them.
+    arms = [run["arm"] for run in entries["router"]["runs"]]
+    assert set(arms) <= {a.name for a in engine.profile.arms}
+    assert sum(entries["router"]["detail"]["choices"].values()) == 3
+    assert entries["ngram_tree"]["mean_accepted_length"] >= 1.0
+    table = (tmp_path / "bench.md").read_text()
+    assert table == markdown_table(data) and all(f"| {m} |" in table for m in METHODS)
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_refuses_unknown_methods(bundled):
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
+                    resolve_profile(None, bundled.loaded.fingerprint, bundled.runner.num_layers))
+    with pytest.raises(ValueError, match="unknown methods"):
+        Bench(engine, load_prompts(limit=1), 4, SamplingParams()).run(["vanilla", "warp_drive"])
