@@ -38,6 +38,11 @@ class Arm(BaseModel):
                        description="S3D: mask rows per attach point (drafts tokens 2..gamma+1).")
     attach: int = Field(default=3, ge=1, le=16,
                         description="S3D: verify rows (root and first children) that get masks.")
+    mask_fallback: bool = Field(
+        default=False,
+        description="Hybrid: spend mask rows only on steps where the n-gram drafter finds no "
+                    "continuation (those steps then draft the next one from the masks); steps "
+                    "with n-gram branches verify them alone, at the n-gram arm's cost.")
     draft_vocab: int = Field(
         default=0, ge=0,
         description="Drafts choose among the first N token ids only (0: the whole vocabulary): "
@@ -53,6 +58,8 @@ class Arm(BaseModel):
         if self.drafter in ("s3d", "hybrid") and self.skip_layers:
             raise ValueError(f"arm {self.name!r}: fused S3D mask rows run every layer; "
                              "skip_layers must be empty")
+        if self.mask_fallback and self.drafter != "hybrid":
+            raise ValueError(f"arm {self.name!r}: mask_fallback is a hybrid drafter setting")
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"arm {self.name!r}: ngram_min > ngram_max")
         if len(set(self.skip_layers)) != len(self.skip_layers):

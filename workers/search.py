@@ -200,6 +200,9 @@ S3D_VARIANTS = (dict(depth=1, top_k=1, total_tokens=1, gamma=1, attach=2),
                 dict(depth=3, top_k=1, total_tokens=3, gamma=1, attach=1),
                 dict(depth=3, top_k=1, total_tokens=3, attach=2),
                 dict(depth=3, top_k=2, total_tokens=6, attach=3))
+# Hybrid only: n-gram drafts when there are any, mask rows on the other steps.
+HYBRID_FALLBACK_VARIANTS = (dict(depth=4, top_k=2, total_tokens=3, gamma=1, attach=1),
+                            dict(depth=4, top_k=2, total_tokens=6, gamma=2, attach=1))
 S3D_SKIP_VARIANTS = (dict(depth=2, top_k=1, total_tokens=2, gamma=1),
                      dict(depth=4, top_k=1, total_tokens=4),
                      dict(depth=4, top_k=2, total_tokens=8))
@@ -220,6 +223,8 @@ def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None) -> di
         for kind in ("s3d", "hybrid"):
             kinds[kind] = [Arm(name=kind, drafter=kind, adapter=adapter_path, **v)
                            for v in S3D_VARIANTS]
+        kinds["hybrid"] += [Arm(name="hybrid", drafter="hybrid", adapter=adapter_path,
+                                mask_fallback=True, **v) for v in HYBRID_FALLBACK_VARIANTS]
         # Separate pass of the (unskipped) model over root + masks, with this adapter.
         kinds["s3d_skip"] = [Arm(name="s3d_skip", drafter="s3d_skip", adapter=adapter_path, **v)
                              for v in S3D_SKIP_VARIANTS]

@@ -47,6 +47,32 @@ def test_fused_s3d_greedy_identical(bundled, kind, depth, top_k, total, attach, 
     bundled.accepted_if_identical(arm, 4, 32, adapter)
 
 
+def test_hybrid_mask_fallback_is_lossless_and_spends_masks_only_without_ngram_drafts(bundled):
+    from workers.drafters.s3d import S3DDrafter
+
+    adapter = random_adapter(bundled.runner, seed=3)
+    arm = Arm(name="hybrid", drafter="hybrid", depth=3, top_k=1, total_tokens=3, gamma=2,
+              attach=1, mask_fallback=True)
+    # Which steps carried mask rows, and whether the n-gram drafter had found branches.
+    seen: list[tuple[bool, bool]] = []
+    original = S3DDrafter.mask_groups
+
+    def recording(self, tree):
+        groups = original(self, tree)
+        seen.append((groups is not None, not self.masks_this_step))
+        return groups
+
+    S3DDrafter.mask_groups = recording
+    try:
+        assert bundled.accepted_if_identical(arm, 4, 32, adapter) > 0
+    finally:
+        S3DDrafter.mask_groups = original
+    assert all(masks != ngram for masks, ngram in seen)  # one or the other, never both
+    assert any(masks for masks, _ in seen) and any(ngram for _, ngram in seen)
+    with pytest.raises(ValueError, match="hybrid drafter setting"):
+        Arm(name="s3d", drafter="s3d", mask_fallback=True)
+
+
 @pytest.mark.parametrize("skip,depth,top_k,total,vocab", [
     ((), 4, 1, 4, 0), (tuple(range(12, 18)), 4, 2, 8, 0), (tuple(range(8, 14)), 3, 3, 6, 4096)])
 def test_separate_pass_s3d_greedy_identical(bundled, skip, depth, top_k, total, vocab):

@@ -195,13 +195,15 @@ def tree_paths(tree: DraftTree) -> list[list[int]]:
 
 
 class S3DDrafter(Drafter):
-    """Fused S3D drafting; with ``hybrid`` the n-gram drafter's branches join the same tree."""
+    """Fused S3D drafting; with ``hybrid`` the n-gram drafter's branches join the same tree (or,
+    with the arm's ``mask_fallback``, replace it, the masks riding only on steps without any)."""
 
     def __init__(self, arm: Arm, adapter: MaskAdapter, hybrid: bool):
         self.arm, self.adapter, self.hybrid = arm, adapter, hybrid
         # Mask j sees no later mask, so fewer masks than trained is the same drafter, shorter.
         self.gamma = min(arm.gamma, adapter.gamma)
         self.pending: torch.Tensor | None = None  # [gamma, V] log-probs for the next step
+        self.masks_this_step = True
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         arm = self.arm
@@ -209,14 +211,20 @@ class S3DDrafter(Drafter):
         if self.pending is not None:
             tree = per_position_tree(self.pending[: arm.depth], arm.top_k, arm.total_tokens)
             self.pending = None
+        self.masks_this_step = True
         if self.hybrid:
             branches = ngram_continuations(ctx.tokens, arm.ngram_max, arm.ngram_min, arm.depth,
                                            max_branches=2)
-            if branches:
+            if branches and arm.mask_fallback:
+                self.masks_this_step = False
+                tree = trie_tree(branches, arm.total_tokens)
+            elif branches:
                 tree = trie_tree(branches + tree_paths(tree), arm.total_tokens)
         return tree
 
-    def mask_groups(self, tree: DraftTree) -> MaskGroups:
+    def mask_groups(self, tree: DraftTree) -> MaskGroups | None:
+        if not self.masks_this_step:
+            return None
         rows, children, row = [0], tree.children(), 0
         while children[row] and len(rows) < self.arm.attach:
             row = children[row][0] + 1
