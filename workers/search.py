@@ -9,7 +9,8 @@ calibration prompts with a layer-skip chain and its measured goodput (tokens per
 objective. Stage 3 decodes all calibration prompts with the best skip sets as real chain and tree
 arms, and with a few n-gram and S3D (fused mask-token) settings, and keeps the arm of each drafter
 kind with the highest measured goodput. Calibration text is not the benchmark suite: stdlib
-modules and questions the suite does not use.
+modules and questions the suite does not use. Stage 3 alone can run over an earlier profile's skip
+sets (``skip_sets_from``), after the adapter or the candidate settings change.
 """
 
 from __future__ import annotations
