@@ -47,28 +47,35 @@ def test_fused_s3d_greedy_identical(bundled, kind, depth, top_k, total, attach, 
     bundled.accepted_if_identical(arm, 4, 32, adapter)
 
 
-def test_hybrid_mask_fallback_is_lossless_and_spends_masks_only_without_ngram_drafts(bundled):
+def test_hybrid_mask_fallback_is_lossless_and_spends_masks_only_without_ngram_drafts(
+        bundled, monkeypatch):
+    from workers.drafters.ngram import ngram_continuations
     from workers.drafters.s3d import S3DDrafter
 
     adapter = random_adapter(bundled.runner, seed=3)
     arm = Arm(name="hybrid", drafter="hybrid", depth=3, top_k=1, total_tokens=3, gamma=2,
               attach=1, mask_fallback=True)
-    # Which steps carried mask rows, and whether the n-gram drafter had found branches.
-    seen: list[tuple[bool, bool]] = []
-    original = S3DDrafter.mask_groups
+    # Per step: did the n-gram drafter have branches (looked up independently), and did the
+    # verify forward carry mask rows?
+    steps: list[tuple[bool, bool]] = []
+    propose, mask_groups = S3DDrafter.propose, S3DDrafter.mask_groups
 
-    def recording(self, tree):
-        groups = original(self, tree)
-        seen.append((groups is not None, not self.masks_this_step))
+    def recording_propose(self, ctx):
+        found = ngram_continuations(ctx.tokens, arm.ngram_max, arm.ngram_min, arm.depth,
+                                    max_branches=2)
+        steps.append((bool(found), False))
+        return propose(self, ctx)
+
+    def recording_mask_groups(self, tree):
+        groups = mask_groups(self, tree)
+        steps[-1] = (steps[-1][0], groups is not None)
         return groups
 
-    S3DDrafter.mask_groups = recording
-    try:
-        assert bundled.accepted_if_identical(arm, 4, 32, adapter) > 0
-    finally:
-        S3DDrafter.mask_groups = original
-    assert all(masks != ngram for masks, ngram in seen)  # one or the other, never both
-    assert any(masks for masks, _ in seen) and any(ngram for _, ngram in seen)
+    monkeypatch.setattr(S3DDrafter, "propose", recording_propose)
+    monkeypatch.setattr(S3DDrafter, "mask_groups", recording_mask_groups)
+    assert bundled.accepted_if_identical(arm, 4, 32, adapter) > 0
+    assert all(masks == (not ngram) for ngram, masks in steps)
+    assert any(masks for _, masks in steps) and any(ngram for ngram, _ in steps)
     with pytest.raises(ValueError, match="hybrid drafter setting"):
         Arm(name="s3d", drafter="s3d", mask_fallback=True)
 
