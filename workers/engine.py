@@ -108,7 +108,7 @@ class Generation:
         else:
             attention = Attention(start, start, tree_attention_mask(tree.parents))
         hidden = self.runner.hidden_states(self.cache, tokens, positions, attention, draft=draft)
-        rows = RowLogits(self.runner, hidden[:n], principal_rows(tree))
+        rows = RowLogits(self.runner, hidden[:n], tree.principal_rows())
         if self.params.greedy:
             path, next_token = greedy_accept(lambda r: int(rows(r).argmax()), tree)
         else:
@@ -155,15 +155,6 @@ class RowLogits:
         if row not in self.rows:
             self.rows[row] = self.runner.logits(self.hidden[row: row + 1])[0]
         return self.rows[row]
-
-
-def principal_rows(tree: DraftTree) -> list[int]:
-    """Verify rows of the root and its chain of first children."""
-    rows, children, row = [0], tree.children(), 0
-    while children[row]:
-        row = children[row][0] + 1
-        rows.append(row)
-    return rows
 
 
 def with_mask_rows(tokens: torch.Tensor, positions: torch.Tensor, tree: DraftTree,

@@ -55,6 +55,14 @@ class DraftTree:
             out[parent + 1].append(node)
         return out
 
+    def principal_rows(self) -> list[int]:
+        """Verify rows of the root and its chain of first children (the likeliest path)."""
+        rows, children, row = [0], self.children(), 0
+        while children[row]:
+            row = children[row][0] + 1
+            rows.append(row)
+        return rows
+
 
 def tree_depths(parents: torch.Tensor) -> torch.Tensor:
     depths: list[int] = []  # built in Python, one tensor at the end: called every step

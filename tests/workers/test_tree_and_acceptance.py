@@ -18,6 +18,8 @@ TREE = DraftTree(torch.tensor([5, 7, 6, 8, 9]), torch.tensor([-1, -1, 0, 0, 1]))
 def test_depths_children_and_mask():
     assert tree_depths(TREE.parents).tolist() == [1, 1, 2, 2, 2]
     assert TREE.children() == [[0, 1], [2, 3], [4], [], [], []]
+    assert TREE.principal_rows() == [0, 1, 3]  # root, node 0, node 2 (first children)
+    assert DraftTree.empty().principal_rows() == [0]
     mask = tree_attention_mask(TREE.parents)
     expected = torch.tensor([
         [1, 0, 0, 0, 0, 0],

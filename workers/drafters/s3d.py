@@ -225,11 +225,7 @@ class S3DDrafter(Drafter):
     def mask_groups(self, tree: DraftTree) -> MaskGroups | None:
         if not self.masks_this_step:
             return None
-        rows, children, row = [0], tree.children(), 0
-        while children[row] and len(rows) < self.arm.attach:
-            row = children[row][0] + 1
-            rows.append(row)
-        return MaskGroups(rows, self.gamma, self.adapter)
+        return MaskGroups(tree.principal_rows()[: self.arm.attach], self.gamma, self.adapter)
 
     def after_verify(self, runner: ModelRunner, groups: MaskGroups, hidden: torch.Tensor,
                      accepted_row: int) -> None:
