@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,9 @@ PER_LEVEL_DRAFTERS = ("skip_chain", "skip_tree")
 # requests that assumption weighs against the bucket's observed spread.
 DEFAULT_REL_NOISE = 0.3
 NOISE_PSEUDO_REQUESTS = 4.0
+# How far traffic may sit from the calibration prompts (relative goodput): it bounds how sure a
+# paired comparison on those prompts can make the router, at (0.3 / 0.05)**2 = 36 requests.
+PRIOR_SHIFT = 0.05
 # Verify steps an arm needs in a bucket before the router sets its depth from them.
 MIN_DEPTH_STEPS = 32
 
@@ -84,7 +87,8 @@ class Route:
 
 
 def thompson_choice(estimates: dict[str, ArmEstimate], prior: dict[str, float],
-                    prior_weight: float = 2.0, rel_noise: float = DEFAULT_REL_NOISE,
+                    prior_weight: float | Mapping[str, float] = 2.0,
+                    rel_noise: float = DEFAULT_REL_NOISE,
                     rng: random.Random | None = None, obs_noise: float | None = None) -> str:
     """Sample a goodput for each arm from its posterior; return the arm with the highest sample.
 
@@ -95,12 +99,14 @@ def thompson_choice(estimates: dict[str, ArmEstimate], prior: dict[str, float],
     with the observed mean (weight = requests) and its spread is
     ``obs_noise * mean / sqrt(w + requests)``: an arm nobody has tried keeps the prior's spread
     whatever ``obs_noise`` is, while steady observations settle an arm sooner than noisy ones.
+    ``prior_weight`` may differ by arm (a mapping; arms not in it weigh 2 requests).
     """
     rng = rng or random
     noise = rel_noise if obs_noise is None else obs_noise
-    weight = prior_weight * (noise / rel_noise) ** 2
     best, best_value = None, -math.inf
     for arm, prior_goodput in prior.items():
+        weight = (prior_weight.get(arm, 2.0) if isinstance(prior_weight, Mapping)
+                  else prior_weight) * (noise / rel_noise) ** 2
         est = estimates.get(arm)
         n = est.requests if est else 0.0
         mean = ((prior_goodput * weight + (est.goodput * n if est else 0.0)) / (weight + n))
@@ -125,6 +131,35 @@ def observed_noise(estimates: dict[str, ArmEstimate], default: float = DEFAULT_R
             total += spread[0] * spread[1]
             dof += spread[1]
     return math.sqrt(total / dof)
+
+
+def paired_prior_weights(per_prompt: Mapping[str, list[float]],
+                         rel_noise: float = DEFAULT_REL_NOISE, shift: float = PRIOR_SHIFT,
+                         floor: float = 0.0) -> dict[str, float]:
+    """How many requests each arm's measured prior is worth, from a paired comparison.
+
+    ``per_prompt``: each arm's goodput on the same calibration prompts, in the same order. What
+    makes one request's goodput spread (``rel_noise``) is mostly the prompt, and the prompt cancels
+    in the ratio of two arms on it: the standard error of an arm's mean log-ratio to the best arm
+    (to the runner-up, for the best arm itself), widened by ``shift`` for traffic unlike the
+    calibration prompts, is how far its prior may be off, relative. A prior that sure weighs
+    ``(rel_noise / spread) ** 2`` requests, at least ``floor``. Empty with fewer than two arms
+    or two prompts.
+    """
+    logs = {arm: [math.log(max(v, 1e-9)) for v in values] for arm, values in per_prompt.items()}
+    sizes = {len(v) for v in logs.values()}
+    if len(logs) < 2 or len(sizes) != 1 or sizes.pop() < 2:
+        return {}
+    ranked = sorted(logs, key=lambda arm: -sum(logs[arm]))
+    weights = {}
+    for arm, values in logs.items():
+        ref = logs[ranked[1] if arm == ranked[0] else ranked[0]]
+        diffs = [a - b for a, b in zip(values, ref)]
+        mean = sum(diffs) / len(diffs)
+        var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+        spread = math.sqrt(var / len(diffs) + shift ** 2)
+        weights[arm] = max(floor, (rel_noise / spread) ** 2)
+    return weights
 
 
 def calibrated_prior(estimates: dict[str, ArmEstimate],
@@ -192,7 +227,8 @@ class ArmRouter:
                  estimates: Callable[[str], dict[str, ArmEstimate]] | None = None,
                  rng: random.Random | None = None,
                  class_priors: dict[str, dict[str, float]] | None = None,
-                 prior_weight: float = 2.0, specs: dict[str, Arm] | None = None):
+                 prior_weight: float = 2.0, specs: dict[str, Arm] | None = None,
+                 class_prior_weights: dict[str, dict[str, float]] | None = None):
         if default_arm not in arms:
             raise ValueError(f"default arm {default_arm!r} is not one of {arms}")
         self.arms = list(arms)
@@ -203,6 +239,10 @@ class ArmRouter:
         self.class_priors = {cls: {a: values.get(a, self.prior[a]) for a in arms}
                              for cls, values in (class_priors or {}).items()}
         self.prior_weight = prior_weight
+        # Per prompt class, each arm's prior weight from the search's paired comparison: used
+        # for greedy buckets, as the search decodes greedily (others weigh ``prior_weight``).
+        self.class_prior_weights = {cls: {a: max(prior_weight, w.get(a, 0.0)) for a in arms}
+                                    for cls, w in (class_prior_weights or {}).items() if w}
         self.mode = mode
         self.estimates = estimates or (lambda bucket: {})
         self.rng = rng or random.Random()
@@ -222,9 +262,13 @@ class ArmRouter:
         if self.mode == "fixed":
             return Route(self.default_arm)
         estimates = self.estimates(bucket)
-        prior = self.class_priors.get(bucket.split(".", 1)[0], self.prior)
+        fields = bucket.split(".")
+        prior = self.class_priors.get(fields[0], self.prior)
+        weight: float | dict[str, float] = self.prior_weight
+        if fields[1:2] == ["t0"]:
+            weight = self.class_prior_weights.get(fields[0], weight)
         arm = thompson_choice(estimates, calibrated_prior(estimates, prior),
-                              prior_weight=self.prior_weight, rng=self.rng,
+                              prior_weight=weight, rng=self.rng,
                               obs_noise=observed_noise(estimates))
         depth = None
         if arm in self.specs and arm in estimates:
@@ -237,12 +281,15 @@ class ArmRouter:
                     estimates: Callable[[str], dict[str, ArmEstimate]] | None = None,
                     rng: random.Random | None = None) -> ArmRouter:
         """A router over a profile's arms, its measured goodput (overall and per prompt class)
-        as the prior, weighed as many requests as the search decoded per class."""
+        as the prior, weighed as many requests as the search decoded per class, or, for greedy
+        requests, as many as the paired comparison of the arms on those prompts is worth."""
         prior, class_priors = profile.measured_goodput()
+        weight = float(profile.notes.get("prior_weight", 2.0))
         return cls([a.name for a in profile.arms], default_arm or profile.default_arm,
-                   prior or None, mode, estimates, rng, class_priors,
-                   float(profile.notes.get("prior_weight", 2.0)),
-                   {a.name: a for a in profile.arms})
+                   prior or None, mode, estimates, rng, class_priors, weight,
+                   {a.name: a for a in profile.arms},
+                   {c: paired_prior_weights(v, floor=weight)
+                    for c, v in profile.measured_per_prompt().items()})
 
 
 def store_estimates(store: StatsStore, model: str) -> Callable[[str], dict[str, ArmEstimate]]:

@@ -229,6 +229,12 @@ def train_cmd(
     skip_layers: str = typer.Option(
         "", help="Comma list of layers the draft pass skips (separate-pass `s3d_skip` arms); "
                  "empty: every layer runs (fused `s3d` / `hybrid` arms)."),
+    chat: int = typer.Option(
+        0, min=0, help="Chat requests whose greedy answers join the data (generated once, kept "
+                       "in OUT.rollouts.json)."),
+    chat_tokens: int = typer.Option(64, min=8, help="Longest chat answer generated."),
+    chat_share: float = typer.Option(0.5, min=0.0, max=1.0,
+                                     help="Share of the steps that train on chat answers."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
     threads: int = THREADS_OPT,
 ) -> None:
@@ -242,4 +248,5 @@ def train_cmd(
           chunk_len=chunk_len, attach_per_chunk=attach_per_chunk, max_chars=max_chars,
           eval_every=eval_every, resume=resume,
           skip_layers=tuple(int(x) for x in skip_layers.split(",") if x.strip()),
+          chat=chat, chat_tokens=chat_tokens, chat_share=chat_share,
           log=lambda m: typer.echo(m, err=True))

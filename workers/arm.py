@@ -116,6 +116,20 @@ class Profile(BaseModel):
                 by_class.setdefault(prompt_class, {})[arm] = value
         return overall, by_class
 
+    def measured_per_prompt(self) -> dict[str, dict[str, list[float]]]:
+        """The search's tokens/s of every arm on each calibration prompt, by prompt class:
+        ``{class: {arm: [tokens/s, ...]}}``, the prompts in the same order for every arm (empty
+        for a profile measured before per-prompt figures were kept)."""
+        classes = self.notes.get("calibration_classes", [])
+        out: dict[str, dict[str, list[float]]] = {}
+        for arm, fig in self.notes.get("measured", {}).items():
+            values = fig.get("per_prompt", [])
+            if len(values) != len(classes):
+                continue
+            for prompt_class, value in zip(classes, values):
+                out.setdefault(prompt_class, {}).setdefault(arm, []).append(value)
+        return out
+
     def arm(self, name: str) -> Arm:
         for a in self.arms:
             if a.name == name:

@@ -66,10 +66,10 @@ class BenchPrompt(BaseModel):
                                                 tokenize=True)
         else:
             out = tokenizer(self.prompt)
-        return _as_id_list(out)
+        return as_id_list(out)
 
 
-def _as_id_list(out: Any) -> list[int]:
+def as_id_list(out: Any) -> list[int]:
     """Normalize a tokenizer result (list, nested batch of one, tensor, dict or BatchEncoding
     holding ``input_ids``) to a flat list of ints."""
     if isinstance(out, Mapping) or (hasattr(out, "keys") and "input_ids" in out):

@@ -123,20 +123,23 @@ def teacher_forced(engine: Engine, sequences: list[tuple[list[int], int]],
 def measure_goodput(engine: Engine, prompts: list[tuple[str, list[int]]], arm: Arm,
                     max_tokens: int) -> dict:
     """Tokens per second and mean accepted length of ``arm`` over ``(class, ids)`` prompts,
-    overall and (``by_class``) per prompt class."""
+    overall, (``by_class``) per prompt class and (``per_prompt``) per prompt, in order: every arm
+    decodes the same prompts, so the router can compare arms prompt by prompt."""
     tokens: dict[str, int] = {}
     seconds: dict[str, float] = {}
-    accepted_len = []
+    accepted_len, per_prompt = [], []
     for prompt_class, ids in prompts:
         gen = engine.generation(ids, max_tokens, arm)
         t0 = time.perf_counter()
         gen.run()
-        seconds[prompt_class] = seconds.get(prompt_class, 0.0) + time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        seconds[prompt_class] = seconds.get(prompt_class, 0.0) + elapsed
         tokens[prompt_class] = tokens.get(prompt_class, 0) + len(gen.output)
         accepted_len.append(gen.stats.mean_acceptance_length)
+        per_prompt.append(len(gen.output) / elapsed)
     return {"tokens_per_s": sum(tokens.values()) / sum(seconds.values()),
             "mean_accepted_length": sum(accepted_len) / len(accepted_len),
-            "by_class": {c: tokens[c] / seconds[c] for c in tokens}}
+            "by_class": {c: tokens[c] / seconds[c] for c in tokens}, "per_prompt": per_prompt}
 
 
 def measure_and_log(engine: Engine, prompts: list[tuple[str, list[int]]], arm: Arm,
@@ -344,10 +347,13 @@ def measurement_notes(engine: Engine, prompts: list[tuple[str, list[int]]],
     return {"dtype": str(engine.runner.dtype).replace("torch.", ""),
             "device": str(engine.runner.device), "max_tokens": max_tokens,
             "calibration_prompts": per_class, "prior_weight": min(per_class.values()),
+            "calibration_classes": [prompt_class for prompt_class, _ in prompts],
             "measured": {k: _rounded(v) for k, v in measured.items()}}
 
 
 def _rounded(value):
     if isinstance(value, dict):
         return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
     return round(value, 3)

@@ -23,6 +23,7 @@ from router.policy import (
     expected_tokens,
     length_bucket,
     observed_noise,
+    paired_prior_weights,
     store_estimates,
     temperature_bucket,
     thompson_choice,
@@ -278,13 +279,51 @@ def test_router_for_profile_takes_its_priors_and_prior_weight() -> None:
 
     profile = Profile(model_fingerprint="f", default_arm="none", arms=[
         NONE_ARM, Arm(name="ngram_tree", drafter="ngram_tree")], notes={"prior_weight": 7,
-        "measured": {"none": {"tokens_per_s": 20.0, "by_class": {"code": 19.0}},
-                     "ngram_tree": {"tokens_per_s": 24.0, "by_class": {"code": 30.0}}}})
+        "calibration_classes": ["code", "chat", "code"],
+        "measured": {"none": {"tokens_per_s": 20.0, "by_class": {"code": 19.0},
+                              "per_prompt": [18.0, 21.0, 20.0]},
+                     "ngram_tree": {"tokens_per_s": 24.0, "by_class": {"code": 30.0},
+                                    "per_prompt": [27.0, 22.0, 30.0]}}})
     router = ArmRouter.for_profile(profile, rng=random.Random(0))
     assert router.arms == ["none", "ngram_tree"] and router.default_arm == "none"
     assert router.prior == {"none": 20.0, "ngram_tree": 24.0} and router.prior_weight == 7.0
     assert router.class_priors == {"code": {"none": 19.0, "ngram_tree": 30.0}}
+    assert profile.measured_per_prompt() == {"code": {"none": [18.0, 20.0],
+                                                      "ngram_tree": [27.0, 30.0]},
+                                             "chat": {"none": [21.0], "ngram_tree": [22.0]}}
+    # Code's two prompts compare the arms alike (1.5x both): weighed more than 7 requests;
+    # chat has one prompt, no spread to judge by: the profile's prior_weight.
+    assert router.class_prior_weights["code"]["ngram_tree"] > 7.0
+    assert "chat" not in router.class_prior_weights
     assert ArmRouter.for_profile(profile, "ngram_tree", mode="fixed").choose("x") == "ngram_tree"
+
+
+def test_paired_prior_weights_count_how_consistently_arms_compare_prompt_by_prompt() -> None:
+    # Prompts differ twofold in goodput, but `a` is 20% ahead of `b` on every one of them:
+    # the comparison is as sure as the shift for unlike traffic allows, (0.3 / 0.05)**2.
+    per_prompt = {"a": [20.0, 40.0, 30.0, 25.0], "b": [16.0, 32.0, 24.0, 20.0],
+                  "c": [10.0, 45.0, 15.0, 30.0]}  # `c` is ahead on some prompts, behind on most
+    weights = paired_prior_weights(per_prompt)
+    assert weights["a"] == pytest.approx(36.0) and weights["b"] == pytest.approx(36.0)
+    diffs = [math.log(c / a) for c, a in zip(per_prompt["c"], per_prompt["a"])]
+    mean = sum(diffs) / 4
+    spread2 = sum((d - mean) ** 2 for d in diffs) / 3 / 4 + 0.05 ** 2
+    assert weights["c"] == pytest.approx(0.09 / spread2) and weights["c"] < 3
+    assert paired_prior_weights(per_prompt, floor=5.0)["c"] == 5.0
+    assert paired_prior_weights({"a": [20.0], "b": [16.0]}) == {}  # one prompt: no spread
+    assert paired_prior_weights({"a": [20.0, 30.0]}) == {}  # nothing to compare with
+
+
+def test_paired_prior_weights_cut_exploration_of_greedy_buckets_only() -> None:
+    # `b` measured 15% behind `a` on every calibration prompt: with the paired weight a greedy
+    # bucket rarely tries it; a sampled bucket, unlike the search's greedy decoding, still does.
+    router = ArmRouter(["a", "b"], "a", prior={"a": 100.0, "b": 85.0}, rng=random.Random(0),
+                       prior_weight=2.0, class_prior_weights={"code": {"a": 36.0, "b": 36.0}})
+    greedy = picks(lambda: router.choose("code.t0.ps"), n=2000)
+    sampled = picks(lambda: router.choose("code.thi.ps"), n=2000)
+    other_class = picks(lambda: router.choose("chat.t0.ps"), n=2000)
+    assert greedy.get("b", 0) < 0.02
+    assert sampled["b"] > 0.15 and other_class["b"] > 0.15
 
 
 def test_adaptive_router_without_a_prior_starts_near_the_default_arm() -> None:

@@ -151,6 +151,49 @@ def test_training_lowers_draft_loss(bundled, skip):
     assert all(p.grad is None for p in bundled.loaded.model.parameters())  # base stays frozen
 
 
+def test_consistent_targets_follow_the_base_models_own_choices():
+    from workers.train import consistent_targets
+
+    chunk = torch.tensor([5, 6, 7, 8, 9, 10, 11, 12])
+    # The base model's next-token choices: it agrees with the text after positions 0, 1, 3-5.
+    greedy = torch.tensor([6, 7, 0, 9, 10, 11, 0, 0])
+    got = consistent_targets(chunk, greedy, torch.tensor([0, 2, 3]), 3)
+    assert got.tolist() == [[True, True, False],  # the text leaves the base's path at 3
+                            [False, False, False],  # at once: 8 follows 7, the base chose 0
+                            [True, True, True]]
+
+
+def test_train_on_chat_rollouts_writes_an_adapter_and_resumes(bundled, tmp_path):
+    import json
+
+    from workers.engine import Engine, resolve_profile
+    from workers.train import train
+
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
+                    resolve_profile(None, bundled.loaded.fingerprint, 30))
+    out = tmp_path / "adapter.safetensors"
+    kwargs = dict(gamma=2, rank=4, eval_every=1, eval_chunks=1, chat=2, chat_tokens=10,
+                  max_chars=20_000, attach_per_chunk=4, progress=False, log=lambda m: None)
+    meta = train(engine, out, steps=2, **kwargs)
+    rollouts = out.with_suffix(".rollouts.json")
+    sequences = json.loads(rollouts.read_text())["sequences"]
+    assert len(sequences) == 2
+    for seq in sequences:  # each answer is the base model's own greedy continuation
+        split = seq["first_attach"] + 1
+        prompt, answer = seq["tokens"][:split], seq["tokens"][split:]
+        assert 0 < len(answer) <= 10
+        assert answer == bundled.generate(prompt, len(answer)).output
+    assert meta["steps"] == 2 and len(meta["accuracy_chat_after"]) == 2
+    assert "chat requests" in meta["data"]
+    MaskAdapter.load(out, bundled.runner, bundled.loaded.fingerprint)
+    written = rollouts.stat().st_mtime_ns
+    meta = train(engine, out, steps=3, **kwargs)  # resumes from the checkpoint
+    assert meta["steps"] == 3 and rollouts.stat().st_mtime_ns == written
+    history = json.loads(out.with_suffix(".json").read_text())["history"]
+    assert [h["step"] for h in history] == [0, 1, 2, 3]
+    assert all(h["targets"] == "consistent" and "accuracy_chat" in h for h in history)
+
+
 def test_search_returns_valid_arms(bundled):
     from workers.engine import Engine, resolve_profile
     from workers.search import search
@@ -176,6 +219,9 @@ def test_search_returns_valid_arms(bundled):
     assert list(chain.skip_layers) in [t["skip"] for t in trials]
     assert profile.notes["calibration_prompts"] == {"code": 2}
     assert profile.notes["prior_weight"] == 2
+    per_prompt = profile.measured_per_prompt()  # every arm on the same two prompts, in order
+    assert set(per_prompt) == {"code"} and set(per_prompt["code"]) == set(names)
+    assert all(len(v) == 2 and min(v) > 0 for v in per_prompt["code"].values())
 
 
 def test_remeasure_keeps_the_arms_and_renews_the_figures(bundled):
