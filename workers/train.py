@@ -89,9 +89,8 @@ def chat_requests(count: int, seed: int = 0) -> list[list[dict]]:
     except (OSError, subprocess.SubprocessError):
         packages = []
     modules = sorted(m for m in sys.stdlib_module_names if not m.startswith("_"))
-    questions = [t.format(pkg=p, mod=m) for t in CHAT_TEMPLATES
-                 for p, m in (zip(packages, [""] * len(packages)) if "{pkg}" in t
-                              else zip([""] * len(modules), modules))]
+    questions = [t.format(pkg=name, mod=name) for t in CHAT_TEMPLATES
+                 for name in (packages if "{pkg}" in t else modules)]
     random.Random(seed).shuffle(questions)
     return [[{"role": "user", "content": q}] for q in questions[:count]]
 
