@@ -4,11 +4,12 @@ Arms are scored by goodput (output tokens per second of decoding) measured by th
 read from the statistics store's in-process snapshot (never awaited per request). Exploration is
 Thompson sampling: each arm's goodput gets a normal posterior around its decayed mean, with the
 profile's measured figure (for the bucket's prompt class when the search measured one) as a prior
-worth ``prior_weight`` requests of a default spread, while the bucket's own observed spread of
-per-request goodput (``observed_noise``) sets how fast observations settle an arm. The router
-first calibrates the prior to the bucket (``calibrated_prior``): profile figures, or the
-unit-less defaults when there are none, only say how arms compare, while the bucket's
-observations set the scale.
+worth ``prior_weight`` requests of a default spread (for greedy buckets, as many as the search's
+paired comparison of the arms on the same prompts is worth: ``paired_prior_weights``), while the
+bucket's own observed spread of per-request goodput (``observed_noise``) sets how fast
+observations settle an arm. The router first calibrates the prior to the bucket
+(``calibrated_prior``): profile figures, or the unit-less defaults when there are none, only say
+how arms compare, while the bucket's observations set the scale.
 """
 
 from __future__ import annotations
