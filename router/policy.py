@@ -266,7 +266,7 @@ class ArmRouter:
         fields = bucket.split(".")
         prior = self.class_priors.get(fields[0], self.prior)
         weight: float | dict[str, float] = self.prior_weight
-        if fields[1:2] == ["t0"]:
+        if fields[1:2] == [temperature_bucket(0.0)]:
             weight = self.class_prior_weights.get(fields[0], weight)
         arm = thompson_choice(estimates, calibrated_prior(estimates, prior),
                               prior_weight=weight, rng=self.rng,

@@ -164,6 +164,13 @@ def consistent_targets(chunk: torch.Tensor, greedy: torch.Tensor, attach: torch.
     return (chunk[idx + 1] == greedy[idx]).long().cumprod(-1).bool()
 
 
+def consistent_agreement(logits: torch.Tensor, target: torch.Tensor,
+                         valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position hits of the masks' top-1 on consistent targets, and how many there were."""
+    hits = ((logits.argmax(-1) == target) & valid).float().sum(0)
+    return hits, valid.float().sum(0)
+
+
 def mask_forward(engine: Engine, adapter: MaskAdapter, chunk: list[int], attach: torch.Tensor,
                  layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefix pass of the full model (no grad) then the mask rows (with grad) through ``layers``
@@ -211,8 +218,9 @@ def evaluate(engine: Engine, adapter: MaskAdapter, sequences: list[Sequence],
             logits, greedy = mask_forward(engine, adapter, seq.tokens, attach, layers)
             target = targets_for(greedy, attach, adapter.gamma)
             valid = consistent_targets(torch.tensor(seq.tokens), greedy, attach, adapter.gamma)
-            hits += ((logits.argmax(-1) == target) & valid).float().sum(0)
-            total += valid.float().sum(0)
+            step_hits, step_total = consistent_agreement(logits, target, valid)
+            hits += step_hits
+            total += step_total
     return (hits / total.clamp(min=1)).tolist()
 
 
@@ -318,6 +326,7 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     bar = tqdm(total=steps, initial=step, disable=not progress, desc="s3d train")
     started = time.time()
     trained_tokens = 0
+    last_loss: float | None = None
     while step < steps and time.time() < deadline:
         use_chat = train_chat and float(torch.rand((), generator=gen)) < chat_share
         pool = train_chat if use_chat else train_text
@@ -342,11 +351,14 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
             torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
             opt.step()
             trained_tokens += int(valid.sum())
-            hits = ((logits.argmax(-1) == target) & valid).float().sum(0)
-            acc = (hits / valid.float().sum(0).clamp(min=1)).tolist()
-            bar.set_postfix_str(f"loss {loss.item():.3f} acc {fmt(acc)}")
+            last_loss = loss.item()
+            hits, total = consistent_agreement(logits, target, valid)
+            acc = (hits / total.clamp(min=1)).tolist()
+            bar.set_postfix_str(f"loss {last_loss:.3f} acc {fmt(acc)}")
         if step % eval_every == 0 or step == steps:
             entry = {"step": step, "targets": "consistent", **held_out()}
+            if last_loss is not None:
+                entry["loss"] = round(last_loss, 4)
             history.append(entry)
             log(f"step {step}: held-out {describe(entry)}")
             torch.save({"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
