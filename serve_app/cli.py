@@ -231,10 +231,17 @@ def train_cmd(
                  "empty: every layer runs (fused `s3d` / `hybrid` arms)."),
     chat: int = typer.Option(
         0, min=0, help="Chat requests whose greedy answers join the data (generated once, kept "
-                       "in OUT.rollouts.json)."),
-    chat_tokens: int = typer.Option(64, min=8, help="Longest chat answer generated."),
-    chat_share: float = typer.Option(0.5, min=0.0, max=1.0,
-                                     help="Share of the steps that train on chat answers."),
+                       "in OUT.rollouts-chat.json)."),
+    code: int = typer.Option(
+        0, min=0, help="Stdlib functions' first lines whose greedy continuations join the data "
+                       "(OUT.rollouts-code.json)."),
+    summary: int = typer.Option(
+        0, min=0, help="Requests to summarise a package description or module docstring whose "
+                       "greedy answers join the data (OUT.rollouts-summary.json)."),
+    rollout_tokens: int = typer.Option(64, min=8, help="Longest continuation generated."),
+    rollout_share: float = typer.Option(
+        0.5, min=0.0, max=1.0, help="Share of the steps that train on rollouts (the kinds in "
+                                    "turn at random)."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
     threads: int = THREADS_OPT,
 ) -> None:
@@ -248,5 +255,6 @@ def train_cmd(
           chunk_len=chunk_len, attach_per_chunk=attach_per_chunk, max_chars=max_chars,
           eval_every=eval_every, resume=resume,
           skip_layers=tuple(int(x) for x in skip_layers.split(",") if x.strip()),
-          chat=chat, chat_tokens=chat_tokens, chat_share=chat_share,
+          rollouts={"chat": chat, "code": code, "summary": summary},
+          rollout_tokens=rollout_tokens, rollout_share=rollout_share,
           log=lambda m: typer.echo(m, err=True))

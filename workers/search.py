@@ -203,6 +203,7 @@ NGRAM_VARIANTS = ((3, 1, 3), (4, 2, 3), (4, 2, 6), (5, 4, 8), (8, 4, 15))
 S3D_VARIANTS = (dict(depth=1, top_k=1, total_tokens=1, gamma=1, attach=2),
                 dict(depth=3, top_k=1, total_tokens=3, gamma=1, attach=1),
                 dict(depth=2, top_k=1, total_tokens=2, gamma=2, attach=1),
+                dict(depth=2, top_k=1, total_tokens=2, gamma=2, attach=2),
                 dict(depth=3, top_k=1, total_tokens=3, attach=2),
                 dict(depth=3, top_k=2, total_tokens=6, attach=3))
 # Hybrid only: n-gram drafts when there are any, mask rows on the other steps. With ``attach=1``

@@ -163,35 +163,74 @@ def test_consistent_targets_follow_the_base_models_own_choices():
                             [True, True, True]]
 
 
-def test_train_on_chat_rollouts_writes_an_adapter_and_resumes(bundled, tmp_path):
+def test_train_on_rollouts_writes_an_adapter_and_resumes(bundled, tmp_path):
     import json
 
+    from workers.corpus import rollouts_path
     from workers.engine import Engine, resolve_profile
     from workers.train import train
 
     engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
                     resolve_profile(None, bundled.loaded.fingerprint, 30))
     out = tmp_path / "adapter.safetensors"
-    kwargs = dict(gamma=2, rank=4, eval_every=1, eval_chunks=1, chat=2, chat_tokens=10,
+    kwargs = dict(gamma=2, rank=4, eval_every=1, eval_chunks=1, rollout_tokens=10,
                   max_chars=20_000, attach_per_chunk=4, progress=False, log=lambda m: None)
-    meta = train(engine, out, steps=2, **kwargs)
-    rollouts = out.with_suffix(".rollouts.json")
-    sequences = json.loads(rollouts.read_text())["sequences"]
-    assert len(sequences) == 2
-    for seq in sequences:  # each answer is the base model's own greedy continuation
-        split = seq["first_attach"] + 1
-        prompt, answer = seq["tokens"][:split], seq["tokens"][split:]
-        assert 0 < len(answer) <= 10
-        assert answer == bundled.generate(prompt, len(answer)).output
-    assert meta["steps"] == 2 and len(meta["accuracy_chat_after"]) == 2
-    assert "chat requests" in meta["data"]
+    meta = train(engine, out, steps=2, rollouts={"chat": 2, "code": 2}, **kwargs)
+    written = {}
+    for kind in ("chat", "code"):
+        path = rollouts_path(out, kind)
+        sequences = json.loads(path.read_text())["sequences"]
+        assert len(sequences) == 2
+        for seq in sequences:  # each answer is the base model's own greedy continuation
+            split = seq["first_attach"] + 1
+            prompt, answer = seq["tokens"][:split], seq["tokens"][split:]
+            assert 0 < len(answer) <= 10
+            assert answer == bundled.generate(prompt, len(answer)).output
+        written[kind] = path.stat().st_mtime_ns
+        assert len(meta[f"accuracy_{kind}_after"]) == 2
+    assert meta["steps"] == 2 and "2 chat requests" not in meta["data"]  # one of 2 held out
+    assert "1 chat requests, 1 code requests" in meta["data"]
     MaskAdapter.load(out, bundled.runner, bundled.loaded.fingerprint)
-    written = rollouts.stat().st_mtime_ns
-    meta = train(engine, out, steps=3, **kwargs)  # resumes from the checkpoint
-    assert meta["steps"] == 3 and rollouts.stat().st_mtime_ns == written
+    meta = train(engine, out, steps=3, rollouts={"chat": 2, "code": 2}, **kwargs)  # resumes
+    assert meta["steps"] == 3
+    assert all(rollouts_path(out, k).stat().st_mtime_ns == t for k, t in written.items())
     history = json.loads(out.with_suffix(".json").read_text())["history"]
     assert [h["step"] for h in history] == [0, 1, 2, 3]
-    assert all(h["targets"] == "consistent" and "accuracy_chat" in h for h in history)
+    assert all(h["targets"] == "consistent" and "accuracy_code" in h for h in history)
+    # New data: the resumed adapter is measured again on this run's held-out sets.
+    meta = train(engine, out, steps=4, rollouts={"chat": 2, "code": 2, "summary": 2}, **kwargs)
+    history = json.loads(out.with_suffix(".json").read_text())["history"]
+    assert [h["step"] for h in history] == [0, 1, 2, 3, 3, 4]
+    assert history[4]["resumed"] and "accuracy_summary" in history[4]
+    assert history[4]["held_out"] != history[3]["held_out"] == history[0]["held_out"]
+
+
+def test_training_data_leaves_out_what_the_benchmark_and_search_decode():
+    from workers.corpus import (
+        chat_requests,
+        code_requests,
+        corpus_texts,
+        held_back_sources,
+        summary_requests,
+    )
+    from workers.prompts import load_prompts
+
+    held = held_back_sources()
+    suite = load_prompts()
+    assert {"textwrap.py", "json/encoder.py", "os.py"} <= held.stdlib and "grep" in held.debian
+    def words(text: str) -> str:
+        return " ".join(text.split())
+
+    texts = [words(t) for t in corpus_texts(max_chars=10**9, sources=("stdlib", "debian"))]
+    # Every benchmark prompt's opening text (a function's first lines, a passage to summarise)
+    # is absent from the training text and from every rollout request.
+    needles = [words(p.prompt or p.messages[-1]["content"].split("\n\n", 1)[-1])[:60]
+               for p in suite]
+    requests = [words(r) for r in [m[0]["content"] for m in chat_requests(10**6)
+                                   + summary_requests(10**6)] + code_requests(10**6)]
+    for needle in needles:
+        assert not any(needle in t for t in texts + requests), needle
+    assert not any("heapq" in m[0]["content"] for m in chat_requests(10**6))
 
 
 def test_search_returns_valid_arms(bundled):
