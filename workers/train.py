@@ -168,12 +168,12 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     layers = kept_layers(runner.num_layers, tuple(skip_layers)) if skip_layers else None
     adapter = MaskAdapter(runner, gamma=gamma, rank=rank, layers=layers)
 
-    def held_out(step: int) -> dict:
+    def held_out(step: int, model: MaskAdapter = adapter) -> dict:
         entry = {"step": step, "targets": "consistent", "held_out": signature}
         for kind, sequences in held_sets.items():
             if sequences:
                 key = "accuracy" if kind == "text" else f"accuracy_{kind}"
-                entry[key] = evaluate(engine, adapter, sequences, attach_per_chunk, layers)
+                entry[key] = evaluate(engine, model, sequences, attach_per_chunk, layers)
         return entry
 
     opt = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
@@ -197,10 +197,16 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
         history += state["history"]
         log(f"resumed from {ckpt} at step {step}")
         if history[-1].get("held_out") != signature:
-            # The data changed since the last entry: the resumed adapter on this run's sets.
-            history.append({**held_out(step), "resumed": True})
-            log(f"step {step} on this run's held-out sets: {describe(history[-1])}")
-    baseline = history[0]
+            # The data changed since the last entry: the untrained and the resumed adapter on
+            # this run's sets (the figures before and after training compare like with like).
+            untrained = held_out(0, MaskAdapter(runner, gamma=gamma, rank=rank, layers=layers))
+            history.append({**held_out(step), "resumed": True, "untrained": {
+                k: v for k, v in untrained.items() if k.startswith("accuracy")}})
+            log(f"step {step} on this run's held-out sets: {describe(history[-1])}; "
+                f"untrained: {describe(untrained)}")
+    # The untrained figures on this run's held-out sets.
+    baseline = next(({"step": 0, **h["untrained"]} for h in reversed(history)
+                     if h.get("held_out") == signature and "untrained" in h), history[0])
     gen = torch.Generator().manual_seed(seed + step)
     deadline = time.time() + minutes * 60 if minutes else math.inf
     bar = tqdm(total=steps, initial=step, disable=not progress, desc="s3d train")

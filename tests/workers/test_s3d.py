@@ -203,6 +203,10 @@ def test_train_on_rollouts_writes_an_adapter_and_resumes(bundled, tmp_path):
     assert [h["step"] for h in history] == [0, 1, 2, 3, 3, 4]
     assert history[4]["resumed"] and "accuracy_summary" in history[4]
     assert history[4]["held_out"] != history[3]["held_out"] == history[0]["held_out"]
+    # "Before" is the untrained adapter on this run's held-out sets, summary included.
+    untrained = history[4]["untrained"]
+    assert meta["accuracy_summary_before"] == [round(a, 4) for a in untrained["accuracy_summary"]]
+    assert meta["accuracy_before"] == [round(a, 4) for a in untrained["accuracy"]]
 
 
 def test_training_data_leaves_out_what_the_benchmark_and_search_decode():
