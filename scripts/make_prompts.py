@@ -25,7 +25,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from workers.prompts import SUMMARY_INSTRUCTION
+from workers.prompts import SUMMARY_INSTRUCTION, plain_description
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "workers" / "data" / "prompts.jsonl"
@@ -154,17 +154,9 @@ def debian_description(package: str) -> str:
         m = re.search(r"^Description(?:-en)?: (.*(?:\n .*)*)", proc.stdout, re.M)
         if m:
             raw = m.group(1)
-    lines = raw.splitlines()
-    if len(lines) < 2:
+    if len(raw.splitlines()) < 2:
         raise LookupError(f"debian:{package}: no long description (is the package installed?)")
-    paragraphs: list[list[str]] = [[]]
-    for line in lines[1:]:  # the first line is the synopsis
-        line = line[1:] if line.startswith(" ") else line
-        if line.strip() == ".":
-            paragraphs.append([])
-        else:
-            paragraphs[-1].append(line.strip())
-    return "\n\n".join(" ".join(p) for p in paragraphs if p)
+    return plain_description(raw)
 
 
 def stdlib_docstring(rel: str, max_paragraphs: int | None = None) -> str:

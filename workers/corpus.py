@@ -12,6 +12,7 @@ of the text and of the rollout requests (``held_back_sources``).
 from __future__ import annotations
 
 import ast
+import functools
 import glob
 import hashlib
 import json
@@ -27,7 +28,13 @@ import torch
 from tqdm import tqdm
 
 from workers.engine import Engine
-from workers.prompts import SUMMARY_INSTRUCTION, BenchPrompt, as_id_list, load_prompts
+from workers.prompts import (
+    SUMMARY_INSTRUCTION,
+    BenchPrompt,
+    as_id_list,
+    load_prompts,
+    plain_description,
+)
 from workers.search import CALIBRATION_DOCSTRINGS, CALIBRATION_MODULES
 
 HELD_OUT_EVERY = 10  # every 10th chunk or rollout is held out
@@ -56,6 +63,7 @@ class HeldBack:
         return frozenset(p.split("/")[0].removesuffix(".py") for p in self.stdlib)
 
 
+@functools.cache
 def held_back_sources() -> HeldBack:
     """The benchmark suite's sources and the search's calibration modules."""
     sources = [p.source or "" for p in load_prompts()]
@@ -78,19 +86,21 @@ def _stdlib_files(held: HeldBack) -> list[tuple[str, Path]]:
     return out
 
 
-def _debian_descriptions(held: HeldBack) -> list[tuple[str, str]]:
-    """``(package, long description)`` of installed packages, held-back ones left out."""
+@functools.cache
+def _installed_descriptions() -> tuple[tuple[str, str], ...]:
+    """``(package, description field)`` of every installed package (read once per process)."""
     try:
         out = subprocess.run(["dpkg-query", "-W", "-f=${Package}: ${Description}\n\n"],
                              capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
-    pairs = []
-    for entry in out.split("\n\n"):
-        package, _, description = entry.partition(": ")
-        if package and package not in held.debian:
-            pairs.append((package, description))
-    return pairs
+        return ()
+    pairs = (entry.partition(": ") for entry in out.split("\n\n"))
+    return tuple((package, description) for package, _, description in pairs if package)
+
+
+def _debian_descriptions(held: HeldBack) -> list[tuple[str, str]]:
+    """``(package, description field)`` of installed packages, held-back ones left out."""
+    return [(p, d) for p, d in _installed_descriptions() if p not in held.debian]
 
 
 def corpus_texts(max_chars: int = 3_000_000, sources: tuple[str, ...] = ("stdlib", "debian",
@@ -160,17 +170,12 @@ def chat_requests(count: int, seed: int = 0) -> list[list[dict]]:
     return [[{"role": "user", "content": q}] for q in questions[:count]]
 
 
-def _plain(description: str) -> str:
-    """A Debian long description as plain paragraphs (synopsis line and " ." markers gone)."""
-    paragraphs = " ".join(line.strip() for line in description.splitlines()[1:]).split(" . ")
-    return "\n\n".join(p.strip() for p in paragraphs if p.strip() not in ("", "."))
-
-
 def summary_requests(count: int, seed: int = 0) -> list[list[dict]]:
     """``count`` requests to summarise a package description or a module docstring, each
     with one of ``SUMMARY_TEMPLATES``."""
     held = held_back_sources()
-    texts = [t for t in (_plain(d) for _, d in _debian_descriptions(held)) if len(t) > 300]
+    texts = [t for t in (plain_description(d) for _, d in _debian_descriptions(held))
+             if len(t) > 300]
     for _, path in _stdlib_files(held):
         try:
             doc = ast.get_docstring(ast.parse(path.read_text(errors="ignore")))

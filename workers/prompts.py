@@ -84,6 +84,19 @@ def as_id_list(out: Any) -> list[int]:
     return [int(t) for t in out]
 
 
+def plain_description(raw: str) -> str:
+    """A Debian ``${Description}`` field's long description as plain paragraphs: the synopsis
+    line dropped, continuation lines joined, `` .`` lines separating paragraphs."""
+    paragraphs: list[list[str]] = [[]]
+    for line in raw.splitlines()[1:]:
+        line = line[1:] if line.startswith(" ") else line
+        if line.strip() == ".":
+            paragraphs.append([])
+        else:
+            paragraphs[-1].append(line.strip())
+    return "\n\n".join(" ".join(p) for p in paragraphs if p)
+
+
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[BenchPrompt]:
     """Read a prompt JSONL file (default: the shipped suite), keeping the first ``limit``.
 
