@@ -7,6 +7,8 @@ position-addressed ``KVCache``. Rolling back after a rejection is moving ``KVCac
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from workers.gemm import Gemm, GemmPlan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,11 +116,57 @@ class ModelRunner:
                       if type(head) is torch.nn.Linear and head.weight.is_floating_point()
                       else head)
         self._draft_heads: dict[int, Gemm] = {}  # views of the head's first rows, by size
-        self.gemm_plan.warm([w for mm in self.matmuls for w in mm.weights()], range(1, 17))
+        self.gemm_plan.warm([g for mm in self.matmuls for g in mm.gemms()], range(1, 17))
         if isinstance(self._head, Gemm):
-            self.gemm_plan.warm([self._head.weight], range(1, 9))
+            self.gemm_plan.warm([self._head], range(1, 9))
         self._cos = self._sin = None
         self._rope_len = 0
+        self.tune_packed()
+
+    def tune_packed(self, counts: Sequence[int] = (1, 2, 4, 6, 8, 12, 16, 64), repeats: int = 3,
+                    layers: int = 10) -> None:
+        """Decide from timed forwards after a short context from which row count on the plan's
+        packed weights are used: the smallest of ``counts`` from which they win at every larger
+        one (a single threshold, so noise at one count cannot flip a lone size); free the copies
+        if they win nowhere. The forwards run the first ``layers`` decoder layers and the output
+        layer, the two families alternating, least time of ``repeats`` each."""
+        plan = self.gemm_plan
+        if not plan.packed_bytes():
+            return
+        context, run = 32, self.all_layers[:layers]
+        cache = self.new_cache(context + max(counts))
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, self.vocab_size, (context + max(counts),), generator=generator)
+        self.forward(cache, tokens[:context], torch.arange(context), Attention.causal(0), run,
+                     logits_rows=slice(-1, None))
+
+        def packed_wins(count: int) -> bool:
+            new, positions = tokens[context:context + count], torch.arange(context,
+                                                                           context + count)
+            best = {None: float("inf"), 1: float("inf")}
+            for attempt in range(repeats + 1):  # the first round sets kernels up: untimed
+                for packed_from in best:
+                    plan.packed_from = packed_from
+                    started = time.perf_counter()
+                    self.forward(cache, new, positions, Attention.causal(context), run)
+                    if attempt:
+                        best[packed_from] = min(best[packed_from],
+                                                time.perf_counter() - started)
+            return best[1] < best[None]
+
+        wins = [packed_wins(count) for count in counts]
+        plan.packed_from = None
+        for count, won in zip(reversed(counts), reversed(wins)):
+            if not won:
+                break
+            plan.packed_from = count
+        if plan.packed_from is None:
+            plan.drop_packed()
+            log.info("packed weights won at no row count of %s: dropped", list(counts))
+            return
+        log.info("packed weights (%.0f MB) used from %d rows (won at %s of %s)",
+                 plan.packed_bytes() / 2**20, plan.packed_from,
+                 [c for c, w in zip(counts, wins) if w], list(counts))
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.num_layers, self.kv_heads, self.head_dim, capacity, self.dtype,
@@ -163,6 +213,7 @@ class ModelRunner:
                 bias = None if self._head.bias is None else self._head.bias[:vocab]
                 head = self._draft_heads[vocab] = Gemm(self._head.weight[:vocab], bias,
                                                        self.gemm_plan)
+                self.gemm_plan.warm([head], range(1, 9))
         return head(self.norm(hidden)).float()
 
     def hidden_states(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
@@ -264,10 +315,10 @@ class _LayerMatmuls:
         self._qkv_sizes = [m.out_features for m in self._qkv_modules]
         self._gate_up_sizes = [m.out_features for m in self._gate_up_modules]
 
-    def weights(self) -> list[torch.Tensor]:
+    def gemms(self) -> list[Gemm]:
         if not self._fused:
             return []
-        return [self._qkv.weight, self._gate_up.weight, self.o.weight, self.down.weight]
+        return [self._qkv, self._gate_up, self.o, self.down]
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self._fused:

@@ -149,3 +149,31 @@ def test_step_statistics_and_a_router_depth_cap(bundled):
     assert capped.stats.num_draft_levels == capped.stats.num_drafts
     with pytest.raises(ValueError, match="depth 5"):
         engine.generation(bundled.prompts[0], 32, "chain", depth=5)
+
+
+def test_packed_weights_threshold_and_greedy_agree(bundled):
+    """The runner measured a threshold for its packed weights (or dropped them); forcing packs at
+    every row count or at none gives the same logits up to float rounding and the same greedy
+    tokens, drafting included."""
+    plan = bundled.runner.gemm_plan
+    if not plan.packed_bytes():
+        assert plan.packed_from is None
+        pytest.skip("no packed weights on this machine (oneDNN missing or they never won)")
+    assert plan.packed_from is not None
+    tuned = plan.packed_from
+    arm = Arm(name="ngram8", drafter="ngram_tree", depth=6, top_k=2, total_tokens=8)
+    outputs, logits = {}, {}
+    try:
+        for packed_from in (1, 10**6):
+            plan.packed_from = packed_from
+            cache = bundled.runner.new_cache(64)
+            ids = torch.tensor(bundled.prompts[0][:40])
+            logits[packed_from] = bundled.runner.forward(cache, ids, torch.arange(40),
+                                                         Attention.causal(0))
+            outputs[packed_from] = [bundled.generate(bundled.prompts[i], 12, arm).output
+                                    for i in (0, 12)]
+    finally:
+        plan.packed_from = tuned
+    torch.testing.assert_close(logits[1], logits[10**6], atol=2e-3, rtol=1e-4)
+    assert outputs[1] == outputs[10**6]
+    assert outputs[1] == [bundled.vanilla(i, 12) for i in (0, 12)]

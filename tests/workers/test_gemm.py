@@ -1,9 +1,12 @@
 """The matmul formulations agree, the plan picks among them, fused layers keep HF modules intact."""
 
+import pytest
 import torch
 
-from workers.gemm import PRODUCTS, Gemm, GemmPlan
+from workers.gemm import PRODUCTS, Gemm, GemmPlan, onednn_available, pack, packed_product
 from workers.runner import _fuse
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
 
 
 def test_every_product_equals_linear():
@@ -54,3 +57,54 @@ def test_fuse_keeps_module_weights_as_views():
     torch.testing.assert_close(out_q, x @ before_q.t())
     torch.testing.assert_close(out_k, x @ before_k.t() + before_kb)
     torch.testing.assert_close(q(x), out_q)
+
+
+@needs_onednn
+def test_packed_product_equals_linear_with_bias():
+    torch.manual_seed(0)
+    w, bias = torch.randn(40, 24), torch.randn(40)
+    packed = pack(w)
+    for rows in (1, 3, 8, 17):
+        x = torch.randn(rows, 24)
+        torch.testing.assert_close(packed_product(x, packed, bias), x @ w.t() + bias)
+        # a column slice (not contiguous) is accepted
+        wide = torch.randn(rows, 48)
+        torch.testing.assert_close(packed_product(wide[:, :24], packed), wide[:, :24] @ w.t())
+
+
+@needs_onednn
+def test_plan_packs_and_uses_packs_from_its_threshold_only(monkeypatch):
+    plan = GemmPlan(tune=True, max_rows=8)
+    w, bias = torch.randn(16, 8), torch.randn(16)
+    gemm, other = Gemm(w, bias, plan), Gemm(torch.randn(16, 8).double(), None, plan)
+    plan.warm([gemm, other], range(1, 3))
+    assert gemm.packed is not None and other.packed is None  # float32 only
+    assert plan.packed_bytes() == w.numel() * 4
+    calls = []
+    real = packed_product
+
+    def spy(x, packed, b=None):
+        calls.append(x.shape[0])
+        return real(x, packed, b)
+
+    monkeypatch.setattr("workers.gemm.packed_product", spy)
+    with torch.inference_mode():
+        plan.packed_from = 4
+        for rows in (1, 3, 4, 9):
+            x = torch.randn(rows, 8)
+            torch.testing.assert_close(gemm(x), x @ w.t() + bias)
+    assert calls == [4, 9]
+    x = torch.randn(5, 8, requires_grad=True)
+    out = gemm(x)  # autograd: the plain weight, never the pack
+    out.sum().backward()
+    assert calls == [4, 9] and x.grad is not None
+    plan.drop_packed()
+    assert gemm.packed is None and plan.packed_from is None and plan.packed_bytes() == 0
+    assert not plan.allow_packed
+
+
+def test_untuned_plan_never_packs():
+    plan = GemmPlan(tune=False)
+    gemm = Gemm(torch.randn(16, 8), None, plan)
+    plan.warm([gemm], range(1, 3))
+    assert gemm.packed is None and not plan.allow_packed
