@@ -8,9 +8,11 @@ Verify does; optuna's TPE sampler), warm-started with stage 1's best blocks: eac
 calibration prompts with a layer-skip chain and its measured goodput (tokens per second) is the
 objective. Stage 3 decodes all calibration prompts with the best skip sets as real chain and tree
 arms, and with a few n-gram and S3D (fused mask-token) settings, and keeps the arm of each drafter
-kind with the highest measured goodput. Calibration text is not the benchmark suite: stdlib
-modules and questions the suite does not use. Stage 3 alone can run over an earlier profile's skip
-sets (``skip_sets_from``), after the adapter or the candidate settings change.
+kind with the highest measured goodput; stage 3 measures the arms it compares interleaved, prompt
+by prompt, so a shared host's drifting speed cannot pick the winner. Calibration text is not the
+benchmark suite: stdlib modules and questions the suite does not use. Stage 3 alone can run over an
+earlier profile's skip sets (``skip_sets_from``), after the adapter or the candidate settings
+change.
 """
 
 from __future__ import annotations
@@ -125,29 +127,54 @@ def measure_goodput(engine: Engine, prompts: list[tuple[str, list[int]]], arm: A
     """Tokens per second and mean accepted length of ``arm`` over ``(class, ids)`` prompts,
     overall, (``by_class``) per prompt class and (``per_prompt``) per prompt, in order: every arm
     decodes the same prompts, so the router can compare arms prompt by prompt."""
-    tokens: dict[str, int] = {}
-    seconds: dict[str, float] = {}
-    accepted_len, per_prompt = [], []
-    for prompt_class, ids in prompts:
-        gen = engine.generation(ids, max_tokens, arm)
-        t0 = time.perf_counter()
-        gen.run()
-        elapsed = time.perf_counter() - t0
-        seconds[prompt_class] = seconds.get(prompt_class, 0.0) + elapsed
-        tokens[prompt_class] = tokens.get(prompt_class, 0) + len(gen.output)
-        accepted_len.append(gen.stats.mean_acceptance_length)
-        per_prompt.append(len(gen.output) / elapsed)
-    return {"tokens_per_s": sum(tokens.values()) / sum(seconds.values()),
-            "mean_accepted_length": sum(accepted_len) / len(accepted_len),
-            "by_class": {c: tokens[c] / seconds[c] for c in tokens}, "per_prompt": per_prompt}
+    return measure_interleaved(engine, prompts, [arm], max_tokens)[0]
+
+
+def measure_interleaved(engine: Engine, prompts: list[tuple[str, list[int]]], arms: list[Arm],
+                        max_tokens: int) -> list[dict]:
+    """``measure_goodput`` of several arms at once, prompt by prompt: every arm decodes a prompt
+    before the next prompt starts, in an order that rotates, so a host whose speed drifts
+    (a shared machine) slows every arm alike instead of whichever ran in its slow minutes."""
+    tokens: list[dict[str, int]] = [{} for _ in arms]
+    seconds: list[dict[str, float]] = [{} for _ in arms]
+    accepted_len: list[list[float]] = [[] for _ in arms]
+    per_prompt: list[list[float]] = [[] for _ in arms]
+    for index, (prompt_class, ids) in enumerate(prompts):
+        for turn in range(len(arms)):
+            a = (index + turn) % len(arms)
+            gen = engine.generation(ids, max_tokens, arms[a])
+            t0 = time.perf_counter()
+            gen.run()
+            elapsed = time.perf_counter() - t0
+            seconds[a][prompt_class] = seconds[a].get(prompt_class, 0.0) + elapsed
+            tokens[a][prompt_class] = tokens[a].get(prompt_class, 0) + len(gen.output)
+            accepted_len[a].append(gen.stats.mean_acceptance_length)
+            per_prompt[a].append(len(gen.output) / elapsed)
+    return [{"tokens_per_s": sum(tokens[a].values()) / sum(seconds[a].values()),
+             "mean_accepted_length": sum(accepted_len[a]) / len(accepted_len[a]),
+             "by_class": {c: tokens[a][c] / seconds[a][c] for c in tokens[a]},
+             "per_prompt": per_prompt[a]} for a in range(len(arms))]
+
+
+def _log_line(label: str, fig: dict) -> str:
+    return f"{label}: {fig['tokens_per_s']:.2f} tok/s, MAL {fig['mean_accepted_length']:.2f}"
 
 
 def measure_and_log(engine: Engine, prompts: list[tuple[str, list[int]]], arm: Arm,
                     max_tokens: int, label: str, log) -> dict:
     """``measure_goodput``, with one log line under ``label``."""
     fig = measure_goodput(engine, prompts, arm, max_tokens)
-    log(f"{label}: {fig['tokens_per_s']:.2f} tok/s, MAL {fig['mean_accepted_length']:.2f}")
+    log(_log_line(label, fig))
     return fig
+
+
+def measure_all_and_log(engine: Engine, prompts: list[tuple[str, list[int]]], arms: list[Arm],
+                        max_tokens: int, labels: list[str], log) -> list[dict]:
+    """``measure_interleaved``, with one log line per arm under its label."""
+    figs = measure_interleaved(engine, prompts, arms, max_tokens)
+    for label, fig in zip(labels, figs):
+        log(_log_line(label, fig))
+    return figs
 
 
 @dataclass
@@ -191,9 +218,10 @@ def optimize_skip_sets(engine: Engine, prompts: list[tuple[str, list[int]]], tri
 
 
 # Arm settings decoded per drafter kind in stage 3: (depth, top_k, total_tokens) trees, and for
-# S3D the mask rows too. Small ones are there because on a CPU a forward of up to about four rows
-# costs what one row does while eight cost 1.5x (a verify forward has 1 + nodes rows, plus
-# ``attach * gamma`` mask rows when fused), so a three-node draft can beat a six-node one.
+# S3D the mask rows too (a verify forward has 1 + nodes rows, plus ``attach * gamma`` mask rows
+# when fused). Small ones are there because on a CPU a forward of up to about four rows costs what
+# one row does, so a three-node draft can beat a six-node one; large ones because from about eight
+# rows the runner's packed weights make each further row cheap (workers/gemm.py).
 SKIP_CHAIN_DEPTHS = (2, 3, 5)
 SKIP_TREE_VARIANTS = (dict(depth=3, top_k=2, total_tokens=3),
                       dict(depth=3, top_k=2, total_tokens=6),
@@ -205,7 +233,12 @@ S3D_VARIANTS = (dict(depth=1, top_k=1, total_tokens=1, gamma=1, attach=2),
                 dict(depth=2, top_k=1, total_tokens=2, gamma=2, attach=1),
                 dict(depth=2, top_k=1, total_tokens=2, gamma=2, attach=2),
                 dict(depth=3, top_k=1, total_tokens=3, attach=2),
+                dict(depth=3, top_k=2, total_tokens=4, gamma=2, attach=2),
+                dict(depth=3, top_k=2, total_tokens=6, attach=2),
                 dict(depth=3, top_k=2, total_tokens=6, attach=3))
+# Hybrid only, merged trees: n-gram branches beside a mask-row tree, deeper than masks reach.
+HYBRID_MERGED_VARIANTS = (dict(depth=5, top_k=2, total_tokens=8, attach=3),
+                          dict(depth=6, top_k=2, total_tokens=12, gamma=2, attach=2))
 # Hybrid only: n-gram drafts when there are any, mask rows on the other steps. With ``attach=1``
 # masks ride on the root alone, so a step that accepts a mask draft has none for the next step
 # unless the n-gram drafter finds one; ``attach=2`` adds masks after the draft too.
@@ -232,6 +265,8 @@ def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None) -> di
         for kind in ("s3d", "hybrid"):
             kinds[kind] = [Arm(name=kind, drafter=kind, adapter=adapter_path, **v)
                            for v in S3D_VARIANTS]
+        kinds["hybrid"] += [Arm(name="hybrid", drafter="hybrid", adapter=adapter_path, **v)
+                            for v in HYBRID_MERGED_VARIANTS]
         kinds["hybrid"] += [Arm(name="hybrid", drafter="hybrid", adapter=adapter_path,
                                 mask_fallback=True, **v) for v in HYBRID_FALLBACK_VARIANTS]
         # Separate pass of the (unskipped) model over root + masks, with this adapter.
@@ -307,23 +342,28 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
         method = skip_sets_from.notes.get("method", SEARCH_METHOD)
         if REUSED not in method:
             method += REUSED
-    arms: list[Arm] = [NONE_ARM]
-    measured: dict[str, dict] = {"none": measure_goodput(engine, prompts, NONE_ARM, max_tokens)}
 
-    def measured_arm(kind: str, arm: Arm) -> tuple[Arm, dict]:
+    def label(kind: str, arm: Arm) -> str:
         settings = arm.model_dump(exclude_defaults=True, exclude={"name", "drafter"})
-        return arm, measure_and_log(engine, prompts, arm, max_tokens, f"{kind} {settings}", log)
+        return f"{kind} {settings}"
 
-    def goodput(result: tuple[Arm, dict]) -> float:
-        return result[1]["tokens_per_s"]
-
+    # Each kind's variants are measured interleaved (the same prompt under every variant in
+    # turn), then the winner against its truncated-vocabulary twin, then the chosen arms of all
+    # kinds together: every comparison the profile rests on is paired in time.
+    arms: list[Arm] = [NONE_ARM]
     for kind, variants in arm_candidates(skips, adapter_path).items():
-        best = max((measured_arm(kind, arm) for arm in variants), key=goodput)
+        figs = measure_all_and_log(engine, prompts, variants, max_tokens,
+                                   [label(kind, a) for a in variants], log)
+        best = variants[max(range(len(variants)), key=lambda i: figs[i]["tokens_per_s"])]
         if kind != "ngram_tree":  # drafts come from the model: its output layer can shrink
-            truncated = best[0].model_copy(update={"draft_vocab": DRAFT_VOCAB})
-            best = max(best, measured_arm(kind, truncated), key=goodput)
-        arms.append(best[0])
-        measured[kind] = best[1]
+            pair = [best, best.model_copy(update={"draft_vocab": DRAFT_VOCAB})]
+            figs = measure_all_and_log(engine, prompts, pair, max_tokens,
+                                       [label(kind, a) for a in pair], log)
+            best = pair[0] if figs[0]["tokens_per_s"] >= figs[1]["tokens_per_s"] else pair[1]
+        arms.append(best)
+    log("the chosen arms, together:")
+    figs = measure_all_and_log(engine, prompts, arms, max_tokens, [a.name for a in arms], log)
+    measured = {arm.name: fig for arm, fig in zip(arms, figs)}
     default = max(measured, key=lambda k: measured[k]["tokens_per_s"])
     return Profile(model_fingerprint=engine.loaded.fingerprint, default_arm=default, arms=arms,
                    notes={"method": method, **notes,
@@ -332,11 +372,12 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
 
 def remeasure(engine: Engine, profile: Profile, max_tokens: int = 48,
               max_prompts: int | None = None, log=print) -> Profile:
-    """The profile's arms as they are, their goodput measured again on this machine's
-    calibration prompts (the router's prior); the default arm becomes the fastest."""
+    """The profile's arms as they are, their goodput measured again (interleaved) on this
+    machine's calibration prompts (the router's prior); the default arm becomes the fastest."""
     prompts = calibration_prompts(engine.tokenizer)[:max_prompts]
-    measured = {arm.name: measure_and_log(engine, prompts, arm, max_tokens, arm.name, log)
-                for arm in profile.arms}
+    figs = measure_all_and_log(engine, prompts, list(profile.arms), max_tokens,
+                               [arm.name for arm in profile.arms], log)
+    measured = {arm.name: fig for arm, fig in zip(profile.arms, figs)}
     default = max(measured, key=lambda k: measured[k]["tokens_per_s"])
     notes = {**profile.notes, **measurement_notes(engine, prompts, measured, max_tokens)}
     return profile.model_copy(update={"default_arm": default, "notes": notes})

@@ -306,3 +306,33 @@ def test_search_can_reuse_a_profiles_skip_sets_and_search_only_the_arms(bundled)
     with pytest.raises(ValueError, match="no search trials"):
         search(engine, max_tokens=6, max_prompts=2, log=lambda m: None,
                skip_sets_from=old.model_copy(update={"notes": {}}))
+
+
+def test_interleaved_measurement_pairs_arms_prompt_by_prompt():
+    """Every arm decodes a prompt before the next prompt starts, the order rotating, and each
+    arm's figures are its own (here: an arm's output length is its depth)."""
+    from types import SimpleNamespace
+
+    from workers.arm import Arm
+    from workers.search import measure_interleaved
+
+    order = []
+
+    class Engine:
+        def generation(self, ids, max_tokens, arm):
+            def run():
+                order.append((ids[0], arm.name))
+                gen.output = [0] * arm.depth
+
+            gen = SimpleNamespace(run=run, output=[],
+                                  stats=SimpleNamespace(mean_acceptance_length=arm.depth / 2))
+            return gen
+
+    arms = [Arm(name=f"a{d}", drafter="ngram_tree", depth=d) for d in (1, 2, 3)]
+    prompts = [("code", [0]), ("chat", [1]), ("code", [2]), ("chat", [3])]
+    figs = measure_interleaved(Engine(), prompts, arms, 8)
+    assert [p for p, _ in order] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert [a for _, a in order[:6]] == ["a1", "a2", "a3", "a2", "a3", "a1"]
+    assert [f["mean_accepted_length"] for f in figs] == [0.5, 1.0, 1.5]
+    assert all(len(f["per_prompt"]) == 4 and set(f["by_class"]) == {"code", "chat"}
+               for f in figs)
