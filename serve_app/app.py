@@ -55,7 +55,8 @@ class Decoder:
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         self.engine = Engine.load(self.config.model, self.config.dtype, self.config.device,
-                                  self.config.quantization, self.config.profile)
+                                  self.config.quantization, self.config.profile,
+                                  self.config.packed_weights)
         self.scheduler = StepScheduler()
         self.metrics = DecoderMetrics()
         self.store = make_store(self.config.redis_url, prefix=self.config.stats_prefix,

@@ -30,6 +30,10 @@ class ServeConfig(BaseModel):
                                                    description="auto picks CUDA if present.")
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "none", description="bitsandbytes weight quantization.")
+    packed_weights: bool = Field(
+        True, description="CPU float32: also keep a oneDNN-packed copy of the weights, used for "
+                          "products of the row counts it is measured faster at (draft-tree "
+                          "verification); false saves that second copy's memory.")
     profile: str | None = Field(None, description="Profile JSON of arms; default: the bundled "
                                                   "model's, or plain + n-gram arms for others.")
     default_arm: str | None = Field(None, description="Arm used when the router has no better "

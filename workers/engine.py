@@ -211,9 +211,10 @@ class Engine:
 
     @classmethod
     def load(cls, model: str = BUNDLED_MODEL, dtype: str = "float32", device: str = "auto",
-             quantization: str = "none", profile: str | None = None) -> Engine:
+             quantization: str = "none", profile: str | None = None,
+             packed_weights: bool = True) -> Engine:
         loaded = load_model(model, dtype=dtype, device=device, quantization=quantization)
-        runner = ModelRunner(loaded.model)
+        runner = ModelRunner(loaded.model, packed_weights)
         return cls(loaded, runner, stop_token_ids(loaded.tokenizer, loaded.model),
                    resolve_profile(profile, loaded.fingerprint, runner.num_layers))
 

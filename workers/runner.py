@@ -90,7 +90,9 @@ class KVCache:
 class ModelRunner:
     """Runs the decoder layers of a loaded HF causal LM with our own attention and KV cache."""
 
-    def __init__(self, hf_model: torch.nn.Module):
+    def __init__(self, hf_model: torch.nn.Module, packed_weights: bool = True):
+        """``packed_weights``: on CPU, keep a oneDNN-packed copy of the float32 weights for the
+        row counts it is measured faster at (see workers/gemm.py); False saves that memory."""
         self.hf = hf_model
         inner = hf_model.model
         self.config = hf_model.config
@@ -109,7 +111,7 @@ class ModelRunner:
         self.dtype = self.embed.weight.dtype
         self.vocab_size = self.lm_head.out_features
         self.all_layers = tuple(range(self.num_layers))
-        self.gemm_plan = GemmPlan(tune=self.device.type == "cpu")
+        self.gemm_plan = GemmPlan(tune=self.device.type == "cpu", allow_packed=packed_weights)
         self.matmuls = [_LayerMatmuls(layer, self.gemm_plan) for layer in self.layers]
         head = self.lm_head
         self._head = (Gemm(head.weight, head.bias, self.gemm_plan)

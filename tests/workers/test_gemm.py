@@ -103,8 +103,8 @@ def test_plan_packs_and_uses_packs_from_its_threshold_only(monkeypatch):
     assert not plan.allow_packed
 
 
-def test_untuned_plan_never_packs():
-    plan = GemmPlan(tune=False)
-    gemm = Gemm(torch.randn(16, 8), None, plan)
-    plan.warm([gemm], range(1, 3))
-    assert gemm.packed is None and not plan.allow_packed
+def test_untuned_or_opted_out_plans_never_pack():
+    for plan in (GemmPlan(tune=False), GemmPlan(tune=True, allow_packed=False)):
+        gemm = Gemm(torch.randn(16, 8), None, plan)
+        plan.warm([gemm], range(1, 3))
+        assert gemm.packed is None and not plan.allow_packed and plan.packed_bytes() == 0
