@@ -122,19 +122,14 @@ def teacher_forced(engine: Engine, sequences: list[tuple[list[int], int]],
     return hit1 / total, hit4 / total
 
 
-def measure_goodput(engine: Engine, prompts: list[tuple[str, list[int]]], arm: Arm,
-                    max_tokens: int) -> dict:
-    """Tokens per second and mean accepted length of ``arm`` over ``(class, ids)`` prompts,
-    overall, (``by_class``) per prompt class and (``per_prompt``) per prompt, in order: every arm
-    decodes the same prompts, so the router can compare arms prompt by prompt."""
-    return measure_interleaved(engine, prompts, [arm], max_tokens)[0]
-
-
 def measure_interleaved(engine: Engine, prompts: list[tuple[str, list[int]]], arms: list[Arm],
                         max_tokens: int) -> list[dict]:
-    """``measure_goodput`` of several arms at once, prompt by prompt: every arm decodes a prompt
-    before the next prompt starts, in an order that rotates, so a host whose speed drifts
-    (a shared machine) slows every arm alike instead of whichever ran in its slow minutes."""
+    """Tokens per second and mean accepted length of each of ``arms`` over ``(class, ids)``
+    prompts, overall, (``by_class``) per prompt class and (``per_prompt``) per prompt, in order:
+    every arm decodes the same prompts, so the router can compare arms prompt by prompt. Every
+    arm decodes a prompt before the next prompt starts, in an order that rotates, so a host whose
+    speed drifts (a shared machine) slows every arm alike instead of whichever ran in its slow
+    minutes."""
     tokens: list[dict[str, int]] = [{} for _ in arms]
     seconds: list[dict[str, float]] = [{} for _ in arms]
     accepted_len: list[list[float]] = [[] for _ in arms]
@@ -156,24 +151,12 @@ def measure_interleaved(engine: Engine, prompts: list[tuple[str, list[int]]], ar
              "per_prompt": per_prompt[a]} for a in range(len(arms))]
 
 
-def _log_line(label: str, fig: dict) -> str:
-    return f"{label}: {fig['tokens_per_s']:.2f} tok/s, MAL {fig['mean_accepted_length']:.2f}"
-
-
-def measure_and_log(engine: Engine, prompts: list[tuple[str, list[int]]], arm: Arm,
-                    max_tokens: int, label: str, log) -> dict:
-    """``measure_goodput``, with one log line under ``label``."""
-    fig = measure_goodput(engine, prompts, arm, max_tokens)
-    log(_log_line(label, fig))
-    return fig
-
-
 def measure_all_and_log(engine: Engine, prompts: list[tuple[str, list[int]]], arms: list[Arm],
                         max_tokens: int, labels: list[str], log) -> list[dict]:
     """``measure_interleaved``, with one log line per arm under its label."""
     figs = measure_interleaved(engine, prompts, arms, max_tokens)
     for label, fig in zip(labels, figs):
-        log(_log_line(label, fig))
+        log(f"{label}: {fig['tokens_per_s']:.2f} tok/s, MAL {fig['mean_accepted_length']:.2f}")
     return figs
 
 
@@ -208,8 +191,8 @@ def optimize_skip_sets(engine: Engine, prompts: list[tuple[str, list[int]]], tri
             return 0.0
         if skip not in results:
             arm = Arm(name="skip_chain", drafter="skip_chain", skip_layers=skip, depth=4)
-            fig = measure_and_log(engine, prompts, arm, max_tokens,
-                                  f"trial {trial.number}: skip {list(skip)}", log)
+            fig = measure_all_and_log(engine, prompts, [arm], max_tokens,
+                                      [f"trial {trial.number}: skip {list(skip)}"], log)[0]
             results[skip] = SkipTrial(skip, fig["tokens_per_s"], fig["mean_accepted_length"])
         return results[skip].tokens_per_s
 
