@@ -38,18 +38,34 @@ PRIOR_SHIFT = 0.05
 # Verify steps an arm needs in a bucket before the router sets its depth from them.
 MIN_DEPTH_STEPS = 32
 
+# A chat request whose messages carry at least this many characters has a document to work from
+# (a text to summarise, extract from or answer about; a long conversation): answers copy from it.
+DOCUMENT_CHARS = 500
+
+# A line that looks like source: a statement (a keyword with the shape Python gives it), an
+# assignment, a bare call, a comment, a brace or semicolon at the end, or an operator prose rarely
+# has. Prose about code (a colon at the end, "with", "for", "heappop()", indentation) is not.
 CODE_PATTERN = re.compile(
-    r"(^\s*(def|class|import|from|return|for|if|while)\b|[{};]\s*$|==|->|\(\))", re.MULTILINE)
+    r"(^\s*(def|class)\s+\w+\s*[(:]|^\s*import\s+[\w.]+|^\s*from\s+[\w.]+\s+import\b"
+    r"|^\s*(return|yield|raise)\b|^\s*(if|elif|while|for|with|except)\b.*:\s*$"
+    r"|^\s*(else|try|finally)\s*:\s*$|^\s*(continue|break|pass)\s*$"
+    r"|^\s*[A-Za-z_][\w.]*(\[[^\]]*\])?\s*[-+*/%|&]?=\s*\S"
+    r"|^\s*[A-Za-z_][\w.]*\(.*\)\s*(#.*)?$|^\s*(#|//)|[{};]\s*$|==|->)", re.MULTILINE)
 
 
 def classify_prompt(text: str, is_chat: bool) -> str:
-    """``code`` when the text looks like source code, else ``chat`` for messages, ``prose``."""
+    """``code`` when the text looks like source code; for messages (``text``: their contents)
+    ``doc`` when they carry a document (``DOCUMENT_CHARS`` or more), else ``chat``; else
+    ``prose``. Drafters fare differently by class: answers about a document copy from it (n-gram
+    drafts pay), short chat answers do not."""
     lines = [line for line in text.splitlines() if line.strip()][-40:]
     if lines:
         code_lines = sum(1 for line in lines if CODE_PATTERN.search(line))
         if code_lines / len(lines) >= 0.3:
             return "code"
-    return "chat" if is_chat else "prose"
+    if not is_chat:
+        return "prose"
+    return "doc" if len(text.strip()) >= DOCUMENT_CHARS else "chat"
 
 
 def temperature_bucket(temperature: float) -> str:

@@ -107,7 +107,7 @@ class Profile(BaseModel):
 
     def measured_goodput(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """The search's measured tokens/s per arm: overall, and by prompt class
-        (``code`` / ``chat`` / ``prose``) as ``{class: {arm: tokens/s}}``."""
+        (``code`` / ``chat`` / ``doc`` / ``prose``) as ``{class: {arm: tokens/s}}``."""
         measured = self.notes.get("measured", {})
         overall = {arm: fig["tokens_per_s"] for arm, fig in measured.items()}
         by_class: dict[str, dict[str, float]] = {}

@@ -50,7 +50,10 @@ def _chat_ids(tokenizer, content: str) -> list[int]:
 
 def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[tuple[str, list[int]]]:
     """``(prompt class, token ids)``: stdlib code to continue, chat questions, and chat requests
-    to summarise a module docstring (text-grounded chat, where copying from the prompt pays)."""
+    to summarise a module docstring (text-grounded chat, where copying from the prompt pays),
+    each in the class the router's classifier gives it."""
+    from router.policy import classify_prompt
+
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     prompts = []
     for name in CALIBRATION_MODULES:
@@ -59,17 +62,21 @@ def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[tuple[s
             continue
         text = path.read_text(errors="ignore")
         start = text.find("\ndef ", len(text) // 3)
-        snippet = text[max(0, start - 600): start + 200]
-        prompts.append(("code", tokenizer(snippet)["input_ids"][-max_prompt_tokens:]))
-    for q in CALIBRATION_QUESTIONS:
-        prompts.append(("chat", _chat_ids(tokenizer, q)))
+        if start < 0:  # no top-level function after the first third: a method, or a third in
+            start = text.find("\n    def ", len(text) // 3)
+        start = start if start >= 0 else len(text) // 3
+        ids = tokenizer(text[max(0, start - 600): start + 200])["input_ids"][-max_prompt_tokens:]
+        prompts.append((classify_prompt(tokenizer.decode(ids), False), ids))
+    contents = list(CALIBRATION_QUESTIONS)
     for name in CALIBRATION_DOCSTRINGS:
         path = stdlib / name
         if not path.exists():
             continue
         doc = ast.get_docstring(ast.parse(path.read_text(errors="ignore")))
         if doc:
-            prompts.append(("chat", _chat_ids(tokenizer, f"{SUMMARY_INSTRUCTION}\n\n{doc[:1200]}")))
+            contents.append(f"{SUMMARY_INSTRUCTION}\n\n{doc[:1200]}")
+    for content in contents:
+        prompts.append((classify_prompt(content, True), _chat_ids(tokenizer, content)))
     return prompts
 
 

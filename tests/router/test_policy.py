@@ -85,12 +85,51 @@ PROSE = ("The committee met on Tuesday to discuss the budget.\n"
     (PYTHON, True, "code"),
     (PROSE, False, "prose"),
     (PROSE, True, "chat"),
+    (PROSE * 10, True, "doc"),  # a chat request that carries a document
+    (PROSE * 10, False, "prose"),
+    (PYTHON * 10, True, "code"),  # code to work on is code, however long
     ("", False, "prose"),
     ("", True, "chat"),
     ("   \n\n  ", True, "chat"),
 ])
 def test_classify_prompt(text: str, is_chat: bool, expected: str) -> None:
     assert classify_prompt(text, is_chat) == expected
+
+
+# Prose about code that a looser classifier would call code: colons at line ends, sentences that
+# begin with a keyword, calls named in passing, indented prose.
+PROSE_ABOUT_CODE = """Summarize the following text in two or three sentences:
+Module doctest -- a framework for running examples in docstrings.
+Run it with the -v switch instead:
+with assorted summaries at the end, and the heappop() method.
+Function ndiff(a, b):
+    Return a delta: the difference between a and b (lists of strings).
+    For two lists of strings, return a delta in unified diff format.
+"""
+SOURCE_WITHOUT_DEFS = """            try:
+                if follow_symlinks:
+                    dirpath = path.join(toppath, name)
+                    yield from walk(dirfd, dirpath)
+            except OSError as err:
+                onerror(err)
+                continue
+            finally:
+                close(dirfd)
+gauss = _inst.gauss
+## ----------------- test program -----------------------
+"""
+
+
+def test_classify_prompt_tells_prose_about_code_from_source() -> None:
+    assert classify_prompt(PROSE_ABOUT_CODE, False) == "prose"
+    assert classify_prompt(PROSE_ABOUT_CODE, True) == "chat"
+    assert classify_prompt(SOURCE_WITHOUT_DEFS, False) == "code"
+
+
+def test_classify_prompt_calls_a_chat_a_document_from_its_length() -> None:
+    assert classify_prompt("x" * (policy.DOCUMENT_CHARS - 1), True) == "chat"
+    assert classify_prompt("x" * policy.DOCUMENT_CHARS, True) == "doc"
+    assert classify_prompt(" " * 2 * policy.DOCUMENT_CHARS, True) == "chat"
 
 
 def test_classify_prompt_needs_a_share_of_code_lines() -> None:

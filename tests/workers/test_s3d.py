@@ -1,5 +1,7 @@
 """S3D mask-token drafting: losslessness, adapter persistence, training, search."""
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -235,6 +237,17 @@ def test_training_data_leaves_out_what_the_benchmark_and_search_decode():
     for needle in needles:
         assert not any(needle in t for t in texts + requests), needle
     assert not any("heapq" in m[0]["content"] for m in chat_requests(10**6))
+
+
+def test_calibration_prompts_cover_the_routers_classes(bundled):
+    from workers.search import calibration_prompts
+
+    prompts = calibration_prompts(bundled.loaded.tokenizer)
+    classes = Counter(prompt_class for prompt_class, _ in prompts)
+    # Each prompt carries the class the router gives it: stdlib code (every snippet a function's
+    # surroundings, at least 150 tokens), short chat questions, and docstrings to summarise.
+    assert classes == {"code": 5, "chat": 4, "doc": 3}
+    assert all(len(ids) >= 150 for prompt_class, ids in prompts if prompt_class == "code")
 
 
 def test_search_returns_valid_arms(bundled):
