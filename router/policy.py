@@ -53,6 +53,13 @@ CODE_PATTERN = re.compile(
     r"|^\s*[A-Za-z_][\w.]*\(.*\)\s*(#.*)?$|^\s*(#|//)|[{};]\s*$|==|->)", re.MULTILINE)
 
 
+def conversation_text(messages: list[Mapping[str, str]]) -> str:
+    """What a chat request's class is read from: its messages' contents, without the system
+    prompt (instructions, not a document the answer copies from) unless that is all there is."""
+    said = [m["content"] for m in messages if m.get("role") != "system"]
+    return "\n".join(said if said else [m["content"] for m in messages])
+
+
 def classify_prompt(text: str, is_chat: bool) -> str:
     """``code`` when the text looks like source code; for messages (``text``: their contents)
     ``doc`` when they carry a document (``DOCUMENT_CHARS`` or more), else ``chat``; else

@@ -252,6 +252,9 @@ class IngressBase:
     # --- request preparation ---------------------------------------------------------------
 
     def _prompt_ids(self, req: CompletionRequest | ChatCompletionRequest) -> tuple[list[int], str]:
+        """The prompt's token ids, and the text its context bucket is read from."""
+        from router.policy import conversation_text
+
         if isinstance(req, ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
             try:
@@ -261,7 +264,7 @@ class IngressBase:
                 raise APIError(400, f"cannot apply the chat template: {exc}",
                                param="messages") from exc
             ids = out["input_ids"] if hasattr(out, "keys") else out
-            return list(ids), "\n".join(m["content"] for m in messages)
+            return list(ids), conversation_text(messages)
         if isinstance(req.prompt, list):
             bad = [t for t in req.prompt if not 0 <= t < len(self.tokenizer)]
             if bad:

@@ -226,6 +226,10 @@ def train_cmd(
     max_chars: int = typer.Option(3_000_000, help="Corpus size in characters."),
     eval_every: int = typer.Option(200, min=1),
     resume: bool = typer.Option(True, help="Resume from OUT.ckpt.pt when present."),
+    init: Path = typer.Option(
+        None, help="Without OUT.ckpt.pt, start from this adapter (same shape, this model): its "
+                   "weights, step count and history, with a fresh optimizer. Continues the "
+                   "committed adapter on a machine that lacks its checkpoint."),
     skip_layers: str = typer.Option(
         "", help="Comma list of layers the draft pass skips (separate-pass `s3d_skip` arms); "
                  "empty: every layer runs (fused `s3d` / `hybrid` arms)."),
@@ -253,7 +257,7 @@ def train_cmd(
     engine = Engine.load(model, dtype, device, "none", None)
     train(engine, out, gamma=gamma, rank=rank, steps=steps, minutes=minutes, lr=lr,
           chunk_len=chunk_len, attach_per_chunk=attach_per_chunk, max_chars=max_chars,
-          eval_every=eval_every, resume=resume,
+          eval_every=eval_every, resume=resume, init=init,
           skip_layers=tuple(int(x) for x in skip_layers.split(",") if x.strip()),
           rollouts={"chat": chat, "code": code, "summary": summary},
           rollout_tokens=rollout_tokens, rollout_share=rollout_share,

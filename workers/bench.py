@@ -134,7 +134,7 @@ class Bench:
 
     def _routed(self) -> Callable[[int, int], PromptRun]:
         """The adaptive router over the profile's arms, its statistics warming as it goes."""
-        from router.policy import ArmRouter, context_bucket, store_estimates
+        from router.policy import ArmRouter, context_bucket, conversation_text, store_estimates
         from router.store import InProcessStatsStore, StatsKey
 
         store = InProcessStatsStore()
@@ -145,7 +145,7 @@ class Bench:
 
         def run(index: int, max_tokens: int) -> PromptRun:
             p = self.prompts[index]
-            text = p.prompt or "\n".join(m["content"] for m in p.messages)
+            text = p.prompt if p.messages is None else conversation_text(p.messages)
             bucket = context_bucket(text, p.is_chat, self.params.temperature,
                                     len(self.ids[index]))
             t0 = time.perf_counter()
@@ -233,27 +233,37 @@ class Bench:
             run(0, 4)
 
     def run(self, methods: list[str]) -> list[MethodRun]:
+        """Every method on a prompt before the next prompt, the order rotating by one each
+        prompt: a shared host's speed drifts by tens of percent within minutes, and methods run
+        one after another in blocks would be compared at different speeds."""
         unknown = [m for m in methods if m not in ALL_METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS)}")
         self.warm_up(methods)
-        results = []
+        runners = {}
+        results = {}
+        for name in methods:
+            runners[name], detail = self.method(name)
+            results[name] = MethodRun(name, detail)
         bar = tqdm(total=len(methods) * len(self.prompts), disable=not self.progress,
                    desc="bench", unit="prompt")
-        for name in methods:
-            run, detail = self.method(name)
-            result = MethodRun(name, detail)
-            with RssSampler() as rss:
-                for index, prompt in enumerate(self.prompts):
-                    bar.set_postfix_str(f"{name} {prompt.id}")
-                    result.runs.append(run(index, self.max_tokens_for(prompt)))
-                    bar.update()
-            result.peak_rss_mb = rss.peak / 2**20
-            if name == "router":
-                result.detail["choices"] = dict(Counter(self.router_choices))
-            results.append(result)
+        for index, prompt in enumerate(self.prompts):
+            for name in rotated(methods, index):
+                bar.set_postfix_str(f"{name} {prompt.id}")
+                with RssSampler() as rss:
+                    results[name].runs.append(runners[name](index, self.max_tokens_for(prompt)))
+                results[name].peak_rss_mb = max(results[name].peak_rss_mb, rss.peak / 2**20)
+                bar.update()
         bar.close()
-        return results
+        if "router" in results:
+            results["router"].detail["choices"] = dict(Counter(self.router_choices))
+        return [results[name] for name in methods]
+
+
+def rotated(items: list[str], shift: int) -> list[str]:
+    """``items`` started at ``shift`` (mod its length) and wrapped round."""
+    shift %= max(len(items), 1)
+    return items[shift:] + items[:shift]
 
 
 def summarise(runs: list[PromptRun]) -> dict:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from workers.arm import NONE_ARM, Arm, Profile
+from workers.bench import rotated
 from workers.drafters.s3d import BUNDLED_ADAPTER
 from workers.engine import Engine
 from workers.prompts import SUMMARY_INSTRUCTION, BenchPrompt
@@ -142,8 +143,7 @@ def measure_interleaved(engine: Engine, prompts: list[tuple[str, list[int]]], ar
     accepted_len: list[list[float]] = [[] for _ in arms]
     per_prompt: list[list[float]] = [[] for _ in arms]
     for index, (prompt_class, ids) in enumerate(prompts):
-        for turn in range(len(arms)):
-            a = (index + turn) % len(arms)
+        for a in rotated(list(range(len(arms))), index):
             gen = engine.generation(ids, max_tokens, arms[a])
             t0 = time.perf_counter()
             gen.run()

@@ -34,7 +34,7 @@ from workers.corpus import (
     rollouts_path,
     split_held_out,
 )
-from workers.drafters.s3d import MaskAdapter
+from workers.drafters.s3d import AdapterMismatchError, MaskAdapter
 from workers.drafters.skip import kept_layers
 from workers.engine import Engine
 from workers.runner import MASK_ID, Attention, DraftRows
@@ -139,14 +139,16 @@ def _signature(sets: Mapping[str, list[Sequence]]) -> str:
 def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: int = 1000,
           minutes: float | None = None, lr: float = 2e-3, chunk_len: int = 256,
           attach_per_chunk: int = 32, max_chars: int = 3_000_000, eval_chunks: int = 16,
-          eval_every: int = 200, resume: bool = True, seed: int = 0,
+          eval_every: int = 200, resume: bool = True, init: Path | None = None, seed: int = 0,
           skip_layers: tuple[int, ...] = (), rollouts: Mapping[str, int] | None = None,
           rollout_tokens: int = 64, rollout_share: float = 0.5, log=print,
           progress: bool = True) -> dict:
     """Self-distil an adapter; with ``skip_layers`` the mask rows run the kept layers only
     (the separate-pass ``s3d_skip`` drafter), else every layer (fused S3D). ``rollouts`` maps a
     kind of ``ROLLOUT_KINDS`` to how many of the base model's continuations of that kind join
-    the data; ``rollout_share`` of the steps train on them, the kinds in turn at random."""
+    the data; ``rollout_share`` of the steps train on them, the kinds in turn at random.
+    Without a checkpoint to resume, ``init`` (an adapter file of the same shape, for this model)
+    gives the starting weights, step count and history; the optimizer then starts afresh."""
     torch.manual_seed(seed)
     runner = engine.runner
     for p in engine.loaded.model.parameters():
@@ -182,20 +184,24 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     history: list[dict] = []
     state = (torch.load(ckpt, map_location=runner.device, weights_only=False)
              if resume and ckpt.exists() else None)
+    if state is None and init is not None:
+        state = warm_start(init, adapter, engine.loaded.fingerprint, runner)
     if state is None or state["history"][0].get("targets") != "consistent":
         # The untrained adapter's figures, on the held-out sets and metric of this run.
         history.append(held_out(0))
         log(f"held-out per-position accuracy before training: {describe(history[0])}")
     if state is not None:
         adapter.load_state_dict(state["adapter"])
-        opt.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:
+            opt.load_state_dict(state["optimizer"])
         step = state["step"]
         for entry in state["history"]:
             if entry.get("targets") != "consistent" and "accuracy" in entry:
                 # Measured against every target, consistent or not (earlier runs' metric).
                 entry["accuracy_all_targets"] = entry.pop("accuracy")
         history += state["history"]
-        log(f"resumed from {ckpt} at step {step}")
+        log(f"resumed from {ckpt} at step {step}" if state["optimizer"] is not None else
+            f"started from {init} at step {step} (the optimizer starts afresh)")
         if history[-1].get("held_out") != signature:
             # The data changed since the last entry: the untrained and the resumed adapter on
             # this run's sets (the figures before and after training compare like with like).
@@ -280,6 +286,21 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     (out.with_suffix(".json")).write_text(json.dumps({**meta, "history": history}, indent=2))
     log(f"wrote {out}: {describe(final)}")
     return meta
+
+
+def warm_start(path: Path, adapter: MaskAdapter, fingerprint: str, runner) -> dict:
+    """A checkpoint-like state from an adapter file: its weights (it must be for this model and of
+    ``adapter``'s shape), its step count and the history written beside it; no optimizer state."""
+    start = MaskAdapter.load(path, runner, fingerprint)
+    shape = lambda a: (a.gamma, a.rank, a.alpha, a.layers, a.targets)  # noqa: E731
+    if shape(start) != shape(adapter):
+        raise AdapterMismatchError(
+            f"adapter {path} has gamma/rank/alpha/layers/targets {shape(start)}, this run "
+            f"{shape(adapter)}")
+    beside = Path(path).with_suffix(".json")
+    history = json.loads(beside.read_text()).get("history", []) if beside.exists() else []
+    return {"adapter": start.state_dict(), "optimizer": None,
+            "step": int(start.metadata.get("steps", 0)), "history": history}
 
 
 def describe(entry: dict) -> str:

@@ -132,6 +132,16 @@ def test_classify_prompt_calls_a_chat_a_document_from_its_length() -> None:
     assert classify_prompt(" " * 2 * policy.DOCUMENT_CHARS, True) == "chat"
 
 
+def test_a_long_system_prompt_does_not_make_a_chat_a_document() -> None:
+    system = {"role": "system", "content": PROSE * 10}
+    question = {"role": "user", "content": "What is a heap?"}
+    text = policy.conversation_text([system, question])
+    assert text == "What is a heap?" and classify_prompt(text, True) == "chat"
+    document = {"role": "user", "content": "Summarize:\n" + PROSE * 10}
+    assert classify_prompt(policy.conversation_text([system, question, document]), True) == "doc"
+    assert policy.conversation_text([system]) == system["content"]  # all there is
+
+
 def test_classify_prompt_needs_a_share_of_code_lines() -> None:
     one_code_line = PROSE + "x == y\n"  # 1 in 4 lines: below the 30% threshold
     assert classify_prompt(one_code_line, False) == "prose"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from workers.bench import Bench, markdown_table, report, write_outputs
+from workers.bench import Bench, PromptRun, markdown_table, report, rotated, write_outputs
 from workers.engine import Engine, resolve_profile
 from workers.prompts import load_prompts
 from workers.sampling import SamplingParams
@@ -51,3 +51,34 @@ def test_bench_refuses_unknown_methods(bundled):
                     resolve_profile(None, bundled.loaded.fingerprint, bundled.runner.num_layers))
     with pytest.raises(ValueError, match="unknown methods"):
         Bench(engine, load_prompts(limit=1), 4, SamplingParams()).run(["vanilla", "warp_drive"])
+
+
+def test_rotated_starts_at_the_shift_and_wraps():
+    assert rotated(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
+    assert rotated([], 3) == []
+
+
+def test_bench_interleaves_methods_prompt_by_prompt(bundled, monkeypatch):
+    """Every method decodes a prompt before the next prompt starts, in an order rotating by one
+    each prompt, so a host's drifting speed reaches every method alike."""
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
+                    resolve_profile(None, bundled.loaded.fingerprint, bundled.runner.num_layers))
+    suite = load_prompts(limit=3)
+    bench = Bench(engine, suite, 4, SamplingParams())
+    calls = []
+
+    def method(name):
+        def run(index, max_tokens):
+            calls.append((index, name))
+            return PromptRun(suite[index].id, suite[index].category, [1], 0.01)
+        return run, {}
+
+    monkeypatch.setattr(bench, "method", method)
+    results = bench.run(["vanilla", "ngram_tree", "hybrid"])
+    timed = calls[3:]  # after one warm-up call each
+    assert timed == [(0, "vanilla"), (0, "ngram_tree"), (0, "hybrid"),
+                     (1, "ngram_tree"), (1, "hybrid"), (1, "vanilla"),
+                     (2, "hybrid"), (2, "vanilla"), (2, "ngram_tree")]
+    assert [r.method for r in results] == ["vanilla", "ngram_tree", "hybrid"]
+    assert all([run.prompt_id for run in r.runs] == [p.id for p in suite] for r in results)

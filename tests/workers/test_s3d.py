@@ -209,6 +209,25 @@ def test_train_on_rollouts_writes_an_adapter_and_resumes(bundled, tmp_path):
     untrained = history[4]["untrained"]
     assert meta["accuracy_summary_before"] == [round(a, 4) for a in untrained["accuracy_summary"]]
     assert meta["accuracy_before"] == [round(a, 4) for a in untrained["accuracy"]]
+    # Another machine has the adapter file but not its checkpoint: --init continues from it.
+    rollouts = {"chat": 2, "code": 2, "summary": 2}
+    for kind in rollouts:  # (the rollouts would be generated again, the same greedy answers)
+        rollouts_path(tmp_path / "b.safetensors", kind).write_text(
+            rollouts_path(out, kind).read_text())
+    copy = train(engine, tmp_path / "b.safetensors", steps=4, init=out, rollouts=rollouts,
+                 **kwargs)
+    assert copy["steps"] == 4  # nothing left to train: the same weights, written anew
+    first = MaskAdapter.load(out, bundled.runner, bundled.loaded.fingerprint).state_dict()
+    again = MaskAdapter.load(tmp_path / "b.safetensors", bundled.runner,
+                             bundled.loaded.fingerprint).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    train(engine, tmp_path / "b.safetensors", steps=5, init=out, resume=False,
+          rollouts=rollouts, **kwargs)
+    history = json.loads((tmp_path / "b.json").read_text())["history"]
+    assert [h["step"] for h in history] == [0, 1, 2, 3, 3, 4, 5]
+    with pytest.raises(AdapterMismatchError, match="rank"):
+        train(engine, tmp_path / "c.safetensors", steps=5, init=out,
+              rollouts=rollouts, **{**kwargs, "rank": 8})
 
 
 def test_training_data_leaves_out_what_the_benchmark_and_search_decode():
