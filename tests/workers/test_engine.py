@@ -186,3 +186,25 @@ def test_packed_weights_threshold_and_greedy_agree(bundled):
     torch.testing.assert_close(logits[1], logits[10**6], atol=2e-3, rtol=1e-4)
     assert outputs[1] == outputs[10**6]
     assert outputs[1] == [bundled.vanilla(i, 12) for i in (0, 12)]
+
+
+def test_bfloat16_runner_follows_the_float32_model(bundled):
+    """The bf16 runner (packed bf16 weights where oneDNN has bf16 kernels for this CPU; single
+    query rows attending in float32) scores like the float32 model: a one-row step and the same
+    row inside a four-row forward agree, and its greedy choices at 24 positions are float32's."""
+    from workers.engine import Engine
+
+    runner = Engine.load("bundled", dtype="bfloat16", device="cpu").runner
+    assert runner.dtype == torch.bfloat16
+    ids = torch.tensor(bundled.prompts[0][:40])
+    cache = runner.new_cache(64)
+    prefill = runner.forward(cache, ids[:36], torch.arange(36), Attention.causal(0))
+    one = runner.forward(cache, ids[36:37], torch.arange(36, 37), Attention.causal(36))
+    four = runner.forward(cache, ids[36:40], torch.arange(36, 40), Attention.causal(36))
+    scale = one.abs().max()
+    assert (one[0] - four[0]).abs().max() < 0.05 * scale
+    reference = bundled.runner.forward(bundled.runner.new_cache(64), ids, torch.arange(40),
+                                       Attention.causal(0))
+    bf16 = torch.cat([prefill, four])
+    agree = (bf16.argmax(-1) == reference.argmax(-1))[-24:]
+    assert agree.float().mean() >= 0.9, agree

@@ -2,8 +2,17 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from workers.gemm import PRODUCTS, Gemm, GemmPlan, onednn_available, pack, packed_product
+from workers.gemm import (
+    PRODUCTS,
+    Gemm,
+    GemmPlan,
+    onednn_available,
+    pack,
+    packable,
+    packed_product,
+)
 from workers.runner import _fuse
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
@@ -73,12 +82,32 @@ def test_packed_product_equals_linear_with_bias():
 
 
 @needs_onednn
+def test_bfloat16_packs_where_onednn_has_kernels_for_it():
+    """float32 always packs with oneDNN; bfloat16 where the CPU has oneDNN's bf16 kernels (AVX-512
+    BW/VL/DQ or AVX-NE-CONVERT), and there the packed product is F.linear's, to bf16 rounding."""
+    assert packable(torch.float32) and not packable(torch.float16)
+    plan = GemmPlan(tune=True, max_rows=4)
+    w = torch.randn(64, 32).bfloat16()
+    gemm = Gemm(w, None, plan)
+    plan.warm([gemm], range(1, 3))
+    assert (gemm.packed is not None) == packable(torch.bfloat16)
+    if gemm.packed is None:
+        pytest.skip("no oneDNN bf16 kernels for this CPU: bf16 weights stay unpacked")
+    with torch.inference_mode():
+        plan.packed_from = 1
+        for rows in (1, 2, 7, 16):
+            x = torch.randn(rows, 32).bfloat16()
+            torch.testing.assert_close(gemm(x).float(), F.linear(x, w).float(),
+                                       rtol=2e-2, atol=2e-2)
+
+
+@needs_onednn
 def test_plan_packs_and_uses_packs_from_its_threshold_only(monkeypatch):
     plan = GemmPlan(tune=True, max_rows=8)
     w, bias = torch.randn(16, 8), torch.randn(16)
     gemm, other = Gemm(w, bias, plan), Gemm(torch.randn(16, 8).double(), None, plan)
     plan.warm([gemm, other], range(1, 3))
-    assert gemm.packed is not None and other.packed is None  # float32 only
+    assert gemm.packed is not None and other.packed is None  # float32 (and bf16), not float64
     assert plan.packed_bytes() == w.numel() * 4
     calls = []
     real = packed_product
