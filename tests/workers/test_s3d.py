@@ -30,6 +30,20 @@ def random_adapter(runner, seed=0) -> MaskAdapter:
     return adapter
 
 
+def test_frozen_adapter_adds_the_same_delta_in_float32_and_bfloat16(bundled):
+    """At inference the delta lands in the draft rows only, in place; for bf16 outputs on CPU it
+    is computed in float32 (faster there) and agrees with the float32 delta to bf16 rounding."""
+    adapter = random_adapter(bundled.runner)
+    x, out = torch.randn(6, 576), torch.randn(6, 576)
+    with torch.inference_mode():
+        want = adapter.adjust(0, "q_proj", x, out.clone(), 2)
+        got = adapter.adjust(0, "q_proj", x.bfloat16(), out.bfloat16(), 2)
+    assert torch.equal(want[:2], out[:2]) and not torch.equal(want[2:], out[2:])
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    assert torch.equal(got[:2], out[:2].bfloat16())
+
+
 def test_per_position_tree_and_paths():
     logp = torch.log_softmax(torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]]), -1)
     tree = per_position_tree(logp, top_k=2, total=4)

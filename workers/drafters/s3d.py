@@ -94,13 +94,20 @@ class MaskAdapter(nn.Module):
             if start == 0:
                 return out + delta
             return torch.cat([out[:start], out[start:] + delta])
-        factors = self._inference_factors.get((key, out.dtype))
+        # On CPU, bf16 products this small cost 2.3x float32 ones (36 against 16 us for 2 rows,
+        # conversions included): there the delta is computed in float32.
+        compute = (torch.float32 if out.dtype == torch.bfloat16 and out.device.type == "cpu"
+                   else out.dtype)
+        factors = self._inference_factors.get((key, compute))
         if factors is None:
             a, b = self.lora_a[key], self.lora_b[key]
-            factors = self._inference_factors[(key, out.dtype)] = (
-                a.t().to(out.dtype).contiguous(), (b * self.scale).t().to(out.dtype).contiguous())
+            factors = self._inference_factors[(key, compute)] = (
+                a.t().to(compute).contiguous(), (b * self.scale).t().to(compute).contiguous())
         a_t, b_t = factors
-        out[start:].addmm_(x[start:] @ a_t, b_t)
+        if compute == out.dtype:
+            out[start:].addmm_(x[start:] @ a_t, b_t)
+        else:
+            out[start:] += (x[start:].to(compute) @ a_t @ b_t).to(out.dtype)
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
