@@ -303,17 +303,18 @@ class ArmRouter:
     def for_profile(cls, profile: Profile, default_arm: str | None = None,
                     mode: str = "adaptive",
                     estimates: Callable[[str], dict[str, ArmEstimate]] | None = None,
-                    rng: random.Random | None = None) -> ArmRouter:
-        """A router over a profile's arms, its measured goodput (overall and per prompt class)
-        as the prior, weighed as many requests as the search decoded per class, or, for greedy
-        requests, as many as the paired comparison of the arms on those prompts is worth."""
-        prior, class_priors = profile.measured_goodput()
-        weight = float(profile.notes.get("prior_weight", 2.0))
+                    rng: random.Random | None = None, dtype: str | None = None) -> ArmRouter:
+        """A router over a profile's arms, its measured goodput (overall and per prompt class,
+        in the serving ``dtype`` where the profile has figures for it) as the prior, weighed as
+        many requests as the search decoded per class, or, for greedy requests, as many as the
+        paired comparison of the arms on those prompts is worth."""
+        prior, class_priors = profile.measured_goodput(dtype)
+        weight = float(profile.measurement(dtype).get("prior_weight", 2.0))
         return cls([a.name for a in profile.arms], default_arm or profile.default_arm,
                    prior or None, mode, estimates, rng, class_priors, weight,
                    {a.name: a for a in profile.arms},
                    {c: paired_prior_weights(v, floor=weight)
-                    for c, v in profile.measured_per_prompt().items()})
+                    for c, v in profile.measured_per_prompt(dtype).items()})
 
 
 def store_estimates(store: StatsStore, model: str) -> Callable[[str], dict[str, ArmEstimate]]:

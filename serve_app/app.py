@@ -241,7 +241,8 @@ class IngressBase:
         self._store_started = False
         self.router = ArmRouter.for_profile(
             self.profile, default, self.config.router,
-            estimates=store_estimates(self.store, self.config.served_model_name))
+            estimates=store_estimates(self.store, self.config.served_model_name),
+            dtype=self.config.dtype)
         self.metrics = IngressMetrics()
 
     async def _ensure_store(self) -> None:

@@ -105,10 +105,19 @@ class Profile(BaseModel):
             raise ValueError(f"default_arm {self.default_arm!r} is not one of {names}")
         return self
 
-    def measured_goodput(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-        """The search's measured tokens/s per arm: overall, and by prompt class
-        (``code`` / ``chat`` / ``doc`` / ``prose``) as ``{class: {arm: tokens/s}}``."""
-        measured = self.notes.get("measured", {})
+    def measurement(self, dtype: str | None = None) -> dict:
+        """The notes on how the arms' goodput was measured (figures, calibration classes,
+        ``prior_weight``): those taken in ``dtype`` when the profile has them (``--remeasure``
+        in another dtype adds them under ``notes.by_dtype``; rows cost differently by dtype, so
+        the arms may rank differently), else the search's own."""
+        other = self.notes.get("by_dtype", {}).get(dtype) if dtype else None
+        return other if other is not None else self.notes
+
+    def measured_goodput(self, dtype: str | None = None
+                         ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """The measured tokens/s per arm (in ``dtype``, see ``measurement``): overall, and by
+        prompt class (``code`` / ``chat`` / ``doc`` / ``prose``) as ``{class: {arm: tokens/s}}``."""
+        measured = self.measurement(dtype).get("measured", {})
         overall = {arm: fig["tokens_per_s"] for arm, fig in measured.items()}
         by_class: dict[str, dict[str, float]] = {}
         for arm, fig in measured.items():
@@ -116,13 +125,15 @@ class Profile(BaseModel):
                 by_class.setdefault(prompt_class, {})[arm] = value
         return overall, by_class
 
-    def measured_per_prompt(self) -> dict[str, dict[str, list[float]]]:
-        """The search's tokens/s of every arm on each calibration prompt, by prompt class:
-        ``{class: {arm: [tokens/s, ...]}}``, the prompts in the same order for every arm (empty
-        for a profile measured before per-prompt figures were kept)."""
-        classes = self.notes.get("calibration_classes", [])
+    def measured_per_prompt(self, dtype: str | None = None) -> dict[str, dict[str, list[float]]]:
+        """The tokens/s of every arm on each calibration prompt (in ``dtype``, see
+        ``measurement``), by prompt class: ``{class: {arm: [tokens/s, ...]}}``, the prompts in
+        the same order for every arm (empty for a profile measured before per-prompt figures were
+        kept)."""
+        notes = self.measurement(dtype)
+        classes = notes.get("calibration_classes", [])
         out: dict[str, dict[str, list[float]]] = {}
-        for arm, fig in self.notes.get("measured", {}).items():
+        for arm, fig in notes.get("measured", {}).items():
             values = fig.get("per_prompt", [])
             if len(values) != len(classes):
                 continue

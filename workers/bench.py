@@ -140,7 +140,8 @@ class Bench:
         store = InProcessStatsStore()
         profile = self.engine.profile
         router = ArmRouter.for_profile(profile, estimates=store_estimates(store, "bench"),
-                                       rng=random.Random(0))
+                                       rng=random.Random(0),
+                                       dtype=str(self.engine.runner.dtype).removeprefix("torch."))
         self.router_choices: list[str] = []
 
         def run(index: int, max_tokens: int) -> PromptRun:

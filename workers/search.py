@@ -363,13 +363,20 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
 def remeasure(engine: Engine, profile: Profile, max_tokens: int = 48,
               max_prompts: int | None = None, log=print) -> Profile:
     """The profile's arms as they are, their goodput measured again (interleaved) on this
-    machine's calibration prompts (the router's prior); the default arm becomes the fastest."""
+    machine's calibration prompts (the router's prior). In the dtype the profile was measured in
+    (or with no dtype noted) the figures replace the profile's own and the default arm becomes
+    the fastest; in another dtype they are kept beside them under ``notes.by_dtype``, for
+    routers serving that dtype (``Profile.measurement``)."""
     prompts = calibration_prompts(engine.tokenizer)[:max_prompts]
     figs = measure_all_and_log(engine, prompts, list(profile.arms), max_tokens,
                                [arm.name for arm in profile.arms], log)
     measured = {arm.name: fig for arm, fig in zip(profile.arms, figs)}
+    fresh = measurement_notes(engine, prompts, measured, max_tokens)
+    if profile.notes.get("dtype", fresh["dtype"]) != fresh["dtype"]:
+        by_dtype = {**profile.notes.get("by_dtype", {}), fresh["dtype"]: fresh}
+        return profile.model_copy(update={"notes": {**profile.notes, "by_dtype": by_dtype}})
     default = max(measured, key=lambda k: measured[k]["tokens_per_s"])
-    notes = {**profile.notes, **measurement_notes(engine, prompts, measured, max_tokens)}
+    notes = {**profile.notes, **fresh}
     return profile.model_copy(update={"default_arm": default, "notes": notes})
 
 

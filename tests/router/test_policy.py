@@ -347,6 +347,29 @@ def test_router_for_profile_takes_its_priors_and_prior_weight() -> None:
     assert ArmRouter.for_profile(profile, "ngram_tree", mode="fixed").choose("x") == "ngram_tree"
 
 
+def test_router_takes_the_figures_measured_in_its_serving_dtype() -> None:
+    """A profile searched in one dtype and re-measured in another keeps both sets of figures; a
+    router serving a dtype takes its own, or the search's for a dtype never measured."""
+    from workers.arm import NONE_ARM, Arm, Profile
+
+    own = {"none": {"tokens_per_s": 20.0, "by_class": {"chat": 20.0}},
+           "ngram_tree": {"tokens_per_s": 30.0, "by_class": {"chat": 25.0}}}
+    bf16 = {"none": {"tokens_per_s": 40.0, "by_class": {"chat": 45.0}},
+            "ngram_tree": {"tokens_per_s": 35.0, "by_class": {"chat": 30.0}}}
+    profile = Profile(model_fingerprint="f", default_arm="ngram_tree", arms=[
+        NONE_ARM, Arm(name="ngram_tree", drafter="ngram_tree")], notes={
+            "dtype": "float32", "prior_weight": 3, "measured": own,
+            "by_dtype": {"bfloat16": {"dtype": "bfloat16", "prior_weight": 5, "measured": bf16}}})
+    for dtype, prior, chat, weight in (
+            (None, {"none": 20.0, "ngram_tree": 30.0}, 25.0, 3.0),
+            ("float32", {"none": 20.0, "ngram_tree": 30.0}, 25.0, 3.0),
+            ("float16", {"none": 20.0, "ngram_tree": 30.0}, 25.0, 3.0),
+            ("bfloat16", {"none": 40.0, "ngram_tree": 35.0}, 30.0, 5.0)):
+        router = ArmRouter.for_profile(profile, rng=random.Random(0), dtype=dtype)
+        assert router.prior == prior and router.prior_weight == weight, dtype
+        assert router.class_priors["chat"]["ngram_tree"] == chat
+
+
 def test_paired_prior_weights_count_how_consistently_arms_compare_prompt_by_prompt() -> None:
     # Prompts differ twofold in goodput, but `a` is 20% ahead of `b` on every one of them:
     # the comparison is as sure as the shift for unlike traffic allows, (0.3 / 0.05)**2.

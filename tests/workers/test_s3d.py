@@ -329,6 +329,13 @@ def test_remeasure_keeps_the_arms_and_renews_the_figures(bundled):
     assert set(measured) == {"none", "ngram_tree"}
     assert all(m["tokens_per_s"] > 2.0 for m in measured.values())  # real figures, not 1 and 2
     assert new.default_arm == max(measured, key=lambda k: measured[k]["tokens_per_s"])
+    # A profile measured in another dtype keeps its figures; these go beside them.
+    other = old.model_copy(update={"notes": {**old.notes, "dtype": "bfloat16"}})
+    kept = remeasure(engine, other, max_tokens=6, max_prompts=2, log=lambda m: None)
+    assert kept.notes["measured"] == old.notes["measured"] and kept.default_arm == "none"
+    assert kept.measurement("float32")["dtype"] == "float32"
+    assert set(kept.measured_goodput("float32")[0]) == {"none", "ngram_tree"}
+    assert kept.measured_goodput("bfloat16")[0] == {"none": 1.0, "ngram_tree": 2.0}
 
 
 def test_search_can_reuse_a_profiles_skip_sets_and_search_only_the_arms(bundled):
