@@ -186,7 +186,7 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
              if resume and ckpt.exists() else None)
     if state is None and init is not None:
         state = warm_start(init, adapter, engine.loaded.fingerprint, runner)
-    if state is None or state["history"][0].get("targets") != "consistent":
+    if state is None or not state["history"] or state["history"][0].get("targets") != "consistent":
         # The untrained adapter's figures, on the held-out sets and metric of this run.
         history.append(held_out(0))
         log(f"held-out per-position accuracy before training: {describe(history[0])}")
@@ -202,9 +202,10 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
         history += state["history"]
         log(f"resumed from {ckpt} at step {step}" if state["optimizer"] is not None else
             f"started from {init} at step {step} (the optimizer starts afresh)")
-        if history[-1].get("held_out") != signature:
-            # The data changed since the last entry: the untrained and the resumed adapter on
-            # this run's sets (the figures before and after training compare like with like).
+        if history[-1].get("held_out") != signature or history[-1].get("step") != step:
+            # The data changed since the last entry, or the adapter was not measured at this
+            # step (an --init file): the untrained and the resumed adapter on this run's sets
+            # (the figures before and after training compare like with like).
             untrained = held_out(0, MaskAdapter(runner, gamma=gamma, rank=rank, layers=layers))
             history.append({**held_out(step), "resumed": True, "untrained": {
                 k: v for k, v in untrained.items() if k.startswith("accuracy")}})

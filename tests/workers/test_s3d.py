@@ -239,6 +239,13 @@ def test_train_on_rollouts_writes_an_adapter_and_resumes(bundled, tmp_path):
           rollouts=rollouts, **kwargs)
     history = json.loads((tmp_path / "b.json").read_text())["history"]
     assert [h["step"] for h in history] == [0, 1, 2, 3, 3, 4, 5]
+    bare = tmp_path / "bare.safetensors"  # an adapter file with no history beside it
+    bare.write_bytes(out.read_bytes())
+    alone = train(engine, tmp_path / "e.safetensors", steps=5, init=bare, rollouts=rollouts,
+                  **kwargs)
+    assert alone["steps"] == 5
+    assert [h["step"] for h in json.loads((tmp_path / "e.json").read_text())["history"]] == [
+        0, 4, 5]
     with pytest.raises(AdapterMismatchError, match="rank"):
         train(engine, tmp_path / "c.safetensors", steps=5, init=out,
               rollouts=rollouts, **{**kwargs, "rank": 8})
