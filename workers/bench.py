@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from workers.engine import Engine
+from workers.model import dtype_name
 from workers.prompts import BenchPrompt
 from workers.sampling import SamplingParams
 from workers.stats import SpecDecodeStats
@@ -141,7 +142,7 @@ class Bench:
         profile = self.engine.profile
         router = ArmRouter.for_profile(profile, estimates=store_estimates(store, "bench"),
                                        rng=random.Random(0),
-                                       dtype=str(self.engine.runner.dtype).removeprefix("torch."))
+                                       dtype=dtype_name(self.engine.runner.dtype))
         self.router_choices: list[str] = []
 
         def run(index: int, max_tokens: int) -> PromptRun:
@@ -319,7 +320,7 @@ def machine_meta(engine: Engine, args: dict) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(engine.runner.device),
-        "dtype": str(engine.runner.dtype).replace("torch.", ""),
+        "dtype": dtype_name(engine.runner.dtype),
         "model": engine.loaded.path,
         "torch": torch.__version__,
         **args,

@@ -38,11 +38,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_dtype(dtype: str) -> torch.dtype:
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
-    return table[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The configuration's name of ``dtype`` (``resolve_dtype``'s inverse), as profiles and
+    benchmark reports record it."""
+    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def prepare_bundled_model(progress=print) -> Path:

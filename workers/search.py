@@ -29,6 +29,7 @@ from workers.arm import NONE_ARM, Arm, Profile
 from workers.bench import rotated
 from workers.drafters.s3d import BUNDLED_ADAPTER
 from workers.engine import Engine
+from workers.model import dtype_name
 from workers.prompts import SUMMARY_INSTRUCTION, BenchPrompt
 from workers.runner import Attention
 
@@ -387,7 +388,7 @@ def measurement_notes(engine: Engine, prompts: list[tuple[str, list[int]]],
     per_class: dict[str, int] = {}
     for prompt_class, _ in prompts:
         per_class[prompt_class] = per_class.get(prompt_class, 0) + 1
-    return {"dtype": str(engine.runner.dtype).replace("torch.", ""),
+    return {"dtype": dtype_name(engine.runner.dtype),
             "device": str(engine.runner.device), "max_tokens": max_tokens,
             "calibration_prompts": per_class, "prior_weight": min(per_class.values()),
             "calibration_classes": [prompt_class for prompt_class, _ in prompts],
