@@ -245,15 +245,16 @@ class ModelRunner:
         upcast = num_new == 1 and self.device.type == "cpu" and self.dtype == torch.bfloat16
         for idx in (self.all_layers if layers is None else layers):
             layer, mm = self.layers[idx], self.matmuls[idx]
-            proj = _Projector(idx, draft)
             x = layer.input_layernorm(hidden)
-            q, k, v = mm.qkv(x)
-            q = proj.adjust("q_proj", x, q).view(1, num_new, self.num_heads, self.head_dim)
-            k = proj.adjust("k_proj", x, k).view(1, num_new, self.kv_heads, self.head_dim)
-            v = proj.adjust("v_proj", x, v).view(1, num_new, self.kv_heads, self.head_dim)
-            q = self._rotate(q.transpose(1, 2), cos, sin)
-            k = self._rotate(k.transpose(1, 2), cos, sin)
-            v = v.transpose(1, 2)
+            qkv = mm.qkv(x)
+            if draft is not None:
+                qkv = draft.adapter.adjust(idx, mm.qkv_group, x, qkv, draft.start)
+            q, k, v = qkv.split(mm.qkv_group.sizes, dim=-1)
+            q = self._rotate(q.view(1, num_new, self.num_heads, self.head_dim).transpose(1, 2),
+                             cos, sin)
+            k = self._rotate(k.view(1, num_new, self.kv_heads, self.head_dim).transpose(1, 2),
+                             cos, sin)
+            v = v.view(1, num_new, self.kv_heads, self.head_dim).transpose(1, 2)
             cache.write(idx, start, k, v)
             keys, values = cache.k[idx][:, :, :end], cache.v[idx][:, :, :end]
             if upcast:
@@ -262,12 +263,20 @@ class ModelRunner:
                 q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True,
             ).to(hidden.dtype)
             out = out.transpose(1, 2).reshape(num_new, -1)
-            hidden = hidden + proj.adjust("o_proj", out, mm.o(out))
+            projected = mm.o(out)
+            if draft is not None:
+                projected = draft.adapter.adjust(idx, mm.o_group, out, projected, draft.start)
+            hidden = hidden + projected
             x = layer.post_attention_layernorm(hidden)
-            gate, up = mm.gate_up(x)
-            gate, up = proj.adjust("gate_proj", x, gate), proj.adjust("up_proj", x, up)
+            gate_up = mm.gate_up(x)
+            if draft is not None:
+                gate_up = draft.adapter.adjust(idx, mm.gate_up_group, x, gate_up, draft.start)
+            gate, up = gate_up.split(mm.gate_up_group.sizes, dim=-1)
             inner = layer.mlp.act_fn(gate) * up
-            hidden = hidden + proj.adjust("down_proj", inner, mm.down(inner))
+            projected = mm.down(inner)
+            if draft is not None:
+                projected = draft.adapter.adjust(idx, mm.down_group, inner, projected, draft.start)
+            hidden = hidden + projected
         return hidden
 
 
@@ -282,24 +291,23 @@ class DraftRows:
     adapter: DraftAdapter
 
 
+@dataclass(frozen=True)
+class Projections:
+    """Projections of one input whose outputs a layer computes side by side in one product
+    (``names``, with ``sizes`` output features each, in that order along the last dim)."""
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+
 class DraftAdapter(Protocol):
     def embed_masks(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor: ...
 
-    def adjust(self, layer: int, name: str, x: torch.Tensor, out: torch.Tensor,
-               start: int) -> torch.Tensor: ...
-
-
-class _Projector:
-    """Adds the draft adapter's delta to the draft rows of a projection's output, if it has one."""
-
-    def __init__(self, layer: int, draft: DraftRows | None):
-        self.layer, self.draft = layer, draft
-
-    def adjust(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out [T, out]`` of projection ``name`` applied to ``x [T, in]``, with the delta."""
-        if self.draft is None:
-            return out
-        return self.draft.adapter.adjust(self.layer, name, x, out, self.draft.start)
+    def adjust(self, layer: int, group: Projections, x: torch.Tensor, out: torch.Tensor,
+               start: int) -> torch.Tensor:
+        """``out`` (``group``'s projections of ``x``, side by side) with the adapter's deltas
+        added to rows ``start..``; the rows before ``start`` untouched."""
+        ...
 
 
 class _LayerMatmuls:
@@ -321,23 +329,29 @@ class _LayerMatmuls:
             self.down = Gemm(mlp.down_proj.weight, mlp.down_proj.bias, plan)
         else:
             self.o, self.down = attn.o_proj, mlp.down_proj
-        self._qkv_sizes = [m.out_features for m in self._qkv_modules]
-        self._gate_up_sizes = [m.out_features for m in self._gate_up_modules]
+        self.qkv_group = Projections(("q_proj", "k_proj", "v_proj"),
+                                     tuple(m.out_features for m in self._qkv_modules))
+        self.gate_up_group = Projections(("gate_proj", "up_proj"),
+                                         tuple(m.out_features for m in self._gate_up_modules))
+        self.o_group = Projections(("o_proj",), (attn.o_proj.out_features,))
+        self.down_group = Projections(("down_proj",), (mlp.down_proj.out_features,))
 
     def gemms(self) -> list[Gemm]:
         if not self._fused:
             return []
         return [self._qkv, self._gate_up, self.o, self.down]
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v side by side (``qkv_group``)."""
         if self._fused:
-            return self._qkv(x).split(self._qkv_sizes, dim=-1)
-        return tuple(m(x) for m in self._qkv_modules)
+            return self._qkv(x)
+        return torch.cat([m(x) for m in self._qkv_modules], dim=-1)
 
-    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        """gate and up side by side (``gate_up_group``)."""
         if self._fused:
-            return self._gate_up(x).split(self._gate_up_sizes, dim=-1)
-        return tuple(m(x) for m in self._gate_up_modules)
+            return self._gate_up(x)
+        return torch.cat([m(x) for m in self._gate_up_modules], dim=-1)
 
 
 def _fuse(modules: tuple[torch.nn.Linear, ...], plan: GemmPlan) -> Gemm:

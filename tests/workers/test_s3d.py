@@ -34,14 +34,41 @@ def test_frozen_adapter_adds_the_same_delta_in_float32_and_bfloat16(bundled):
     """At inference the delta lands in the draft rows only, in place; for bf16 outputs on CPU it
     is computed in float32 (faster there) and agrees with the float32 delta to bf16 rounding."""
     adapter = random_adapter(bundled.runner)
+    group = bundled.runner.matmuls[0].o_group
     x, out = torch.randn(6, 576), torch.randn(6, 576)
     with torch.inference_mode():
-        want = adapter.adjust(0, "q_proj", x, out.clone(), 2)
-        got = adapter.adjust(0, "q_proj", x.bfloat16(), out.bfloat16(), 2)
+        want = adapter.adjust(0, group, x, out.clone(), 2)
+        got = adapter.adjust(0, group, x.bfloat16(), out.bfloat16(), 2)
     assert torch.equal(want[:2], out[:2]) and not torch.equal(want[2:], out[2:])
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     assert torch.equal(got[:2], out[:2].bfloat16())
+
+
+def test_frozen_adapter_adds_each_projections_own_delta_to_a_fused_group(bundled):
+    """q, k and v come out of one product side by side; the frozen adapter's one pair of
+    products over the group adds q's and v's own deltas (as trained, one projection at a time)
+    to their columns and leaves k's, which has no adapter, as they were."""
+    adapter = random_adapter(bundled.runner)
+    group = bundled.runner.matmuls[3].qkv_group
+    q_size, k_size, _ = group.sizes
+    x, out = torch.randn(5, 576), torch.randn(5, sum(group.sizes))
+    with torch.inference_mode():
+        got = adapter.adjust(3, group, x, out.clone(), 1)
+    with torch.no_grad():
+        a, b = adapter.lora_a["3_q_proj"], adapter.lora_b["3_q_proj"]
+        want_q = out[1:, :q_size] + x[1:] @ a.t() @ b.t() * adapter.scale
+        a, b = adapter.lora_a["3_v_proj"], adapter.lora_b["3_v_proj"]
+        want_v = out[1:, q_size + k_size:] + x[1:] @ a.t() @ b.t() * adapter.scale
+    torch.testing.assert_close(got[1:, :q_size], want_q)
+    torch.testing.assert_close(got[1:, q_size + k_size:], want_v)
+    assert torch.equal(got[:, q_size:q_size + k_size], out[:, q_size:q_size + k_size])
+    assert torch.equal(got[:1], out[:1])
+    # Projections the adapter does not touch at all are returned as they are.
+    gate_up = bundled.runner.matmuls[3].gate_up_group
+    plain = torch.randn(5, sum(gate_up.sizes))
+    with torch.inference_mode():
+        assert torch.equal(adapter.adjust(3, gate_up, x, plain.clone(), 1), plain)
 
 
 def test_per_position_tree_and_paths():

@@ -29,7 +29,7 @@ from workers.arm import Arm
 from workers.drafters.base import DraftContext, Drafter
 from workers.drafters.ngram import ngram_continuations, trie_tree
 from workers.drafters.skip import kept_layers, select_tree
-from workers.runner import MASK_ID, Attention, DraftRows, ModelRunner
+from workers.runner import MASK_ID, Attention, DraftRows, ModelRunner, Projections
 from workers.tree import DraftTree
 
 ADAPTER_TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
@@ -66,8 +66,9 @@ class MaskAdapter(nn.Module):
                 self.lora_a[key] = nn.Parameter(a)
                 self.lora_b[key] = nn.Parameter(torch.zeros(module.out_features, rank))
         self.metadata: dict = {}
-        # Transposed, scaled factors of a frozen adapter, by (key, dtype): see adjust.
-        self._inference_factors: dict[tuple[str, torch.dtype], tuple[torch.Tensor, ...]] = {}
+        # A frozen adapter's factors per (layer, projection group, dtype), None where it has no
+        # projection of the group: see adjust.
+        self._inference_factors: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self.to(device=runner.device)
 
     # --- the runner's DraftAdapter protocol ------------------------------------------------
@@ -76,39 +77,70 @@ class MaskAdapter(nn.Module):
         is_mask = (tokens == MASK_ID)[:, None]
         return torch.where(is_mask, self.mask_embed.to(hidden.dtype), hidden)
 
-    def adjust(self, layer: int, name: str, x: torch.Tensor, out: torch.Tensor,
+    def adjust(self, layer: int, group: Projections, x: torch.Tensor, out: torch.Tensor,
                start: int) -> torch.Tensor:
-        """``out`` (projection ``name`` of ``x``) plus the low-rank delta on rows ``start..``.
+        """``out`` (``group``'s projections of ``x``, side by side) plus the low-rank deltas of
+        the projections the adapter has, on rows ``start..``.
 
         While the adapter trains: out of place, in float32, so gradients reach it. A frozen
-        adapter at inference adds ``(x A^T)(scale B^T)`` into those rows in place, with both
-        factors kept transposed in the model's dtype: one small product and one ``addmm_`` per
-        projection, as dispatch overhead, not arithmetic, is what mask rows cost here.
+        adapter at inference adds ``(x A^T)(scale B^T)`` into those rows in place, one pair of
+        small products for the whole group (the group's ``A`` stacked, its ``B`` block-diagonal
+        with zero blocks for projections without an adapter): dispatch overhead, not arithmetic,
+        is what mask rows cost here.
         """
-        key = f"{layer}_{name}"
-        if key not in self.lora_a:
-            return out
         if self.mask_embed.requires_grad or torch.is_grad_enabled():
-            a, b = self.lora_a[key], self.lora_b[key]
-            delta = (x[start:].to(a.dtype) @ a.t() @ b.t() * self.scale).to(out.dtype)
-            if start == 0:
-                return out + delta
-            return torch.cat([out[:start], out[start:] + delta])
+            return self._adjust_trainable(layer, group, x, out, start)
         # On CPU, bf16 products this small cost 2.3x float32 ones (36 against 16 us for 2 rows,
         # conversions included): there the delta is computed in float32.
         compute = (torch.float32 if out.dtype == torch.bfloat16 and out.device.type == "cpu"
                    else out.dtype)
-        factors = self._inference_factors.get((key, compute))
+        cache_key = (layer, group.names, compute)
+        if cache_key not in self._inference_factors:
+            self._inference_factors[cache_key] = self._group_factors(layer, group, compute)
+        factors = self._inference_factors[cache_key]
         if factors is None:
-            a, b = self.lora_a[key], self.lora_b[key]
-            factors = self._inference_factors[(key, compute)] = (
-                a.t().to(compute).contiguous(), (b * self.scale).t().to(compute).contiguous())
+            return out
         a_t, b_t = factors
         if compute == out.dtype:
             out[start:].addmm_(x[start:] @ a_t, b_t)
         else:
             out[start:] += (x[start:].to(compute) @ a_t @ b_t).to(out.dtype)
         return out
+
+    def _group_factors(self, layer: int, group: Projections, compute: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A^T [in, r * n], scale * B^T [r * n, sum(sizes)])`` over the ``n`` projections of
+        ``group`` the adapter has at ``layer``; None if it has none."""
+        keys = [f"{layer}_{name}" for name in group.names]
+        present = [i for i, key in enumerate(keys) if key in self.lora_a]
+        if not present:
+            return None
+        a_t = torch.cat([self.lora_a[keys[i]] for i in present]).t()
+        b_t = a_t.new_zeros(len(present) * self.rank, sum(group.sizes))
+        offsets = [sum(group.sizes[:i]) for i in range(len(group.sizes))]
+        for slot, i in enumerate(present):
+            b_t[slot * self.rank:(slot + 1) * self.rank,
+                offsets[i]:offsets[i] + group.sizes[i]] = self.lora_b[keys[i]].t() * self.scale
+        return a_t.to(compute).contiguous(), b_t.to(compute).contiguous()
+
+    def _adjust_trainable(self, layer: int, group: Projections, x: torch.Tensor,
+                          out: torch.Tensor, start: int) -> torch.Tensor:
+        deltas, touched = [], False
+        rows = x[start:]
+        for name, size in zip(group.names, group.sizes):
+            key = f"{layer}_{name}"
+            if key in self.lora_a:
+                a, b = self.lora_a[key], self.lora_b[key]
+                deltas.append(rows.to(a.dtype) @ a.t() @ b.t() * self.scale)
+                touched = True
+            else:
+                deltas.append(rows.new_zeros(rows.shape[0], size, dtype=torch.float32))
+        if not touched:
+            return out
+        delta = torch.cat(deltas, dim=-1).to(out.dtype)
+        if start == 0:
+            return out + delta
+        return torch.cat([out[:start], out[start:] + delta])
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._inference_factors.clear()
