@@ -46,8 +46,10 @@ class Arm(BaseModel):
     draft_vocab: int = Field(
         default=0, ge=0,
         description="Drafts choose among the first N token ids only (0: the whole vocabulary): "
-                    "BPE ids follow merge order, so low ids are the frequent tokens, and the "
-                    "draft's output layer shrinks to N rows. Verification is untouched.")
+                    "BPE ids follow merge order, so low ids are the frequent tokens, and a "
+                    "draft pass's output layer shrinks to N rows (fused mask rows share the "
+                    "verify's output-layer product and are cut after it). Verification is "
+                    "untouched.")
     adapter: str | None = Field(default=None, description="S3D adapter file; default: the "
                                                           "bundled model's committed adapter.")
 

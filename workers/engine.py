@@ -108,14 +108,17 @@ class Generation:
         else:
             attention = Attention(start, start, tree_attention_mask(tree.parents))
         hidden = self.runner.hidden_states(self.cache, tokens, positions, attention, draft=draft)
-        rows = RowLogits(self.runner, hidden[:n], tree.principal_rows())
+        # Mask rows go through the output layer in the same product as the principal rows: on a
+        # CPU a few more rows cost next to nothing there, a second (draft-vocabulary) call does.
+        masks = list(range(n, hidden.shape[0]))
+        rows = RowLogits(self.runner, hidden, tree.principal_rows() + masks)
         if self.params.greedy:
             path, next_token = greedy_accept(lambda r: int(rows(r).argmax()), tree)
         else:
             path, next_token = sample_accept(
                 lambda r: target_probs(rows(r)[None], self.params)[0], tree, self.generator)
         if groups is not None:
-            self.drafter.after_verify(self.runner, groups, hidden[n:],
+            self.drafter.after_verify(groups, torch.stack([rows(r) for r in masks]),
                                       path[-1] + 1 if path else 0)
         self.cache.compact([start + 1 + i for i in path], start + 1)
         self.cache.length = start + 1 + len(path)
@@ -145,7 +148,8 @@ class Generation:
 class RowLogits:
     """Verify logits computed on demand: the output layer is a large share of a small model's
     forward, and acceptance only reads the rows along the path it walks. The principal path (the
-    root and every first child) is computed up front in one batch; other rows when visited."""
+    root and every first child) and any fused mask rows are computed up front in one batch; other
+    rows when visited."""
 
     def __init__(self, runner: ModelRunner, hidden: torch.Tensor, first: list[int]):
         self.runner, self.hidden = runner, hidden

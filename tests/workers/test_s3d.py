@@ -154,6 +154,47 @@ def test_bundled_adapter_lossless_and_drafting(bundled):
     assert bundled.accepted_if_identical(arm, 10, 64, adapter) > 0
 
 
+def test_fused_drafts_come_from_the_verify_forwards_own_mask_rows(bundled, monkeypatch):
+    """The mask rows' logits come out of the verify's output-layer product, over the whole
+    vocabulary, and ``draft_vocab`` narrows the drafts' choice after it. With the committed
+    adapter in the committed arm's shape, the drafts taken from them are accepted far more often
+    than tokens taken from the wrong rows would be (the verify rows predict the token before)."""
+    from workers.drafters.s3d import S3DDrafter
+
+    adapter = MaskAdapter.load(BUNDLED_ADAPTER, bundled.runner, bundled.loaded.fingerprint)
+    shapes: list[tuple[int, ...]] = []
+    drafted: list[int] = []
+    after_verify, propose = S3DDrafter.after_verify, S3DDrafter.propose
+
+    def recording_after_verify(self, groups, mask_logits, accepted_row):
+        shapes.append(tuple(mask_logits.shape))
+        return after_verify(self, groups, mask_logits, accepted_row)
+
+    def recording_propose(self, ctx):
+        tree = propose(self, ctx)
+        drafted.extend(tree.tokens.tolist())
+        return tree
+
+    monkeypatch.setattr(S3DDrafter, "after_verify", recording_after_verify)
+    monkeypatch.setattr(S3DDrafter, "propose", recording_propose)
+    arm = Arm(name="s3d", drafter="s3d", depth=1, top_k=1, total_tokens=1, gamma=1, attach=2)
+    steps = accepted = 0
+    for index in range(4):
+        gen = bundled.generate(bundled.prompts[index], 32, arm, adapter=adapter)
+        assert gen.output == bundled.vanilla(index, 32), f"prompt {index}"
+        steps += gen.stats.num_spec_steps
+        accepted += gen.stats.num_accepted_tokens
+    # one mask row after each attach row: the root alone on a step without a draft, else the
+    # root and the drafted token
+    assert shapes and all(shape[1] == bundled.runner.vocab_size for shape in shapes)
+    assert {shape[0] for shape in shapes} == {1, 2}
+    assert accepted / steps > 0.2, (accepted, steps)
+    drafted.clear()
+    narrow = arm.model_copy(update={"draft_vocab": 1000})
+    assert bundled.accepted_if_identical(narrow, 2, 32, adapter) >= 0
+    assert drafted and max(drafted) < 1000
+
+
 def test_adapter_round_trip_and_refusal(bundled, tmp_path):
     adapter = random_adapter(bundled.runner, seed=3)
     path = tmp_path / "a.safetensors"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from workers.runner import KVCache, ModelRunner
 from workers.tree import DraftTree
 
@@ -34,8 +36,8 @@ class Drafter:
         """Mask rows to append to the verify forward (fused S3D); ``None`` for none."""
         return None
 
-    def after_verify(self, runner: ModelRunner, groups, hidden, accepted_row: int) -> None:
-        """Receives the mask rows' hidden states of the verify forward (fused S3D)."""
+    def after_verify(self, groups, mask_logits: torch.Tensor, accepted_row: int) -> None:
+        """Receives the mask rows' logits ``[masks, V]`` of the verify forward (fused S3D)."""
 
 
 class NoDrafter(Drafter):

@@ -266,15 +266,18 @@ class S3DDrafter(Drafter):
             return None
         return MaskGroups(tree.principal_rows()[: self.arm.attach], self.gamma, self.adapter)
 
-    def after_verify(self, runner: ModelRunner, groups: MaskGroups, hidden: torch.Tensor,
+    def after_verify(self, groups: MaskGroups, mask_logits: torch.Tensor,
                      accepted_row: int) -> None:
-        """``hidden``: ``[len(attach_rows) * gamma, H]`` mask-row states of the verify forward."""
+        """``mask_logits``: ``[len(attach_rows) * gamma, V]`` of the verify forward's mask rows
+        (computed in the verify's own output-layer product)."""
         if accepted_row not in groups.attach_rows:
             self.pending = None
             return
         g = groups.attach_rows.index(accepted_row)
-        rows = hidden[g * groups.gamma:(g + 1) * groups.gamma]
-        self.pending = runner.logits(rows, self.arm.draft_vocab).log_softmax(-1)
+        logits = mask_logits[g * groups.gamma:(g + 1) * groups.gamma]
+        if 0 < self.arm.draft_vocab < logits.shape[-1]:
+            logits = logits[:, :self.arm.draft_vocab]
+        self.pending = logits.log_softmax(-1)
 
 
 class S3DSkipDrafter(Drafter):
