@@ -191,7 +191,7 @@ def test_fused_drafts_come_from_the_verify_forwards_own_mask_rows(bundled, monke
     assert accepted / steps > 0.2, (accepted, steps)
     drafted.clear()
     narrow = arm.model_copy(update={"draft_vocab": 1000})
-    assert bundled.accepted_if_identical(narrow, 2, 32, adapter) >= 0
+    bundled.accepted_if_identical(narrow, 2, 32, adapter)  # asserts outputs equal plain decoding
     assert drafted and max(drafted) < 1000
 
 
