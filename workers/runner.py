@@ -246,9 +246,7 @@ class ModelRunner:
         for idx in (self.all_layers if layers is None else layers):
             layer, mm = self.layers[idx], self.matmuls[idx]
             x = layer.input_layernorm(hidden)
-            qkv = mm.qkv(x)
-            if draft is not None:
-                qkv = draft.adapter.adjust(idx, mm.qkv_group, x, qkv, draft.start)
+            qkv = _with_draft(draft, idx, mm.qkv_group, x, mm.qkv(x))
             q, k, v = qkv.split(mm.qkv_group.sizes, dim=-1)
             q = self._rotate(q.view(1, num_new, self.num_heads, self.head_dim).transpose(1, 2),
                              cos, sin)
@@ -263,20 +261,12 @@ class ModelRunner:
                 q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True,
             ).to(hidden.dtype)
             out = out.transpose(1, 2).reshape(num_new, -1)
-            projected = mm.o(out)
-            if draft is not None:
-                projected = draft.adapter.adjust(idx, mm.o_group, out, projected, draft.start)
-            hidden = hidden + projected
+            hidden = hidden + _with_draft(draft, idx, mm.o_group, out, mm.o(out))
             x = layer.post_attention_layernorm(hidden)
-            gate_up = mm.gate_up(x)
-            if draft is not None:
-                gate_up = draft.adapter.adjust(idx, mm.gate_up_group, x, gate_up, draft.start)
+            gate_up = _with_draft(draft, idx, mm.gate_up_group, x, mm.gate_up(x))
             gate, up = gate_up.split(mm.gate_up_group.sizes, dim=-1)
             inner = layer.mlp.act_fn(gate) * up
-            projected = mm.down(inner)
-            if draft is not None:
-                projected = draft.adapter.adjust(idx, mm.down_group, inner, projected, draft.start)
-            hidden = hidden + projected
+            hidden = hidden + _with_draft(draft, idx, mm.down_group, inner, mm.down(inner))
         return hidden
 
 
@@ -308,6 +298,13 @@ class DraftAdapter(Protocol):
         """``out`` (``group``'s projections of ``x``, side by side) with the adapter's deltas
         added to rows ``start..``; the rows before ``start`` untouched."""
         ...
+
+
+def _with_draft(draft: DraftRows | None, layer: int, group: Projections, x: torch.Tensor,
+                out: torch.Tensor) -> torch.Tensor:
+    """``out`` (``group``'s projections of ``x``) with the draft adapter's deltas on the draft
+    rows, if the forward has any."""
+    return out if draft is None else draft.adapter.adjust(layer, group, x, out, draft.start)
 
 
 class _LayerMatmuls:
