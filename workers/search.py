@@ -8,8 +8,10 @@ Verify does; optuna's TPE sampler), warm-started with stage 1's best blocks: eac
 calibration prompts with a layer-skip chain and its measured goodput (tokens per second) is the
 objective. Stage 3 decodes all calibration prompts with the best skip sets as real chain and tree
 arms, and with a few n-gram and S3D (fused mask-token) settings, and keeps the arm of each drafter
-kind with the highest measured goodput; stage 3 measures the arms it compares interleaved, prompt
-by prompt, so a shared host's drifting speed cannot pick the winner. Calibration text is not the
+kind with the highest measured goodput, plus a kind's variant that is much faster on one prompt
+class (a deep n-gram tree on code) as that class's specialist when it leads the class beside the
+chosen arms; stage 3 measures the arms it compares interleaved, prompt by prompt, so a shared
+host's drifting speed cannot pick the winner. Calibration text is not the
 benchmark suite: stdlib modules and questions the suite does not use. Stage 3 alone can run over an
 earlier profile's skip sets (``skip_sets_from``), after the adapter or the candidate settings
 change.
@@ -218,7 +220,7 @@ SKIP_TREE_VARIANTS = (dict(depth=3, top_k=2, total_tokens=3),
                       dict(depth=3, top_k=2, total_tokens=6),
                       dict(depth=3, top_k=2, total_tokens=6, draft_exit=0.7),
                       dict(depth=4, top_k=3, total_tokens=10))
-NGRAM_VARIANTS = ((3, 1, 3), (4, 2, 3), (4, 2, 6), (5, 4, 8), (8, 4, 15))
+NGRAM_VARIANTS = ((3, 1, 3), (4, 2, 3), (4, 2, 6), (8, 2, 8), (5, 4, 8), (8, 4, 15))
 S3D_VARIANTS = (dict(depth=1, top_k=1, total_tokens=1, gamma=1, attach=2),
                 dict(depth=3, top_k=1, total_tokens=3, gamma=1, attach=1),
                 dict(depth=2, top_k=1, total_tokens=2, gamma=2, attach=1),
@@ -233,9 +235,17 @@ HYBRID_MERGED_VARIANTS = (dict(depth=5, top_k=2, total_tokens=8, attach=3),
 # Hybrid only: n-gram drafts when there are any, mask rows on the other steps. With ``attach=1``
 # masks ride on the root alone, so a step that accepts a mask draft has none for the next step
 # unless the n-gram drafter finds one; ``attach=2`` adds masks after the draft too.
+# Deep n-gram trees pay on code, where continuations repeat for many tokens.
 HYBRID_FALLBACK_VARIANTS = (dict(depth=4, top_k=2, total_tokens=3, gamma=1, attach=1),
                             dict(depth=4, top_k=2, total_tokens=3, gamma=1, attach=2),
-                            dict(depth=4, top_k=2, total_tokens=6, gamma=2, attach=1))
+                            dict(depth=4, top_k=2, total_tokens=6, gamma=2, attach=1),
+                            dict(depth=8, top_k=2, total_tokens=8, gamma=1, attach=2),
+                            dict(depth=10, top_k=2, total_tokens=12, gamma=1, attach=2))
+# A variant that is not its kind's best overall joins the profile as a specialist for a prompt
+# class (named ``<kind>_<class>``) when it beats its kind's chosen arm on that class by this
+# margin in the same interleaved measurement, and stays only if, measured beside all the chosen
+# arms, it is the fastest arm on that class: the router's prior for the class then favours it.
+SPECIALIST_MARGIN = 1.10
 S3D_SKIP_VARIANTS = (dict(depth=2, top_k=1, total_tokens=2, gamma=1),
                      dict(depth=4, top_k=1, total_tokens=4),
                      dict(depth=4, top_k=2, total_tokens=8))
@@ -264,6 +274,36 @@ def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None) -> di
         kinds["s3d_skip"] = [Arm(name="s3d_skip", drafter="s3d_skip", adapter=adapter_path, **v)
                              for v in S3D_SKIP_VARIANTS]
     return kinds
+
+
+def specialist_candidates(kind: str, variants: list[Arm], figs: list[dict], chosen: Arm,
+                          margin: float = SPECIALIST_MARGIN) -> dict[Arm, str]:
+    """Per prompt class, the variant of ``kind`` fastest on that class when it is not ``chosen``
+    (the kind's best overall) and beats it there by ``margin`` (``figs`` from one interleaved
+    measurement of ``variants``), renamed ``<kind>_<class>``: ``{arm: class}``."""
+    base = figs[variants.index(chosen)]["by_class"] if chosen in variants else {}
+    out = {}
+    for prompt_class, chosen_speed in sorted(base.items()):
+        best = max(range(len(variants)), key=lambda i: figs[i]["by_class"].get(prompt_class, 0))
+        if (variants[best] != chosen
+                and figs[best]["by_class"].get(prompt_class, 0) >= margin * chosen_speed):
+            out[variants[best].model_copy(update={"name": f"{kind}_{prompt_class}"})] = \
+                prompt_class
+    return out
+
+
+def class_leaders(arms: list[Arm], figs: list[dict], specialists: dict[Arm, str]) -> list[Arm]:
+    """``arms`` without the specialists that are not the fastest arm on their own class in
+    ``figs`` (one interleaved measurement of ``arms``)."""
+    kept = []
+    for arm, fig in zip(arms, figs):
+        if arm in specialists:
+            prompt_class = specialists[arm]
+            speed = fig["by_class"].get(prompt_class, 0)
+            if any(f["by_class"].get(prompt_class, 0) > speed for f in figs):
+                continue
+        kept.append(arm)
+    return kept
 
 
 def skip_stage(engine: Engine, prompts: list[tuple[str, list[int]]], max_tokens: int,
@@ -342,19 +382,24 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
     # turn), then the winner against its truncated-vocabulary twin, then the chosen arms of all
     # kinds together: every comparison the profile rests on is paired in time.
     arms: list[Arm] = [NONE_ARM]
+    specialists: dict[Arm, str] = {}
     for kind, variants in arm_candidates(skips, adapter_path).items():
         figs = measure_all_and_log(engine, prompts, variants, max_tokens,
                                    [label(kind, a) for a in variants], log)
         best = variants[max(range(len(variants)), key=lambda i: figs[i]["tokens_per_s"])]
+        specialists.update(specialist_candidates(kind, variants, figs, best))
         if kind != "ngram_tree":  # drafts come from the model: its output layer can shrink
             pair = [best, best.model_copy(update={"draft_vocab": DRAFT_VOCAB})]
             figs = measure_all_and_log(engine, prompts, pair, max_tokens,
                                        [label(kind, a) for a in pair], log)
             best = pair[0] if figs[0]["tokens_per_s"] >= figs[1]["tokens_per_s"] else pair[1]
         arms.append(best)
+    arms += list(specialists)
     log("the chosen arms, together:")
     figs = measure_all_and_log(engine, prompts, arms, max_tokens, [a.name for a in arms], log)
-    measured = {arm.name: fig for arm, fig in zip(arms, figs)}
+    kept = class_leaders(arms, figs, specialists)
+    measured = {arm.name: fig for arm, fig in zip(arms, figs) if arm in kept}
+    arms = kept
     default = max(measured, key=lambda k: measured[k]["tokens_per_s"])
     return Profile(model_fingerprint=engine.loaded.fingerprint, default_arm=default, arms=arms,
                    notes={"method": method, **notes,

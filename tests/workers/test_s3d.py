@@ -436,6 +436,33 @@ def test_search_can_reuse_a_profiles_skip_sets_and_search_only_the_arms(bundled)
                skip_sets_from=old.model_copy(update={"notes": {}}))
 
 
+def test_a_variant_much_faster_on_one_class_joins_as_that_classs_specialist():
+    """The kind's best overall stays its arm; a variant 10% faster on one class than that arm
+    (same measurement) becomes ``<kind>_<class>``, and it stays in the profile only if it leads
+    its class beside every chosen arm."""
+    from workers.arm import NONE_ARM, Arm
+    from workers.search import class_leaders, specialist_candidates
+
+    shallow, mid, deep = (Arm(name="hybrid", drafter="hybrid", depth=d, total_tokens=d)
+                          for d in (3, 5, 8))
+    figs = [{"by_class": {"code": 60.0, "chat": 43.0}},
+            {"by_class": {"code": 65.0, "chat": 42.0}},   # better on code, by less than 10%
+            {"by_class": {"code": 74.0, "chat": 41.0}}]
+    found = specialist_candidates("hybrid", [shallow, mid, deep], figs, shallow)
+    assert list(found.values()) == ["code"]
+    (code_arm,) = found
+    assert code_arm.name == "hybrid_code" and code_arm.depth == 8
+    # Best on chat is the chosen arm itself: no chat specialist; a 9% lead is not enough.
+    assert not specialist_candidates("hybrid", [shallow, mid], figs[:2], shallow)
+    arms = [NONE_ARM, shallow, code_arm]
+    leads = [{"by_class": {"code": 33.0}}, {"by_class": {"code": 60.0}},
+             {"by_class": {"code": 70.0}}]
+    assert class_leaders(arms, leads, found) == arms
+    trails = [{"by_class": {"code": 33.0}}, {"by_class": {"code": 71.0}},
+              {"by_class": {"code": 70.0}}]
+    assert class_leaders(arms, trails, found) == [NONE_ARM, shallow]
+
+
 def test_interleaved_measurement_pairs_arms_prompt_by_prompt():
     """Every arm decodes a prompt before the next prompt starts, the order rotating, and each
     arm's figures are its own (here: an arm's output length is its depth)."""
