@@ -2,11 +2,11 @@
 
 Offline text is Python standard-library source, Debian package descriptions and Python docs
 when installed. Rollouts are the base model's greedy continuations of three kinds of request,
-the kinds of traffic the server decodes: ``chat`` (questions about installed packages and stdlib
-modules), ``code`` (a stdlib function's first lines to continue) and ``summary`` (a request to
-summarise a package description or a module docstring). Nothing the benchmark suite or the
-search's calibration decodes is used: their sources (stdlib files, Debian packages) are left out
-of the text and of the rollout requests (``held_back_sources``).
+the kinds of traffic the server decodes: ``chat`` (general questions, and questions about
+installed packages and stdlib modules), ``code`` (a stdlib function's first lines to continue)
+and ``summary`` (a request to summarise a package description or a module docstring). Nothing
+the benchmark suite or the search's calibration decodes is used: their sources (stdlib files,
+Debian packages) are left out of the text and of the rollout requests (``held_back_sources``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from workers.prompts import (
     load_prompts,
     plain_description,
 )
-from workers.search import CALIBRATION_DOCSTRINGS, CALIBRATION_MODULES
+from workers.search import CALIBRATION_DOCSTRINGS, CALIBRATION_FUNCTIONS, CALIBRATION_MODULES
 
 HELD_OUT_EVERY = 10  # every 10th chunk or rollout is held out
 ROLLOUT_KINDS = ("chat", "code", "summary")
@@ -68,7 +68,7 @@ def held_back_sources() -> HeldBack:
     """The benchmark suite's sources and the search's calibration modules."""
     sources = [p.source or "" for p in load_prompts()]
     stdlib = {s.removeprefix("stdlib:") for s in sources if s.startswith("stdlib:")}
-    stdlib |= set(CALIBRATION_MODULES) | set(CALIBRATION_DOCSTRINGS)
+    stdlib |= {*CALIBRATION_MODULES, *CALIBRATION_FUNCTIONS, *CALIBRATION_DOCSTRINGS}
     debian = {s.removeprefix("debian:") for s in sources if s.startswith("debian:")}
     return HeldBack(frozenset(stdlib), frozenset(debian))
 
@@ -148,6 +148,21 @@ CHAT_TEMPLATES = (
     "Write a small Python function that uses the {mod} module, and explain it.",
     "When should I use Python's {mod} module, and what are common mistakes with it?",
 )
+# General chat requests: templates per kind of topic in data/chat-topics.json (everyday and
+# technical subjects, none a benchmark or calibration question).
+CHAT_TOPICS = Path(__file__).parent / "data" / "chat-topics.json"
+TOPIC_TEMPLATES = {
+    "explain": ("Explain {0} in simple terms.",
+                "Can you give me a short introduction to {0}?",
+                "I am new to this: what should I know about {0}?"),
+    "tips": ("Give me some practical tips for {0}.",
+             "What are common mistakes people make when {0}?"),
+    "howto": ("How do I {0}?", "Walk me through how to {0}, step by step."),
+    "compare": ("What is the difference between {0} and {1}?",
+                "How do {0} and {1} differ, and when does each make sense?"),
+    "python": ("Write a Python function that {0}.",
+               "Write a Python function that {0}, and explain how it works."),
+}
 SUMMARY_TEMPLATES = (
     SUMMARY_INSTRUCTION,
     "Give a short summary of the following text:",
@@ -158,15 +173,31 @@ CODE_LINES = (4, 20)  # a code request: a function's first 4-20 lines
 CODE_TOKENS = 256
 
 
+def general_questions() -> list[str]:
+    """Every general chat question: each topic of ``CHAT_TOPICS`` in each template of its kind."""
+    topics = json.loads(CHAT_TOPICS.read_text())
+    return [template.format(*([topic] if isinstance(topic, str) else topic))
+            for kind, templates in TOPIC_TEMPLATES.items()
+            for topic in topics[kind] for template in templates]
+
+
 def chat_requests(count: int, seed: int = 0) -> list[list[dict]]:
-    """``count`` single-turn chat requests from ``CHAT_TEMPLATES`` (fixed order for a seed)."""
+    """``count`` single-turn chat requests (fixed order for a seed), general questions and
+    questions about installed packages and stdlib modules (``CHAT_TEMPLATES``) in turn while
+    both last."""
     held = held_back_sources()
     packages = sorted({p for p, _ in _debian_descriptions(held) if not p.startswith("lib")})
     modules = sorted(m for m in sys.stdlib_module_names
                      if not m.startswith("_") and m not in held.modules)
-    questions = [t.format(pkg=name, mod=name) for t in CHAT_TEMPLATES
-                 for name in (packages if "{pkg}" in t else modules)]
-    random.Random(seed).shuffle(questions)
+    named = [t.format(pkg=name, mod=name) for t in CHAT_TEMPLATES
+             for name in (packages if "{pkg}" in t else modules)]
+    general = general_questions()
+    rng = random.Random(seed)
+    rng.shuffle(named)
+    rng.shuffle(general)
+    questions = [q for pair in zip(general, named) for q in pair]
+    longer = general if len(general) > len(named) else named
+    questions += longer[min(len(general), len(named)):]
     return [[{"role": "user", "content": q}] for q in questions[:count]]
 
 

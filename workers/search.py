@@ -36,13 +36,25 @@ from workers.prompts import SUMMARY_INSTRUCTION, BenchPrompt
 from workers.runner import Attention
 
 DRAFT_VOCAB = 8192  # truncated draft vocabulary tried per drafter kind (85% of tokens here)
+# Held back from training (``workers.corpus.held_back_sources``), like the benchmark's sources.
+# Code completions come in two shapes: the code around a function's start (``MODULES``: the
+# file's text before it, then its first lines), and a function's first lines alone
+# (``FUNCTIONS``: a request that starts at the ``def``).
 CALIBRATION_MODULES = ("os.py", "argparse.py", "random.py", "pathlib.py", "tarfile.py")
-CALIBRATION_DOCSTRINGS = ("difflib.py", "smtplib.py", "tokenize.py")
+CALIBRATION_FUNCTIONS = ("fractions.py", "ntpath.py", "graphlib.py", "bz2.py", "hashlib.py")
+CALIBRATION_FUNCTION_LINES = 16
+CALIBRATION_DOCSTRINGS = ("difflib.py", "smtplib.py", "tokenize.py", "os.py", "argparse.py",
+                          "random.py")
+# Questions of the kinds users ask, none a paraphrase of a benchmark suite prompt.
 CALIBRATION_QUESTIONS = (
     "How do I read a CSV file in Python and compute the average of one column?",
-    "Explain the difference between a process and a thread.",
-    "Give me three tips for writing clear commit messages.",
-    "Summarize what a hash table is and why lookups are fast.",
+    "Write a Python function that counts how often each word appears in a text.",
+    "Explain what a virtual environment is in Python and why it is useful.",
+    "What is the difference between RAM and disk storage?",
+    "Describe how public-key encryption lets two strangers communicate securely.",
+    "How can I keep houseplants healthy during the winter?",
+    "Give me a short checklist for preparing for a job interview.",
+    "What are the pros and cons of working in an open-plan office?",
 )
 
 
@@ -50,6 +62,22 @@ def _chat_ids(tokenizer, content: str) -> list[int]:
     """A one-message chat request through the suite's own chat tokenization."""
     return BenchPrompt(id="calibration", category="chat",
                        messages=[{"role": "user", "content": content}]).to_token_ids(tokenizer)
+
+
+def function_start(source: str, lines: int) -> str:
+    """The first ``lines`` lines (decorators included) of the first function or method after
+    the first third of ``source`` that is longer than that (of the longest one when none is)."""
+    third = len(source.splitlines()) // 3
+    funcs = sorted((node for node in ast.walk(ast.parse(source))
+                    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)),
+                   key=lambda f: f.lineno)
+    if not funcs:
+        raise ValueError("no function")
+    long = [f for f in funcs if f.end_lineno - f.lineno >= lines]
+    later = [f for f in long if f.lineno > third]
+    func = (later or long or [max(funcs, key=lambda f: f.end_lineno - f.lineno)])[0]
+    first = min([func.lineno] + [d.lineno for d in func.decorator_list])
+    return "\n".join(source.splitlines()[first - 1:first - 1 + lines]) + "\n"
 
 
 def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[tuple[str, list[int]]]:
@@ -71,6 +99,12 @@ def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[tuple[s
         start = start if start >= 0 else len(text) // 3
         ids = tokenizer(text[max(0, start - 600): start + 200])["input_ids"][-max_prompt_tokens:]
         prompts.append((classify_prompt(tokenizer.decode(ids), False), ids))
+    for name in CALIBRATION_FUNCTIONS:
+        path = stdlib / name
+        if path.exists():
+            text = function_start(path.read_text(errors="ignore"), CALIBRATION_FUNCTION_LINES)
+            ids = tokenizer(text)["input_ids"][:max_prompt_tokens]
+            prompts.append((classify_prompt(text, False), ids))
     contents = list(CALIBRATION_QUESTIONS)
     for name in CALIBRATION_DOCSTRINGS:
         path = stdlib / name

@@ -345,6 +345,16 @@ def test_training_data_leaves_out_what_the_benchmark_and_search_decode():
     for needle in needles:
         assert not any(needle in t for t in texts + requests), needle
     assert not any("heapq" in m[0]["content"] for m in chat_requests(10**6))
+    # General questions and questions about packages and modules take turns; the search's
+    # calibration questions are none of them.
+    from workers.corpus import general_questions
+    from workers.search import CALIBRATION_QUESTIONS
+
+    general = set(general_questions())
+    first = [m[0]["content"] for m in chat_requests(100)]
+    assert sum(q in general for q in first) == 50 and len(set(first)) == 100
+    asked = {m[0]["content"] for m in chat_requests(10**6)}
+    assert general <= asked and not asked & set(CALIBRATION_QUESTIONS)
 
 
 def test_calibration_prompts_cover_the_routers_classes(bundled):
@@ -352,10 +362,14 @@ def test_calibration_prompts_cover_the_routers_classes(bundled):
 
     prompts = calibration_prompts(bundled.loaded.tokenizer)
     classes = Counter(prompt_class for prompt_class, _ in prompts)
-    # Each prompt carries the class the router gives it: stdlib code (every snippet a function's
-    # surroundings, at least 150 tokens), short chat questions, and docstrings to summarise.
-    assert classes == {"code": 5, "chat": 4, "doc": 3}
-    assert all(len(ids) >= 150 for prompt_class, ids in prompts if prompt_class == "code")
+    # Each prompt carries the class the router gives it: stdlib code (a function's surroundings,
+    # at least 150 tokens, or a function's first lines from its ``def``), short chat questions,
+    # and docstrings to summarise.
+    assert classes == {"code": 10, "chat": 8, "doc": 6}
+    code = [ids for prompt_class, ids in prompts if prompt_class == "code"]
+    assert all(len(ids) >= 150 for ids in code[:5])
+    starts = [bundled.loaded.tokenizer.decode(ids).lstrip() for ids in code[5:]]
+    assert all(s.startswith(("def ", "@")) and s.count("\n") == 16 for s in starts), starts
 
 
 def test_search_returns_valid_arms(bundled):
