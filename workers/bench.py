@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -144,15 +145,18 @@ class Bench:
                                        rng=random.Random(0),
                                        dtype=dtype_name(self.engine.runner.dtype))
         self.router_choices: list[str] = []
+        self.router_decision_s: list[float] = []
 
         def run(index: int, max_tokens: int) -> PromptRun:
             p = self.prompts[index]
+            decided = time.perf_counter()
             text = p.prompt if p.messages is None else conversation_text(p.messages)
             bucket = context_bucket(text, p.is_chat, self.params.temperature,
                                     len(self.ids[index]))
             t0 = time.perf_counter()
             route = router.route(bucket)
             arm = route.arm
+            self.router_decision_s.append(time.perf_counter() - decided)
             gen = self.engine.generation(self.ids[index], max_tokens, arm, self._params(index),
                                          route.depth)
             gen.run()
@@ -258,8 +262,19 @@ class Bench:
                 bar.update()
         bar.close()
         if "router" in results:
-            results["router"].detail["choices"] = dict(Counter(self.router_choices))
+            decisions = sorted(self.router_decision_s)
+            results["router"].detail.update(
+                choices=dict(Counter(self.router_choices)),
+                decision_ms_p50=round(1e3 * percentile(decisions, 0.5), 4),
+                decision_ms_p99=round(1e3 * percentile(decisions, 0.99), 4))
         return [results[name] for name in methods]
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted values (nearest rank); 0.0 for none."""
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def rotated(items: list[str], shift: int) -> list[str]:
@@ -310,7 +325,32 @@ def report(results: list[MethodRun], *, params: SamplingParams, meta: dict) -> d
             entry["categories"][cat] = figures
         entry["runs"] = [p.figures() for p in r.runs]
         entries.append(entry)
+    router = next((e for e in entries if e["method"] == "router"), None)
+    if router is not None:
+        router["versus_static"] = versus_static(router, entries)
     return {"meta": meta, "results": entries}
+
+
+# Not static arms the router chooses among: the reference, and the router itself.
+NOT_STATIC = ("hf_vanilla", "router")
+
+
+def versus_static(router: dict, entries: list[dict]) -> dict | None:
+    """The router's tokens/s as a ratio to the best static method's, overall and per category
+    (each category's own best), with those methods' names; None with no static method."""
+    static = [e for e in entries if e["method"] not in NOT_STATIC]
+    if not static:
+        return None
+    best = max(static, key=lambda e: e["tokens_per_s"])
+    out = {"best": best["method"], "ratio": round(router["tokens_per_s"] / best["tokens_per_s"], 3)
+           if best["tokens_per_s"] else None, "categories": {}}
+    for cat, figures in router["categories"].items():
+        cat_best = max((e for e in static if cat in e["categories"]),
+                       key=lambda e: e["categories"][cat]["tokens_per_s"])
+        top = cat_best["categories"][cat]["tokens_per_s"]
+        out["categories"][cat] = {"best": cat_best["method"],
+                                  "ratio": round(figures["tokens_per_s"] / top, 3) if top else None}
+    return out
 
 
 def machine_meta(engine: Engine, args: dict) -> dict:
@@ -363,7 +403,31 @@ def markdown_table(data: dict) -> str:
                      f"({_fmt(e['categories'][c]['tokens_per_s'], 1)})"
                      if c in e["categories"] else "-" for c in categories]
             lines.append(f"| {e['method']} | " + " | ".join(cells) + " |")
+    router = next((e for e in data["results"] if e["method"] == "router"), None)
+    if router is not None:
+        lines += ["", router_summary(router)]
     return "\n".join(lines) + "\n"
+
+
+def router_summary(router: dict) -> str:
+    """One paragraph: the router against the static methods, its decision time, its arms."""
+    parts = []
+    vs = router.get("versus_static")
+    if vs:
+        cats = ", ".join(f"{cat} {_fmt(c['ratio'])}x ({c['best']})"
+                         for cat, c in vs["categories"].items())
+        parts.append(f"Router: {_fmt(vs['ratio'])}x the best static method ({vs['best']}); "
+                     f"by category, against each category's best: {cats}.")
+    detail = router.get("detail", {})
+    if "decision_ms_p99" in detail:
+        parts.append(f"Decision time (prompt class, bucket, arm) p50 "
+                     f"{_fmt(detail['decision_ms_p50'], 3)} ms, p99 "
+                     f"{_fmt(detail['decision_ms_p99'], 3)} ms over {router['prompts']} requests.")
+    if detail.get("choices"):
+        parts.append("Arms chosen: " + ", ".join(
+            f"{arm} {n}" for arm, n in sorted(detail["choices"].items(), key=lambda kv: -kv[1]))
+            + ".")
+    return " ".join(parts)
 
 
 def plot(data: dict, path: Path) -> None:

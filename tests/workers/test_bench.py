@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from workers.bench import Bench, PromptRun, markdown_table, report, rotated, write_outputs
+from workers.bench import (
+    Bench,
+    PromptRun,
+    markdown_table,
+    percentile,
+    report,
+    rotated,
+    versus_static,
+    write_outputs,
+)
 from workers.engine import Engine, resolve_profile
 from workers.prompts import load_prompts
 from workers.sampling import SamplingParams
@@ -40,10 +49,34 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
     arms = [run["arm"] for run in entries["router"]["runs"]]
     assert set(arms) <= {a.name for a in engine.profile.arms}
     assert sum(entries["router"]["detail"]["choices"].values()) == 3
+    # Against the static methods (hf_vanilla is the reference, not an arm), overall and per
+    # category; its decision time is measured per request.
+    vs = entries["router"]["versus_static"]
+    assert vs["best"] in {"vanilla", "ngram_tree"} and set(vs["categories"]) == {
+        p.category for p in suite}
+    best_tps = entries[vs["best"]]["tokens_per_s"]
+    assert vs["ratio"] == round(entries["router"]["tokens_per_s"] / best_tps, 3)
+    assert 0 < entries["router"]["detail"]["decision_ms_p50"] <= entries["router"]["detail"][
+        "decision_ms_p99"]
     assert entries["ngram_tree"]["mean_accepted_length"] >= 1.0
     table = (tmp_path / "bench.md").read_text()
     assert table == markdown_table(data) and all(f"| {m} |" in table for m in METHODS)
+    assert f"Router: {vs['ratio']:.2f}x the best static method ({vs['best']})" in table
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_versus_static_takes_each_categorys_own_best_and_skips_the_reference():
+    def entry(method, tps, chat, code):
+        return {"method": method, "tokens_per_s": tps, "categories": {
+            "chat": {"tokens_per_s": chat}, "code": {"tokens_per_s": code}}}
+
+    entries = [entry("hf_vanilla", 90.0, 90.0, 90.0), entry("vanilla", 20.0, 30.0, 10.0),
+               entry("ngram_tree", 30.0, 20.0, 40.0), entry("router", 33.0, 27.0, 40.0)]
+    vs = versus_static(entries[-1], entries)
+    assert vs == {"best": "ngram_tree", "ratio": 1.1, "categories": {
+        "chat": {"best": "vanilla", "ratio": 0.9}, "code": {"best": "ngram_tree", "ratio": 1.0}}}
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0 and percentile([1.0, 2.0], 0.99) == 2.0
+    assert percentile([], 0.99) == 0.0
 
 
 def test_bench_refuses_unknown_methods(bundled):
