@@ -65,8 +65,9 @@ def _chat_ids(tokenizer, content: str) -> list[int]:
 
 
 def function_start(source: str, lines: int) -> str:
-    """The first ``lines`` lines (decorators included) of the first function or method after
-    the first third of ``source`` that is longer than that (of the longest one when none is)."""
+    """The first ``lines`` lines (decorators included) of the first function or method longer
+    than that after the first third of ``source`` (the first anywhere when none follows the
+    third; the longest when none is that long)."""
     third = len(source.splitlines()) // 3
     funcs = sorted((node for node in ast.walk(ast.parse(source))
                     if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)),
