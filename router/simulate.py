@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from router.policy import ArmRouter, store_estimates
 from router.store import InProcessStatsStore, StatsKey
-from workers.stats import SpecDecodeStats
+from workers.stats import SpecDecodeStats, nearest_rank
 
 MODEL = "sim-model"
 
@@ -188,5 +188,4 @@ def decision_time_p99(truth: Truth, decisions: int = 2000, seed: int = 0) -> flo
         start = time.perf_counter()
         router.choose(bucket)
         timings.append(time.perf_counter() - start)
-    timings.sort()
-    return timings[min(len(timings) - 1, math.ceil(0.99 * len(timings)) - 1)]
+    return nearest_rank(sorted(timings), 0.99)

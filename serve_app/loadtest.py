@@ -39,6 +39,8 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workers.stats import nearest_rank
+
 __all__ = [
     "DEFAULT_PROMPTS",
     "LoadConfig",
@@ -343,12 +345,6 @@ async def _client_loop(client: httpx.AsyncClient, run: _Run) -> None:
         run.outcomes.append(await _send(client, run.config, slot))
 
 
-def _nearest_rank(ordered: list[float], percent: float) -> float | None:
-    if not ordered:
-        return None
-    return ordered[max(1, math.ceil(percent / 100 * len(ordered))) - 1]
-
-
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
 
@@ -356,7 +352,7 @@ def _round(value: float | None) -> float | None:
 def _percentiles(samples: list[float]) -> dict[str, Any]:
     ordered = sorted(samples)
     return {"samples": len(ordered),
-            **{f"p{p}": _round(_nearest_rank(ordered, p)) for p in (50, 95, 99)}}
+            **{f"p{p}": _round(nearest_rank(ordered, p / 100)) for p in (50, 95, 99)}}
 
 
 def _latency(samples: list[float]) -> LatencyStats:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import platform
 import random
@@ -27,7 +26,7 @@ from workers.engine import Engine
 from workers.model import dtype_name
 from workers.prompts import BenchPrompt
 from workers.sampling import SamplingParams
-from workers.stats import SpecDecodeStats
+from workers.stats import SpecDecodeStats, nearest_rank
 
 HF_METHODS = ("hf_vanilla", "hf_prompt_lookup", "hf_early_exit")
 OWN_METHODS = ("vanilla", "skip_chain", "skip_tree", "ngram_tree", "s3d", "hybrid", "s3d_skip",
@@ -265,16 +264,9 @@ class Bench:
             decisions = sorted(self.router_decision_s)
             results["router"].detail.update(
                 choices=dict(Counter(self.router_choices)),
-                decision_ms_p50=round(1e3 * percentile(decisions, 0.5), 4),
-                decision_ms_p99=round(1e3 * percentile(decisions, 0.99), 4))
+                **{f"decision_ms_p{p}": round(1e3 * nearest_rank(decisions, p / 100), 4)
+                   for p in (50, 99) if decisions})
         return [results[name] for name in methods]
-
-
-def percentile(ordered: list[float], q: float) -> float:
-    """The ``q`` quantile of sorted values (nearest rank); 0.0 for none."""
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def rotated(items: list[str], shift: int) -> list[str]:

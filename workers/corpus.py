@@ -22,6 +22,7 @@ import sys
 import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -195,9 +196,7 @@ def chat_requests(count: int, seed: int = 0) -> list[list[dict]]:
     rng = random.Random(seed)
     rng.shuffle(named)
     rng.shuffle(general)
-    questions = [q for pair in zip(general, named) for q in pair]
-    longer = general if len(general) > len(named) else named
-    questions += longer[min(len(general), len(named)):]
+    questions = [q for pair in zip_longest(general, named) for q in pair if q is not None]
     return [[{"role": "user", "content": q}] for q in questions[:count]]
 
 

@@ -6,12 +6,20 @@ Pure Python, importable without torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
 def mean_acceptance_length(accepted: float, steps: float) -> float:
     """Tokens committed per verify step: accepted drafts plus the bonus token."""
     return (accepted + steps) / steps if steps else 0.0
+
+
+def nearest_rank(ordered: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0-1) of sorted values by nearest rank; None for none."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered), max(1, math.ceil(q * len(ordered)))) - 1]
 
 
 def acceptance_rate(accepted: float, drafted: float) -> float:

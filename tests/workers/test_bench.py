@@ -10,7 +10,6 @@ from workers.bench import (
     Bench,
     PromptRun,
     markdown_table,
-    percentile,
     report,
     rotated,
     versus_static,
@@ -19,6 +18,7 @@ from workers.bench import (
 from workers.engine import Engine, resolve_profile
 from workers.prompts import load_prompts
 from workers.sampling import SamplingParams
+from workers.stats import nearest_rank
 
 METHODS = ["hf_vanilla", "vanilla", "ngram_tree", "router"]
 
@@ -75,8 +75,9 @@ def test_versus_static_takes_each_categorys_own_best_and_skips_the_reference():
     vs = versus_static(entries[-1], entries)
     assert vs == {"best": "ngram_tree", "ratio": 1.1, "categories": {
         "chat": {"best": "vanilla", "ratio": 0.9}, "code": {"best": "ngram_tree", "ratio": 1.0}}}
-    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0 and percentile([1.0, 2.0], 0.99) == 2.0
-    assert percentile([], 0.99) == 0.0
+    assert nearest_rank([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
+    assert nearest_rank([1.0, 2.0], 0.99) == 2.0 and nearest_rank([1.0, 2.0], 0.0) == 1.0
+    assert nearest_rank([], 0.99) is None
 
 
 def test_bench_refuses_unknown_methods(bundled):
