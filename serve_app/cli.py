@@ -57,6 +57,10 @@ def generate(
 
     _threads(threads)
     engine = Engine.load(model, dtype, device, quantization, profile)
+    names = [a.name for a in engine.profile.arms]
+    if arm is not None and arm not in names:
+        raise typer.BadParameter(f"unknown arm {arm!r}; the profile's arms: {', '.join(names)}",
+                                 param_hint="--arm")
     record = (BenchPrompt(id="cli", category="cli", prompt=prompt) if raw else
               BenchPrompt(id="cli", category="cli", messages=[{"role": "user", "content": prompt}]))
     ids = record.to_token_ids(engine.tokenizer)
@@ -80,7 +84,9 @@ def generate(
 @app.command()
 def bench(
     out: Path = typer.Option(Path("bench-out"), help="Folder for bench.json, bench.md, bench.png."),
-    methods: str = typer.Option(None, help="Comma list of methods (default: all)."),
+    methods: str = typer.Option(
+        None, help="Comma list of methods (default: all but s3d_fused and s3d_skip, the S3D "
+                   "arms by name; method s3d is the faster of them in this dtype)."),
     max_tokens: int = typer.Option(128, min=1),
     limit: int = typer.Option(None, min=1, help="Only the first N prompts."),
     prompts: Path = typer.Option(None, help="Prompt suite JSONL (default: the shipped one)."),
@@ -98,7 +104,7 @@ def bench(
 
     _threads(threads)
     method_list = ([m.strip() for m in methods.split(",") if m.strip()] if methods
-                   else list(bench_mod.ALL_METHODS))
+                   else list(bench_mod.DEFAULT_METHODS))
     unknown = [m for m in method_list if m not in bench_mod.ALL_METHODS]
     if unknown:
         raise typer.BadParameter(f"unknown methods {unknown}; known: "

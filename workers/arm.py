@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DrafterKind = Literal["none", "skip_chain", "skip_tree", "ngram_tree", "s3d", "hybrid",
                       "s3d_skip"]
+# The mask drafters proper: fused mask rows (``s3d``) and a separate pass (``s3d_skip``).
+S3D_DRAFTERS = ("s3d", "s3d_skip")
 
 
 class Arm(BaseModel):
@@ -142,6 +144,17 @@ class Profile(BaseModel):
             for prompt_class, value in zip(classes, values):
                 out.setdefault(prompt_class, {}).setdefault(arm, []).append(value)
         return out
+
+    def fastest(self, drafters: tuple[str, ...], dtype: str | None = None) -> str | None:
+        """The name of the arm with one of these drafter kinds that the profile measured fastest
+        (in ``dtype``, see ``measurement``); the first such arm when none was measured, None
+        when the profile has no such arm."""
+        names = [a.name for a in self.arms if a.drafter in drafters]
+        overall, _ = self.measured_goodput(dtype)
+        measured = [n for n in names if n in overall]
+        if measured:
+            return max(measured, key=overall.__getitem__)
+        return names[0] if names else None
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:

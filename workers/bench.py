@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from workers.arm import S3D_DRAFTERS
 from workers.engine import Engine
 from workers.model import dtype_name
 from workers.prompts import BenchPrompt
@@ -29,10 +30,14 @@ from workers.sampling import SamplingParams
 from workers.stats import SpecDecodeStats, nearest_rank
 
 HF_METHODS = ("hf_vanilla", "hf_prompt_lookup", "hf_early_exit")
-OWN_METHODS = ("vanilla", "skip_chain", "skip_tree", "ngram_tree", "s3d", "hybrid", "s3d_skip",
-               "router")
+# Own methods run the profile's arm of the same name, but ``vanilla`` (the ``none`` arm), ``s3d``
+# (the profile's fastest S3D arm in the bench's dtype: ``s3d_fused`` or ``s3d_skip``) and
+# ``router`` (an arm per request).
+OWN_METHODS = ("vanilla", "skip_chain", "skip_tree", "ngram_tree", "hybrid", "s3d", "s3d_fused",
+               "s3d_skip", "router")
 ALL_METHODS = HF_METHODS + OWN_METHODS
-DEFAULT_METHODS = ALL_METHODS
+# Without the two S3D arms by name: one of them is ``s3d``.
+DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m not in ("s3d_fused", "s3d_skip"))
 
 
 @dataclass
@@ -221,6 +226,15 @@ class Bench:
             return self._own("none"), {"arm": "none"}
         if name == "router":
             return self._routed(), {"arms": [a.name for a in self.engine.profile.arms]}
+        if name == "s3d":
+            profile = self.engine.profile
+            fastest = profile.fastest(S3D_DRAFTERS, dtype_name(self.engine.runner.dtype))
+            if fastest is None:
+                raise ValueError("method 's3d' needs an S3D arm (drafter s3d or s3d_skip) in "
+                                 f"the profile; it has {[a.name for a in profile.arms]}")
+            return self._own(fastest), {
+                "arm": self.engine.arm(fastest).model_dump(),
+                "fastest_of": [a.name for a in profile.arms if a.drafter in S3D_DRAFTERS]}
         if name in OWN_METHODS:
             try:
                 arm = self.engine.arm(name)
@@ -382,8 +396,9 @@ def markdown_table(data: dict) -> str:
              "| method | tokens/s | speedup vs hf | mean accepted length | acceptance rate | "
              "identical to vanilla | peak RSS MB |", "|---|---|---|---|---|---|---|"]
     for e in data["results"]:
-        lines.append(f"| {e['method']} | {_fmt(e['tokens_per_s'])} | {_fmt(e['speedup_vs_hf'])} | "
-                     f"{_fmt(e['mean_accepted_length'])} | {_fmt(e['acceptance_rate'])} | "
+        lines.append(f"| {method_label(e)} | {_fmt(e['tokens_per_s'])} | "
+                     f"{_fmt(e['speedup_vs_hf'])} | {_fmt(e['mean_accepted_length'])} | "
+                     f"{_fmt(e['acceptance_rate'])} | "
                      f"{_fmt(e['identical_to_vanilla'])} | {_fmt(e['peak_rss_mb'], 0)} |")
     categories = sorted({c for e in data["results"] for c in e["categories"]})
     if categories:
@@ -394,11 +409,19 @@ def markdown_table(data: dict) -> str:
             cells = [f"{_fmt(e['categories'][c]['speedup_vs_hf'])} "
                      f"({_fmt(e['categories'][c]['tokens_per_s'], 1)})"
                      if c in e["categories"] else "-" for c in categories]
-            lines.append(f"| {e['method']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method_label(e)} | " + " | ".join(cells) + " |")
     router = next((e for e in data["results"] if e["method"] == "router"), None)
     if router is not None:
         lines += ["", router_summary(router)]
     return "\n".join(lines) + "\n"
+
+
+def method_label(entry: dict) -> str:
+    """A method's name in the tables; ``s3d`` with the arm it ran (``s3d (s3d_skip)``)."""
+    detail = entry.get("detail", {})
+    if "fastest_of" in detail:
+        return f"{entry['method']} ({detail['arm']['name']})"
+    return entry["method"]
 
 
 def router_summary(router: dict) -> str:

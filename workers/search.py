@@ -277,13 +277,19 @@ HYBRID_FALLBACK_VARIANTS = (dict(depth=4, top_k=2, total_tokens=3, gamma=1, atta
                             dict(depth=8, top_k=2, total_tokens=8, gamma=1, attach=2),
                             dict(depth=10, top_k=2, total_tokens=12, gamma=1, attach=2))
 # A variant that is not its kind's best overall joins the profile as a specialist for a prompt
-# class (named ``<kind>_<class>``) when it beats its kind's chosen arm on that class by this
+# class (named ``<arm>_<class>``) when it beats its kind's chosen arm on that class by this
 # margin in the same interleaved measurement, and stays only if, measured beside all the chosen
 # arms, it is the fastest arm on that class: the router's prior for the class then favours it.
 SPECIALIST_MARGIN = 1.10
 S3D_SKIP_VARIANTS = (dict(depth=2, top_k=1, total_tokens=2, gamma=1),
                      dict(depth=4, top_k=1, total_tokens=4),
                      dict(depth=4, top_k=2, total_tokens=8))
+
+
+# Arms are named after their drafter kind, but for the fused mask drafter: "s3d" names the
+# product's S3D, whichever of its two arms (``s3d_fused``, ``s3d_skip``) measures fastest
+# (``Profile.fastest``; ``s3d bench``'s method ``s3d``).
+ARM_NAMES = {"s3d": "s3d_fused"}
 
 
 def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None) -> dict[str, list[Arm]]:
@@ -299,8 +305,8 @@ def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None) -> di
     adapter = Path(adapter_path) if adapter_path else BUNDLED_ADAPTER
     if adapter.exists():
         for kind in ("s3d", "hybrid"):
-            kinds[kind] = [Arm(name=kind, drafter=kind, adapter=adapter_path, **v)
-                           for v in S3D_VARIANTS]
+            kinds[kind] = [Arm(name=ARM_NAMES.get(kind, kind), drafter=kind,
+                               adapter=adapter_path, **v) for v in S3D_VARIANTS]
         kinds["hybrid"] += [Arm(name="hybrid", drafter="hybrid", adapter=adapter_path, **v)
                             for v in HYBRID_MERGED_VARIANTS]
         kinds["hybrid"] += [Arm(name="hybrid", drafter="hybrid", adapter=adapter_path,
@@ -311,18 +317,19 @@ def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None) -> di
     return kinds
 
 
-def specialist_candidates(kind: str, variants: list[Arm], figs: list[dict], chosen: Arm,
+def specialist_candidates(variants: list[Arm], figs: list[dict], chosen: Arm,
                           margin: float = SPECIALIST_MARGIN) -> dict[Arm, str]:
-    """Per prompt class, the variant of ``kind`` fastest on that class when it is not ``chosen``
-    (the kind's best overall) and beats it there by ``margin`` (``figs`` from one interleaved
-    measurement of ``variants``), renamed ``<kind>_<class>``: ``{arm: class}``."""
+    """Per prompt class, the variant fastest on that class when it is not ``chosen`` (the best
+    overall of ``variants``, one drafter kind's) and beats it there by ``margin`` (``figs`` from
+    one interleaved measurement of ``variants``), renamed ``<chosen's name>_<class>``:
+    ``{arm: class}``."""
     base = figs[variants.index(chosen)]["by_class"] if chosen in variants else {}
     out = {}
     for prompt_class, chosen_speed in sorted(base.items()):
         best = max(range(len(variants)), key=lambda i: figs[i]["by_class"].get(prompt_class, 0))
         if (variants[best] != chosen
                 and figs[best]["by_class"].get(prompt_class, 0) >= margin * chosen_speed):
-            out[variants[best].model_copy(update={"name": f"{kind}_{prompt_class}"})] = \
+            out[variants[best].model_copy(update={"name": f"{chosen.name}_{prompt_class}"})] = \
                 prompt_class
     return out
 
@@ -422,7 +429,7 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
         figs = measure_all_and_log(engine, prompts, variants, max_tokens,
                                    [label(kind, a) for a in variants], log)
         best = variants[max(range(len(variants)), key=lambda i: figs[i]["tokens_per_s"])]
-        specialists.update(specialist_candidates(kind, variants, figs, best))
+        specialists.update(specialist_candidates(variants, figs, best))
         if kind != "ngram_tree":  # drafts come from the model: its output layer can shrink
             pair = [best, best.model_copy(update={"draft_vocab": DRAFT_VOCAB})]
             figs = measure_all_and_log(engine, prompts, pair, max_tokens,

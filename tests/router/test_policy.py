@@ -323,6 +323,26 @@ def test_profile_measured_goodput_splits_overall_and_by_class() -> None:
     assert by_class == {"code": {"none": 19.0}, "chat": {"none": 21.0}}
 
 
+def test_profile_fastest_takes_the_measured_best_of_the_kinds_in_the_dtype() -> None:
+    from workers.arm import NONE_ARM, Arm, Profile
+
+    arms = [NONE_ARM, Arm(name="s3d_fused", drafter="s3d"),
+            Arm(name="s3d_skip", drafter="s3d_skip"), Arm(name="ngram_tree", drafter="ngram_tree")]
+    measured = {"none": {"tokens_per_s": 20.0}, "s3d_fused": {"tokens_per_s": 26.0},
+                "s3d_skip": {"tokens_per_s": 25.0}, "ngram_tree": {"tokens_per_s": 30.0}}
+    bf16 = {**measured, "s3d_skip": {"tokens_per_s": 27.0}}
+    profile = Profile(model_fingerprint="f", default_arm="none", arms=arms, notes={
+        "dtype": "float32", "measured": measured,
+        "by_dtype": {"bfloat16": {"dtype": "bfloat16", "measured": bf16}}})
+    s3d = ("s3d", "s3d_skip")
+    assert profile.fastest(s3d, "float32") == "s3d_fused"  # ngram_tree is not one of the kinds
+    assert profile.fastest(s3d, "bfloat16") == "s3d_skip"
+    assert profile.fastest(("ngram_tree",)) == "ngram_tree"
+    unmeasured = profile.model_copy(update={"notes": {}})
+    assert unmeasured.fastest(s3d) == "s3d_fused"  # the first such arm
+    assert profile.fastest(("skip_tree",)) is None
+
+
 def test_router_for_profile_takes_its_priors_and_prior_weight() -> None:
     from workers.arm import NONE_ARM, Arm, Profile
 

@@ -20,7 +20,7 @@ from workers.prompts import load_prompts
 from workers.sampling import SamplingParams
 from workers.stats import nearest_rank
 
-METHODS = ["hf_vanilla", "vanilla", "ngram_tree", "router"]
+METHODS = ["hf_vanilla", "vanilla", "ngram_tree", "s3d", "router"]
 
 
 def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
@@ -45,6 +45,11 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
         assert set(entry["categories"]) == {p.category for p in suite}
     assert {run["arm"] for run in entries["ngram_tree"]["runs"]} == {"ngram_tree"}
     assert {run["arm"] for run in entries["vanilla"]["runs"]} == {"none"}
+    # `s3d` runs the profile's fastest S3D arm in this dtype, and the table names it.
+    s3d_arm = engine.profile.fastest(("s3d", "s3d_skip"), "float32")
+    assert s3d_arm in {"s3d_fused", "s3d_skip"}
+    assert {run["arm"] for run in entries["s3d"]["runs"]} == {s3d_arm}
+    assert entries["s3d"]["detail"]["fastest_of"] == ["s3d_fused", "s3d_skip"]
     # The router's per-prompt arms are the profile's, and its counts add up to them.
     arms = [run["arm"] for run in entries["router"]["runs"]]
     assert set(arms) <= {a.name for a in engine.profile.arms}
@@ -52,7 +57,7 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
     # Against the static methods (hf_vanilla is the reference, not an arm), overall and per
     # category; its decision time is measured per request.
     vs = entries["router"]["versus_static"]
-    assert vs["best"] in {"vanilla", "ngram_tree"} and set(vs["categories"]) == {
+    assert vs["best"] in {"vanilla", "ngram_tree", "s3d"} and set(vs["categories"]) == {
         p.category for p in suite}
     best_tps = entries[vs["best"]]["tokens_per_s"]
     assert vs["ratio"] == round(entries["router"]["tokens_per_s"] / best_tps, 3)
@@ -60,7 +65,9 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
         "decision_ms_p99"]
     assert entries["ngram_tree"]["mean_accepted_length"] >= 1.0
     table = (tmp_path / "bench.md").read_text()
-    assert table == markdown_table(data) and all(f"| {m} |" in table for m in METHODS)
+    assert table == markdown_table(data) and all(
+        f"| {m} |" in table for m in METHODS if m != "s3d")
+    assert f"| s3d ({s3d_arm}) |" in table
     assert f"Router: {vs['ratio']:.2f}x the best static method ({vs['best']})" in table
     assert (tmp_path / "bench.png").stat().st_size > 0
 

@@ -445,6 +445,10 @@ def test_search_can_reuse_a_profiles_skip_sets_and_search_only_the_arms(bundled)
     assert layer_skip and all(a.skip_layers == (6, 7) for a in layer_skip)
     assert new.notes["trials"] == trials
     assert new.notes["method"] == "by hand" + REUSED
+    # The fused mask drafter's arm is `s3d_fused`; `s3d` names the faster of it and `s3d_skip`.
+    assert [a.name for a in new.arms if a.drafter in ("s3d", "s3d_skip")] == ["s3d_fused",
+                                                                              "s3d_skip"]
+    assert new.fastest(("s3d", "s3d_skip")) in {"s3d_fused", "s3d_skip"}
     with pytest.raises(ValueError, match="no search trials"):
         search(engine, max_tokens=6, max_prompts=2, log=lambda m: None,
                skip_sets_from=old.model_copy(update={"notes": {}}))
@@ -452,7 +456,7 @@ def test_search_can_reuse_a_profiles_skip_sets_and_search_only_the_arms(bundled)
 
 def test_a_variant_much_faster_on_one_class_joins_as_that_classs_specialist():
     """The kind's best overall stays its arm; a variant 10% faster on one class than that arm
-    (same measurement) becomes ``<kind>_<class>``, and it stays in the profile only if it leads
+    (same measurement) becomes ``<arm>_<class>``, and it stays in the profile only if it leads
     its class beside every chosen arm."""
     from workers.arm import NONE_ARM, Arm
     from workers.search import class_leaders, specialist_candidates
@@ -462,12 +466,12 @@ def test_a_variant_much_faster_on_one_class_joins_as_that_classs_specialist():
     figs = [{"by_class": {"code": 60.0, "chat": 43.0}},
             {"by_class": {"code": 65.0, "chat": 42.0}},   # better on code, by less than 10%
             {"by_class": {"code": 74.0, "chat": 41.0}}]
-    found = specialist_candidates("hybrid", [shallow, mid, deep], figs, shallow)
+    found = specialist_candidates([shallow, mid, deep], figs, shallow)
     assert list(found.values()) == ["code"]
     (code_arm,) = found
     assert code_arm.name == "hybrid_code" and code_arm.depth == 8
     # Best on chat is the chosen arm itself: no chat specialist; a 9% lead is not enough.
-    assert not specialist_candidates("hybrid", [shallow, mid], figs[:2], shallow)
+    assert not specialist_candidates([shallow, mid], figs[:2], shallow)
     arms = [NONE_ARM, shallow, code_arm]
     leads = [{"by_class": {"code": 33.0}}, {"by_class": {"code": 60.0}},
              {"by_class": {"code": 70.0}}]

@@ -1,0 +1,18 @@
+"""The `s3d` command line, run in process on the bundled model."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from serve_app.cli import app
+
+
+def test_generate_runs_a_pinned_arm_and_refuses_an_unknown_one():
+    runner = CliRunner()
+    ok = runner.invoke(app, ["generate", "def add(a, b):", "--raw", "--arm", "s3d_skip",
+                             "--max-tokens", "4"])
+    assert ok.exit_code == 0, ok.output
+    assert "arm s3d_skip" in ok.output
+    bad = runner.invoke(app, ["generate", "hi", "--arm", "s3d", "--max-tokens", "2"])
+    assert bad.exit_code == 2
+    assert "unknown arm 's3d'" in bad.output and "s3d_fused" in bad.output
