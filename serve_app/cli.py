@@ -252,6 +252,10 @@ def train_cmd(
     rollout_share: float = typer.Option(
         0.5, min=0.0, max=1.0, help="Share of the steps that train on rollouts (the kinds in "
                                     "turn at random)."),
+    warmup: int = typer.Option(
+        0, min=0, help="Steps over which this run's learning rate rises linearly to the "
+                       "schedule's (for a run that starts mid-schedule with a fresh optimizer, "
+                       "e.g. --init)."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
     threads: int = THREADS_OPT,
 ) -> None:
@@ -266,5 +270,5 @@ def train_cmd(
           eval_every=eval_every, resume=resume, init=init,
           skip_layers=tuple(int(x) for x in skip_layers.split(",") if x.strip()),
           rollouts={"chat": chat, "code": code, "summary": summary},
-          rollout_tokens=rollout_tokens, rollout_share=rollout_share,
+          rollout_tokens=rollout_tokens, rollout_share=rollout_share, warmup=warmup,
           log=lambda m: typer.echo(m, err=True))

@@ -136,19 +136,32 @@ def _signature(sets: Mapping[str, list[Sequence]]) -> str:
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
 
+def learning_rate(peak: float, step: int, steps: int, run_step: int = 0, warmup: int = 0
+                  ) -> float:
+    """The rate at ``step`` of ``steps``: a cosine from ``peak`` down to a tenth of it, and over a
+    run's first ``warmup`` steps (``run_step`` counts from the run's start) a linear rise to it:
+    a run that starts mid-schedule with a fresh optimizer (``--init``) otherwise takes full-size
+    steps before its moment estimates settle."""
+    cosine = 0.5 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1.0)))
+    rate = peak * (0.1 + 0.9 * cosine)
+    return rate * min(1.0, (run_step + 1) / warmup) if warmup > 0 else rate
+
+
 def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: int = 1000,
           minutes: float | None = None, lr: float = 2e-3, chunk_len: int = 256,
           attach_per_chunk: int = 32, max_chars: int = 3_000_000, eval_chunks: int = 16,
           eval_every: int = 200, resume: bool = True, init: Path | None = None, seed: int = 0,
           skip_layers: tuple[int, ...] = (), rollouts: Mapping[str, int] | None = None,
-          rollout_tokens: int = 64, rollout_share: float = 0.5, log=print,
+          rollout_tokens: int = 64, rollout_share: float = 0.5, warmup: int = 0, log=print,
           progress: bool = True) -> dict:
     """Self-distil an adapter; with ``skip_layers`` the mask rows run the kept layers only
     (the separate-pass ``s3d_skip`` drafter), else every layer (fused S3D). ``rollouts`` maps a
     kind of ``ROLLOUT_KINDS`` to how many of the base model's continuations of that kind join
     the data; ``rollout_share`` of the steps train on them, the kinds in turn at random.
     Without a checkpoint to resume, ``init`` (an adapter file of the same shape, for this model)
-    gives the starting weights, step count and history; the optimizer then starts afresh."""
+    gives the starting weights, step count and history; the optimizer then starts afresh.
+    ``warmup``: steps over which this run's learning rate rises from zero to the schedule's
+    (``learning_rate``)."""
     torch.manual_seed(seed)
     runner = engine.runner
     for p in engine.loaded.model.parameters():
@@ -218,6 +231,7 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     deadline = time.time() + minutes * 60 if minutes else math.inf
     bar = tqdm(total=steps, initial=step, disable=not progress, desc="s3d train")
     started = time.time()
+    first_step = step
     trained_tokens = 0
     last_loss: float | None = None
     while step < steps and time.time() < deadline:
@@ -227,9 +241,8 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
         pool = train_sets[kind]
         seq = pool[int(torch.randint(len(pool), (1,), generator=gen))]
         attach = sample_attach(len(seq.tokens), gamma, attach_per_chunk, gen, seq.first_attach)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1.0)))
         for group in opt.param_groups:
-            group["lr"] = lr * (0.1 + 0.9 * cosine)
+            group["lr"] = learning_rate(lr, step, steps, step - first_step, warmup)
         step += 1
         bar.update()
         if attach.numel() == 0:
@@ -270,6 +283,7 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     meta = {"model_fingerprint": engine.loaded.fingerprint, "model": engine.loaded.path,
             "skip_layers": sorted(skip_layers), "fused": not skip_layers, "steps": step,
             "chunk_len": chunk_len, "attach_per_chunk": attach_per_chunk, "lr": lr,
+            **({"warmup": warmup} if warmup else {}),
             "data": f"{data}; every {HELD_OUT_EVERY}th held out",
             "targets": "the base model's own continuation (consistent targets only)",
             **{f"{k}_before": [round(a, 4) for a in baseline[k]] for k in accuracy

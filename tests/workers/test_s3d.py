@@ -247,6 +247,19 @@ def test_consistent_targets_follow_the_base_models_own_choices():
                             [True, True, True]]
 
 
+def test_learning_rate_follows_the_cosine_and_warms_up_a_run_that_starts_mid_schedule():
+    from workers.train import learning_rate
+
+    assert learning_rate(1.0, 0, 100) == pytest.approx(1.0)
+    assert learning_rate(1.0, 50, 100) == pytest.approx(0.55)
+    assert learning_rate(1.0, 100, 100) == learning_rate(1.0, 150, 100) == pytest.approx(0.1)
+    # A run started at step 50 with 10 warm-up steps: a tenth of the schedule's rate at its
+    # first step, all of it from its tenth on.
+    assert learning_rate(1.0, 50, 100, 0, 10) == pytest.approx(0.055)
+    assert learning_rate(1.0, 59, 100, 9, 10) == pytest.approx(learning_rate(1.0, 59, 100))
+    assert learning_rate(1.0, 70, 100, 20, 10) == learning_rate(1.0, 70, 100)
+
+
 def test_train_on_rollouts_writes_an_adapter_and_resumes(bundled, tmp_path):
     import json
 
@@ -275,8 +288,9 @@ def test_train_on_rollouts_writes_an_adapter_and_resumes(bundled, tmp_path):
     assert meta["steps"] == 2 and "2 chat requests" not in meta["data"]  # one of 2 held out
     assert "1 chat requests, 1 code requests" in meta["data"]
     MaskAdapter.load(out, bundled.runner, bundled.loaded.fingerprint)
-    meta = train(engine, out, steps=3, rollouts={"chat": 2, "code": 2}, **kwargs)  # resumes
-    assert meta["steps"] == 3
+    meta = train(engine, out, steps=3, rollouts={"chat": 2, "code": 2}, warmup=5,
+                 **kwargs)  # resumes
+    assert meta["steps"] == 3 and meta["warmup"] == 5
     assert all(rollouts_path(out, k).stat().st_mtime_ns == t for k, t in written.items())
     history = json.loads(out.with_suffix(".json").read_text())["history"]
     assert [h["step"] for h in history] == [0, 1, 2, 3]
