@@ -139,9 +139,10 @@ def _signature(sets: Mapping[str, list[Sequence]]) -> str:
 def learning_rate(peak: float, step: int, steps: int, run_step: int = 0, warmup: int = 0
                   ) -> float:
     """The rate at ``step`` of ``steps``: a cosine from ``peak`` down to a tenth of it, and over a
-    run's first ``warmup`` steps (``run_step`` counts from the run's start) a linear rise to it:
-    a run that starts mid-schedule with a fresh optimizer (``--init``) otherwise takes full-size
-    steps before its moment estimates settle."""
+    run's first ``warmup`` steps (``run_step`` counts from the run's start) a linear rise to it,
+    so a run that starts mid-schedule with a fresh optimizer (``--init``) does not take
+    full-size steps before its moment estimates settle (the README's training notes: at a high
+    rate the adapter lost agreement with or without it)."""
     cosine = 0.5 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1.0)))
     rate = peak * (0.1 + 0.9 * cosine)
     return rate * min(1.0, (run_step + 1) / warmup) if warmup > 0 else rate
