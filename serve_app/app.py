@@ -15,11 +15,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,6 +39,16 @@ from serve_app.openai_api import (
 from workers.stats import acceptance_rate, mean_acceptance_length
 
 log = logging.getLogger("s3d.serve")
+
+# A decoder replica that died or cannot be reached (not an error in decoding itself, which would
+# fail again): the request can be sent to another replica.
+REPLICA_FAILURES = (RayActorError, WorkerCrashedError, ReplicaUnavailableError)
+
+
+def retry_pause_s(attempt: int) -> float:
+    """Pause before sending a request again (1, 2, 4 s): Serve needs a moment to notice a dead
+    replica, and until then routes to it."""
+    return 2.0 ** attempt
 
 
 @serve.deployment(name="Decoder")
@@ -125,6 +136,7 @@ class Decoder:
                                      payload["arm"], params, payload.get("depth"))
         text = TextStream(self.engine.tokenizer)
         stops = StopStrings(payload.get("stop") or [])
+        completion_tokens = None  # set when a stop string ends the text before the tokens do
         start = time.perf_counter()
         first_token_at = None
         finish_reason = None
@@ -134,11 +146,13 @@ class Decoder:
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 delta = stops.push(text.push(tokens))
+                if not stops.stopped and gen.finished:
+                    delta += stops.push(text.flush()) + stops.flush()
+                    finish_reason = gen.finish_reason
                 if stops.stopped:
                     finish_reason = "stop"
-                elif gen.finished:
-                    delta += stops.push(text.flush()) + stops.flush()
-                    finish_reason = "stop" if stops.stopped else gen.finish_reason
+                    # A step may commit tokens past the stop string: they are not output.
+                    completion_tokens = text.tokens_through(stops.stop_end)
                 if delta or finish_reason:
                     yield {"index": index, "text": delta, "token_ids": tokens,
                            "finish_reason": finish_reason}
@@ -156,11 +170,44 @@ class Decoder:
             log.exception("recording the statistics of a request failed")
         yield {"index": index, "text": "", "token_ids": [],
                "finish_reason": finish_reason or "stop",
-               "usage": usage(len(gen.prompt), len(gen.output)), "spec_decode": summary}
+               "usage": usage(len(gen.prompt), len(gen.output) if completion_tokens is None
+                              else completion_tokens), "spec_decode": summary}
 
 
 def _api_error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while a body without a declared length (chunked) streams in past the limit."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body exceeds {limit} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: counts the body's bytes as they arrive, so a chunked upload cannot get
+    past the limit that a ``Content-Length`` header is checked against up front. The handler's
+    body read raises ``BodyTooLarge``, answered as a 413 by the API's error handlers."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        return await self.app(scope, counted, send)
 
 
 def create_api(config: ServeConfig) -> FastAPI:
@@ -177,11 +224,21 @@ def create_api(config: ServeConfig) -> FastAPI:
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error",
                                        code="internal_error"), status_code=500)
 
+    async def _replica_failed(request: Request, exc: Exception):
+        log.warning("no decoder replica could serve a request: %r", exc)
+        return JSONResponse(error_body("no decoder replica could serve the request; retry later",
+                                       "server_error", code="replica_unavailable"),
+                            status_code=503, headers={"Retry-After": str(config.retry_after_s)})
+
+    for failure in REPLICA_FAILURES:
+        api.add_exception_handler(failure, _replica_failed)
+
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        code = "body_too_large" if exc.status_code == 413 else None
+        return JSONResponse(error_body(str(exc.detail), kind, code=code),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @api.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -193,6 +250,11 @@ def create_api(config: ServeConfig) -> FastAPI:
             for e in exc.errors()[:5])
         return JSONResponse(error_body(message or "invalid request", "invalid_request_error",
                                        loc[0] if loc else None, "invalid_value"), status_code=400)
+
+    # Added before the middleware below, so it sits inside it (Starlette puts the last added
+    # outermost): a receive wrapped by that one reports errors grouped, which the handler's body
+    # read would turn into a 400.
+    api.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     @api.middleware("http")
     async def _limits_and_auth(request: Request, call_next):
@@ -245,6 +307,10 @@ class IngressBase:
             dtype=self.config.dtype)
         self.metrics = IngressMetrics()
 
+    def _model_card(self) -> dict:
+        return {"id": self.config.served_model_name, "object": "model", "created": 0,
+                "owned_by": "s3d-serve", "arms": [a.name for a in self.profile.arms]}
+
     async def _ensure_store(self) -> None:
         if not self._store_started:
             self._store_started = True
@@ -281,6 +347,7 @@ class IngressBase:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves "
                                 f"{cfg.served_model_name!r}", param="model",
                            code="model_not_found")
+        req.check_supported()
         if req.n > cfg.max_n:
             raise APIError(400, f"n must be at most {cfg.max_n}", param="n")
         stops = req.stop_list()
@@ -291,8 +358,8 @@ class IngressBase:
                            param="stop")
         max_tokens = req.requested_max_tokens() or cfg.default_max_tokens
         if max_tokens > cfg.max_tokens_limit:
-            raise APIError(400, f"max_tokens must be at most {cfg.max_tokens_limit}",
-                           param="max_tokens")
+            raise APIError(400, f"{req.max_tokens_param()} must be at most "
+                                f"{cfg.max_tokens_limit}", param=req.max_tokens_param())
         ids, text = self._prompt_ids(req)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
@@ -317,20 +384,53 @@ class IngressBase:
 
     # --- decoding -------------------------------------------------------------------------
 
-    async def _stream(self, payload: dict) -> AsyncIterator[dict]:
-        gen = None
-        try:
-            gen = self.decoder.options(stream=True).generate.remote(payload)
-            async for item in gen:
-                yield item
-        except BackPressureError as exc:
-            raise APIError(503, "the server is at capacity; retry later", type="server_error",
-                           code="overloaded",
-                           headers={"Retry-After": str(self.config.retry_after_s)}) from exc
-        finally:
-            if gen is not None:
-                with contextlib.suppress(Exception):  # cancel() re-raises a routing failure
-                    gen.cancel()
+    async def _stream(self, payload: dict, retries: int) -> AsyncIterator[dict]:
+        """The decoder's items for ``payload``; sent again (up to ``retries`` times) if its
+        replica dies before the first item."""
+        for attempt in range(retries + 1):
+            gen = None
+            started = False
+            try:
+                gen = self.decoder.options(stream=True).generate.remote(payload)
+                async for item in gen:
+                    started = True
+                    yield item
+                return
+            except BackPressureError as exc:
+                raise APIError(503, "the server is at capacity; retry later",
+                               type="server_error", code="overloaded",
+                               headers={"Retry-After": str(self.config.retry_after_s)}) from exc
+            except REPLICA_FAILURES as exc:
+                if started or attempt == retries:
+                    raise
+                log.warning("a decoder replica failed before answering (%r); sending the "
+                            "request again", exc)
+            finally:
+                if gen is not None:
+                    with contextlib.suppress(Exception):  # cancel() re-raises a routing failure
+                        gen.cancel()
+            await asyncio.sleep(retry_pause_s(attempt))
+
+    async def _collect(self, payload: dict, n: int) -> tuple[list[str], list[dict]]:
+        """A non-streamed request's texts and final items. Nothing has reached the client, so
+        a replica failure at any point sends the whole request again."""
+        retries = self.config.replica_retries
+        for attempt in range(retries + 1):
+            texts = [""] * n
+            finals: list[dict] = [{} for _ in range(n)]
+            try:
+                async for item in self._stream(payload, retries=0):
+                    texts[item["index"]] += item["text"]
+                    if "spec_decode" in item:
+                        finals[item["index"]] = item
+                return texts, finals
+            except REPLICA_FAILURES as exc:
+                if attempt == retries:
+                    raise
+                log.warning("a decoder replica failed mid-request (%r); sending the request "
+                            "again", exc)
+            await asyncio.sleep(retry_pause_s(attempt))
+        raise RuntimeError("unreachable: the last attempt returns or raises")
 
     async def complete(self, req: SamplingFields, is_chat: bool):
         await self._ensure_store()
@@ -339,18 +439,13 @@ class IngressBase:
         rid = new_id("chatcmpl" if is_chat else "cmpl")
         obj = "chat.completion" if is_chat else "text_completion"
         if req.stream:
-            items = self._stream(payload)
+            items = self._stream(payload, retries=self.config.replica_retries)
             # Wait for the first delta before answering 200, so back-pressure is a real 503.
             first = await anext(items, None)
             return StreamingResponse(
                 self._sse(req, is_chat, with_first(first, items), prompt_tokens, rid, started),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts = [""] * req.n
-        finals: list[dict] = [{} for _ in range(req.n)]
-        async for item in self._stream(payload):
-            texts[item["index"]] += item["text"]
-            if "spec_decode" in item:
-                finals[item["index"]] = item
+        texts, finals = await self._collect(payload, req.n)
         choices = []
         for i, (text, final) in enumerate(zip(texts, finals)):
             if is_chat:
@@ -450,9 +545,15 @@ def make_ingress(config: ServeConfig):
 
         @api.get("/v1/models")
         async def models(self):
-            return {"object": "list", "data": [{
-                "id": self.config.served_model_name, "object": "model", "created": 0,
-                "owned_by": "s3d-serve", "arms": [a.name for a in self.profile.arms]}]}
+            return {"object": "list", "data": [self._model_card()]}
+
+        @api.get("/v1/models/{model:path}")
+        async def model(self, model: str):
+            if model not in (self.config.served_model_name, self.config.model):
+                raise APIError(404, f"model {model!r} does not exist; this server serves "
+                                    f"{self.config.served_model_name!r}", param="model",
+                               code="model_not_found")
+            return self._model_card()
 
         @api.get("/healthz")
         async def healthz(self):

@@ -71,7 +71,7 @@ _MAX_RETRY_AFTER_S = 60.0
 _MAX_BACKOFF_S = 8.0
 _MAX_MESSAGE_CHARS = 1000
 
-_Prompt = str | list[str] | list[int] | list[list[int]]
+_Prompt = str | list[str] | list[int]  # one prompt per request, as the server takes
 _ResponseT = TypeVar("_ResponseT", bound=BaseModel)
 _ChunkT = TypeVar("_ChunkT", bound=BaseModel)
 

@@ -64,6 +64,9 @@ class ServeConfig(BaseModel):
     api_keys: list[str] = Field(default_factory=list,
                                 description="Accepted bearer keys for /v1 routes; empty: open.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503s.")
+    replica_retries: int = Field(
+        3, ge=0, description="Times a request whose decoder replica died is sent again: a "
+                             "streamed one only before its first token reached the client.")
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

@@ -37,9 +37,13 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] = Field(description="Text, or OpenAI content parts of type text.")
+    content: str | list[dict] | None = Field(
+        None, description="Text, or OpenAI content parts of type text (null: no text, as an "
+                          "assistant turn may have).")
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -50,8 +54,25 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+# OpenAI request fields this server does not implement, with the values that ask for nothing
+# (what the field's absence means): any other value is a 400 naming the field, never an answer
+# that silently ignores it.
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "functions": (None, []),
+    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+    "suffix": (None, ""), "echo": (None, False),
+}
+
+
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Fields common to both endpoints. Unknown fields are ignored (clients send many that do
+    not change the answer: ``user``, ``metadata``, ``store``); the OpenAI fields that would
+    change it and are not implemented are refused by ``check_supported``; ``null`` means the
+    default, as the OpenAI API treats it."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -65,11 +86,33 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     arm: str | None = Field(None, description="Extension: pin the speculative-decoding arm.")
+    best_of: int | None = Field(None, ge=1, description="Accepted only as `n` (or null).")
+
+    @field_validator("temperature", "top_p", "top_k", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, v, info):
+        return cls.model_fields[info.field_name].default if v is None else v
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v):
         return [v] if isinstance(v, str) else v
+
+    def check_supported(self) -> None:
+        """400 for a field that asks for something this server does not do."""
+        extra = self.model_extra or {}
+        for name, neutral in UNSUPPORTED_FIELDS.items():
+            # Compared with their types: ``logprobs: 0`` asks for the chosen tokens' logprobs.
+            if name in extra and not any(extra[name] == v and type(extra[name]) is type(v)
+                                         for v in neutral):
+                raise APIError(400, f"{name}={extra[name]!r} is not supported by this server",
+                               param=name, code="unsupported_parameter")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of other than n is not supported by this server",
+                           param="best_of", code="unsupported_parameter")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true",
+                           param="stream_options")
 
     def stop_list(self) -> list[str]:
         return list(self.stop or [])
@@ -77,11 +120,14 @@ class SamplingFields(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def max_tokens_param(self) -> str:
+        """The field the request's token limit came from, for errors about it."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] = Field(
         description="Text, token ids, or one text in a list.")
-    echo: bool = False
 
     @field_validator("prompt")
     @classmethod

@@ -34,6 +34,19 @@ class TextStream:
     def text(self) -> str:
         return self._text()
 
+    def tokens_through(self, chars: int) -> int:
+        """How many of the tokens so far it takes for the decoded text to reach ``chars``
+        characters (all of them if it never does)."""
+        lo, hi = 0, len(self.tokens)
+        while lo < hi:  # the fewest tokens whose text is at least ``chars`` long
+            mid = (lo + hi) // 2
+            text = self.tokenizer.decode(self.tokens[:mid], skip_special_tokens=self.skip)
+            if len(text.rstrip("\ufffd")) >= chars:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
 
 class StopStrings:
     """Holds back text that may be the start of a stop string; cuts the text at the first stop."""
@@ -42,14 +55,20 @@ class StopStrings:
         self.stops = [s for s in stops if s]
         self.pending = ""
         self.stopped = False
+        self.fed = 0  # characters pushed so far
+        self.stop_end: int | None = None  # where in the pushed text the first stop string ends
 
     def push(self, text: str) -> str:
         """Feed new text; return what is safe to emit now."""
         if self.stopped:
             return ""
         self.pending += text
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        self.fed += len(text)
+        found = [(i, len(s)) for i, s in ((self.pending.find(s), s) for s in self.stops)
+                 if i >= 0]
+        if found:
+            cut, length = min(found)  # the earliest stop; of those starting there, the shortest
+            self.stop_end = self.fed - len(self.pending) + cut + length
             out, self.pending, self.stopped = self.pending[:cut], "", True
             return out
         hold = max((k for s in self.stops for k in range(1, len(s))

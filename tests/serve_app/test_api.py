@@ -93,6 +93,25 @@ def test_n_seed_and_stop(served):
     assert cut.choices[0].text == text[: text.find(stop)]
 
 
+def test_usage_with_a_stop_string_counts_tokens_through_the_stop_on_every_arm(served):
+    """A speculative step commits several tokens at once, some past the stop string; usage
+    counts only those through the token that completes it, so it does not depend on the arm."""
+    client = oai(served)
+    prompt = "1, 2, 3, 4, 5, 6, 7, 8,"
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                     extra_body={"arm": "none"}).choices[0].text
+    stop = full.strip().split()[2]  # the third number on: several steps into the text
+    counts = {}
+    for arm in ("none", "ngram_tree", "hybrid"):
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24,
+                                        temperature=0, stop=[stop], extra_body={"arm": arm})
+        assert out.choices[0].finish_reason == "stop"
+        assert out.choices[0].text == full[: full.find(stop)]
+        counts[arm] = out.usage.completion_tokens
+    assert len(set(counts.values())) == 1, counts
+    assert 1 <= counts["none"] < 24
+
+
 def _error(resp: httpx.Response) -> dict:
     body = resp.json()
     assert set(body["error"]) == {"message", "type", "param", "code"}
@@ -108,6 +127,15 @@ def _error(resp: httpx.Response) -> dict:
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": ""}, "prompt"),
     ({"max_tokens": 4}, "prompt"),
+    ({"prompt": "hi", "max_completion_tokens": 100000}, "max_completion_tokens"),
+    # Fields the server does not implement are refused, never silently ignored.
+    ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+    ({"prompt": "hi", "echo": True}, "echo"),
+    ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "hi", "logit_bias": {"50256": -100}}, "logit_bias"),
+    ({"prompt": "hi", "best_of": 3}, "best_of"),
+    ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_bad_requests_get_400_in_openai_shape(served, body, param):
     resp = httpx.post(served.base_url + "/v1/completions", json=body, headers=served.headers,
@@ -126,6 +154,46 @@ def test_prompt_past_context_is_400_and_body_limit_413(served):
                       json={"prompt": "word " * 40000, "max_tokens": 4})
     assert resp.status_code == 413
     assert _error(resp)["code"] == "body_too_large"
+
+
+def test_chunked_body_past_the_limit_is_413(served):
+    """A body sent without a length (chunked) is counted as it arrives."""
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(200):
+            yield b"word " * 200
+        yield b'", "max_tokens": 4}'
+
+    resp = httpx.post(served.base_url + "/v1/completions", content=chunks(), timeout=60,
+                      headers={**served.headers, "Content-Type": "application/json"})
+    assert resp.status_code == 413, resp.text
+    assert _error(resp)["code"] == "body_too_large"
+    small = httpx.post(served.base_url + "/v1/completions", timeout=120,
+                       content=iter([b'{"prompt": "Hello", ', b'"max_tokens": 2}']),
+                       headers={**served.headers, "Content-Type": "application/json"})
+    assert small.status_code == 200, small.text
+
+
+def test_nulls_neutral_values_and_unknown_fields_are_accepted(served):
+    """What OpenAI clients send when a caller passes None or a default explicitly."""
+    resp = httpx.post(served.base_url + "/v1/completions", headers=served.headers, timeout=120,
+                      json={"prompt": "Hello", "max_tokens": 2, "temperature": None,
+                            "top_p": None, "n": None, "stream": None, "logprobs": None,
+                            "presence_penalty": 0, "frequency_penalty": 0.0, "echo": False,
+                            "best_of": 1, "user": "someone", "metadata": {"k": "v"}})
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["choices"]) == 1
+    chat = oai(served).chat.completions.create(
+        model=MODEL, max_tokens=2, temperature=0, logprobs=False, tools=[],
+        messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+                  {"role": "user", "content": "Hi again"}])
+    assert chat.choices[0].finish_reason in ("stop", "length")
+
+
+def test_model_retrieve(served):
+    assert oai(served).models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        oai(served).models.retrieve("gpt-9")
 
 
 def test_unknown_model_and_malformed_json(served):

@@ -79,8 +79,35 @@ def test_disconnect_storm_frees_every_slot(served):
     assert _complete(served, "Hello").status_code == 200
 
 
-def test_replica_killed_mid_stream_ends_with_error_event_then_recovers(served):
+def _kill_decoders() -> None:
     import ray
+
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
+              if "Decoder" in a["name"]]
+    assert actors, "no decoder replica actor found"
+    for actor in actors:
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+
+
+def test_replica_killed_mid_request_is_served_by_its_replacement(served):
+    """Nothing of a non-streamed request has reached its client when its replica dies, so the
+    ingress sends it again; the client sees one ordinary answer."""
+    body = {"prompt": "Count with me: 1, 2, 3,", "max_tokens": 160, "arm": "none"}
+    reference = _complete(served, **body)
+    assert reference.status_code == 200, reference.text
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_complete, served, **body)
+        deadline = time.time() + 60
+        while served.decoder_queue_length() == 0:  # the replica has the request
+            assert not pending.done() and time.time() < deadline, "the request never started"
+            time.sleep(0.1)
+        _kill_decoders()
+        resp = pending.result(timeout=600)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["text"] == reference.json()["choices"][0]["text"]
+
+
+def test_replica_killed_mid_stream_ends_with_error_event_then_recovers(served):
 
     events: list[str] = []
     with httpx.Client(timeout=300) as client:
@@ -93,12 +120,7 @@ def test_replica_killed_mid_stream_ends_with_error_event_then_recovers(served):
                     continue
                 events.append(line[6:])
                 if not killed and line.startswith("data: {"):
-                    actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                              if "Decoder" in a["name"]]
-                    assert actors, "no decoder replica actor found"
-                    for actor in actors:
-                        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]),
-                                 no_restart=True)
+                    _kill_decoders()
                     killed = True
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])
