@@ -356,7 +356,27 @@ def versus_static(router: dict, entries: list[dict]) -> dict | None:
         top = cat_best["categories"][cat]["tokens_per_s"]
         out["categories"][cat] = {"best": cat_best["method"],
                                   "ratio": round(figures["tokens_per_s"] / top, 3) if top else None}
+    hindsight = per_prompt_best(static)
+    if hindsight and best["tokens_per_s"]:
+        out["hindsight"] = {"tokens_per_s": round(hindsight, 3),
+                            "ratio_to_best": round(hindsight / best["tokens_per_s"], 3),
+                            "router_ratio": round(router["tokens_per_s"] / hindsight, 3)}
     return out
+
+
+def per_prompt_best(static: list[dict]) -> float | None:
+    """Tokens/s of the static methods' fastest on each prompt, taken in hindsight: the ceiling of
+    any per-request choice among them on this run (slightly above it, as each prompt's best
+    also picks up that method's luck with the host's noise). None without per-prompt runs."""
+    runs = [e.get("runs") for e in static]
+    if not runs or not all(runs) or len({len(r) for r in runs}) != 1:
+        return None
+    tokens = seconds = 0.0
+    for per_method in zip(*runs):
+        fastest = max(per_method, key=lambda r: r["tokens"] / r["seconds"] if r["seconds"] else 0)
+        tokens += fastest["tokens"]
+        seconds += fastest["seconds"]
+    return tokens / seconds if seconds else None
 
 
 def machine_meta(engine: Engine, args: dict) -> dict:
@@ -433,6 +453,12 @@ def router_summary(router: dict) -> str:
                          for cat, c in vs["categories"].items())
         parts.append(f"Router: {_fmt(vs['ratio'])}x the best static method ({vs['best']}); "
                      f"by category, against each category's best: {cats}.")
+        if vs.get("hindsight"):
+            h = vs["hindsight"]
+            parts.append(f"The static methods' fastest on each prompt, picked in hindsight (the "
+                         f"ceiling of any per-request choice among them): "
+                         f"{_fmt(h['ratio_to_best'], 3)}x the best static method; the router "
+                         f"reached {_fmt(h['router_ratio'])}x of it.")
     detail = router.get("detail", {})
     if "decision_ms_p99" in detail:
         parts.append(f"Decision time (prompt class, bucket, arm) p50 "

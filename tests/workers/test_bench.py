@@ -10,8 +10,10 @@ from workers.bench import (
     Bench,
     PromptRun,
     markdown_table,
+    per_prompt_best,
     report,
     rotated,
+    router_summary,
     versus_static,
     write_outputs,
 )
@@ -69,6 +71,7 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
         f"| {m} |" in table for m in METHODS if m != "s3d")
     assert f"| s3d ({s3d_arm}) |" in table
     assert f"Router: {vs['ratio']:.2f}x the best static method ({vs['best']})" in table
+    assert vs["hindsight"]["ratio_to_best"] >= 1.0 and "picked in hindsight" in table
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
@@ -85,6 +88,29 @@ def test_versus_static_takes_each_categorys_own_best_and_skips_the_reference():
     assert nearest_rank([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
     assert nearest_rank([1.0, 2.0], 0.99) == 2.0 and nearest_rank([1.0, 2.0], 0.0) == 1.0
     assert nearest_rank([], 0.99) is None
+
+
+def test_hindsight_takes_each_prompts_fastest_static_method():
+    """The per-prompt best in hindsight: vanilla wins the first prompt, ngram_tree the second."""
+    def entry(method, runs):
+        tokens = sum(t for t, _ in runs)
+        seconds = sum(s for _, s in runs)
+        return {"method": method, "tokens_per_s": tokens / seconds, "categories": {},
+                "runs": [{"tokens": t, "seconds": s} for t, s in runs]}
+
+    entries = [entry("hf_vanilla", [(10, 0.1), (10, 0.1)]),  # fastest, but the reference
+               entry("vanilla", [(10, 1.0), (10, 4.0)]),
+               entry("ngram_tree", [(10, 2.0), (10, 1.0)]),
+               entry("router", [(10, 1.0), (10, 2.0)])]
+    assert per_prompt_best(entries[1:3]) == 20 / 2.0
+    vs = versus_static(entries[-1], entries)
+    assert vs["best"] == "ngram_tree"  # 20 tokens in 3 s
+    assert vs["hindsight"] == {"tokens_per_s": 10.0, "ratio_to_best": 1.5,
+                               "router_ratio": round((20 / 3.0) / 10.0, 3)}
+    assert "1.500x the best static method; the router reached 0.67x of it" in router_summary(
+        {"versus_static": vs, "detail": {}})
+    # Methods without per-prompt runs (or with different prompt counts) give no hindsight.
+    assert per_prompt_best([entries[1], {**entries[2], "runs": entries[2]["runs"][:1]}]) is None
 
 
 def test_bench_refuses_unknown_methods(bundled):
