@@ -9,6 +9,7 @@ records the request's acceptance statistics in the store.
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -36,7 +37,7 @@ from serve_app.openai_api import (
     now,
     usage,
 )
-from workers.stats import acceptance_rate, mean_acceptance_length
+from workers.stats import acceptance_rate, add_lists, mean_acceptance_length
 
 log = logging.getLogger("s3d.serve")
 
@@ -339,7 +340,7 @@ class IngressBase:
             return list(req.prompt), self.tokenizer.decode(req.prompt)
         return list(self.tokenizer(req.prompt)["input_ids"]), req.prompt
 
-    def _prepare(self, req: SamplingFields, is_chat: bool) -> tuple[dict, int]:
+    async def _prepare(self, req: SamplingFields, is_chat: bool) -> tuple[dict, int]:
         from router.policy import context_bucket
 
         cfg = self.config
@@ -360,7 +361,9 @@ class IngressBase:
         if max_tokens > cfg.max_tokens_limit:
             raise APIError(400, f"{req.max_tokens_param()} must be at most "
                                 f"{cfg.max_tokens_limit}", param=req.max_tokens_param())
-        ids, text = self._prompt_ids(req)
+        # Off the event loop: a long prompt's template and tokenisation would stall every
+        # stream this ingress replica is sending meanwhile.
+        ids, text = await asyncio.to_thread(self._prompt_ids, req)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         if len(ids) + max_tokens > self.context:
@@ -435,7 +438,7 @@ class IngressBase:
     async def complete(self, req: SamplingFields, is_chat: bool):
         await self._ensure_store()
         started = time.perf_counter()
-        payload, prompt_tokens = self._prepare(req, is_chat)
+        payload, prompt_tokens = await self._prepare(req, is_chat)
         rid = new_id("chatcmpl" if is_chat else "cmpl")
         obj = "chat.completion" if is_chat else "text_completion"
         if req.stream:
@@ -522,11 +525,14 @@ def merge_spec_decode(items: list[dict]) -> dict:
     steps = sum(i["num_spec_steps"] for i in items)
     drafted = sum(i["num_draft_tokens"] for i in items)
     accepted = sum(i["num_accepted_tokens"] for i in items)
+    per_pos = functools.reduce(add_lists, (i.get("num_accepted_tokens_per_pos", [])
+                                           for i in items), [])
     return {"arm": items[0]["arm"], "depth": items[0].get("depth"),
             "mean_acceptance_length": round(mean_acceptance_length(accepted, steps), 4),
             "draft_acceptance_rate": round(acceptance_rate(accepted, drafted), 4),
             "num_spec_steps": steps, "num_drafts": sum(i["num_drafts"] for i in items),
-            "num_draft_tokens": drafted, "num_accepted_tokens": accepted}
+            "num_draft_tokens": drafted, "num_accepted_tokens": accepted,
+            "num_accepted_tokens_per_pos": per_pos}
 
 
 def make_ingress(config: ServeConfig):

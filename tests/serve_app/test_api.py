@@ -82,6 +82,8 @@ def test_n_seed_and_stop(served):
     again = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8,
                                       temperature=1.0, seed=7, n=2)
     assert [c.index for c in out.choices] == [0, 1]
+    spec = out.model_extra["spec_decode"]  # both choices' figures together
+    assert sum(spec["num_accepted_tokens_per_pos"]) == spec["num_accepted_tokens"]
     assert [c.text for c in out.choices] == [c.text for c in again.choices]
     greedy = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=20,
                                        temperature=0)
