@@ -532,7 +532,8 @@ def merge_spec_decode(items: list[dict]) -> dict:
             "draft_acceptance_rate": round(acceptance_rate(accepted, drafted), 4),
             "num_spec_steps": steps, "num_drafts": sum(i["num_drafts"] for i in items),
             "num_draft_tokens": drafted, "num_accepted_tokens": accepted,
-            "num_accepted_tokens_per_pos": per_pos}
+            "num_accepted_tokens_per_pos": per_pos,
+            "num_forward_passes": sum(i.get("num_forward_passes", 0) for i in items)}
 
 
 def make_ingress(config: ServeConfig):

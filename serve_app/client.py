@@ -92,6 +92,8 @@ class SpecDecode(_Schema):
     num_draft_tokens: int
     num_accepted_tokens: int
     num_accepted_tokens_per_pos: list[int] = Field(default_factory=list)
+    num_forward_passes: int | None = Field(
+        default=None, description="Model passes of the decode steps: verify plus draft passes.")
 
 
 class Usage(_Schema):

@@ -294,7 +294,7 @@ def summarise(runs: list[PromptRun]) -> dict:
     seconds = sum(r.seconds for r in runs)
     out = {"prompts": len(runs), "tokens": tokens, "seconds": round(seconds, 3),
            "tokens_per_s": round(tokens / seconds, 3) if seconds else 0.0,
-           "mean_accepted_length": None, "acceptance_rate": None}
+           "mean_accepted_length": None, "acceptance_rate": None, "tokens_per_forward": None}
     stats = [r.stats for r in runs if r.stats is not None]
     if stats:
         total = SpecDecodeStats()
@@ -302,6 +302,7 @@ def summarise(runs: list[PromptRun]) -> dict:
             total.merge(s)
         out["mean_accepted_length"] = round(total.mean_acceptance_length, 4)
         out["acceptance_rate"] = round(total.draft_acceptance_rate, 4)
+        out["tokens_per_forward"] = round(total.tokens_per_forward, 4)
     return out
 
 
@@ -413,11 +414,13 @@ def markdown_table(data: dict) -> str:
     lines = [f"Benchmark: {meta['date']}, {meta['machine']}, {meta['device']}, {meta['dtype']}, "
              f"max_tokens {meta['max_tokens']}, temperature {meta['temperature']}, "
              f"{data['results'][0]['prompts'] if data['results'] else 0} prompts", "",
-             "| method | tokens/s | speedup vs hf | mean accepted length | acceptance rate | "
-             "identical to vanilla | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+             "| method | tokens/s | speedup vs hf | mean accepted length | tokens per forward | "
+             "acceptance rate | identical to vanilla | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for e in data["results"]:
         lines.append(f"| {method_label(e)} | {_fmt(e['tokens_per_s'])} | "
                      f"{_fmt(e['speedup_vs_hf'])} | {_fmt(e['mean_accepted_length'])} | "
+                     f"{_fmt(e.get('tokens_per_forward'))} | "
                      f"{_fmt(e['acceptance_rate'])} | "
                      f"{_fmt(e['identical_to_vanilla'])} | {_fmt(e['peak_rss_mb'], 0)} |")
     categories = sorted({c for e in data["results"] for c in e["categories"]})

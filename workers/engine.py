@@ -82,12 +82,14 @@ class Generation:
         if self.finished:
             return []
         t0 = time.perf_counter()
+        forwards = self.runner.num_forwards  # a replica runs one step at a time
         tree = self.drafter.propose(DraftContext(self.runner, self.cache, self.tokens))
         t1 = time.perf_counter()
         path, next_token = self._verify(tree)
         t2 = time.perf_counter()
         self.drafter.observe(tree, len(path))
-        self.stats.observe_step(len(tree), len(path), t1 - t0, t2 - t1, tree.depth)
+        self.stats.observe_step(len(tree), len(path), t1 - t0, t2 - t1, tree.depth,
+                                self.runner.num_forwards - forwards)
         return self._commit([int(tree.tokens[i]) for i in path] + [next_token])
 
     def _verify(self, tree: DraftTree) -> tuple[list[int], int]:

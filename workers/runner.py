@@ -124,6 +124,7 @@ class ModelRunner:
             self.gemm_plan.warm([self._head], range(1, 9))
         self._cos = self._sin = None
         self._rope_len = 0
+        self.num_forwards = 0  # model passes run (any rows, any layers): a step's cost in passes
         self.tune_packed()
 
     def tune_packed(self, counts: Sequence[int] = (1, 2, 4, 6, 8, 12, 16, 64), repeats: int = 3,
@@ -228,6 +229,7 @@ class ModelRunner:
         take the adapter's mask embedding, and the adapter's low-rank deltas are added to the
         projections of those rows only, so every other row's output is exactly the base model's.
         """
+        self.num_forwards += 1
         tokens = tokens.to(self.device)
         positions = positions.to(self.device)
         num_new = tokens.shape[0]

@@ -51,14 +51,18 @@ class SpecDecodeStats:
     # given the walk got there is accepted_per_pos[j] / tried_per_pos[j].
     tried_per_pos: list[int] = field(default_factory=list)
     num_draft_levels: int = 0  # sum over steps of the draft's depth (a skip drafter's passes)
+    num_forward_passes: int = 0  # model passes of the steps: verify plus any draft passes
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     num_output_tokens: int = 0
 
     def observe_step(self, num_draft_tokens: int, num_accepted: int,
-                     draft_time_s: float, verify_time_s: float, draft_depth: int) -> None:
-        """One verify step; ``draft_depth`` is the draft's deepest position (a chain's length)."""
+                     draft_time_s: float, verify_time_s: float, draft_depth: int,
+                     forward_passes: int = 1) -> None:
+        """One verify step; ``draft_depth`` is the draft's deepest position (a chain's length),
+        ``forward_passes`` the model passes it ran, its verify forward included."""
         self.num_spec_steps += 1
+        self.num_forward_passes += forward_passes
         if num_draft_tokens:
             self.num_drafts += 1
         draft_depth = max(draft_depth, num_accepted) if num_draft_tokens else 0
@@ -78,12 +82,21 @@ class SpecDecodeStats:
     def draft_acceptance_rate(self) -> float:
         return acceptance_rate(self.num_accepted_tokens, self.num_draft_tokens)
 
+    @property
+    def tokens_per_forward(self) -> float:
+        """Tokens committed per model pass: the mean accepted length for drafters without a
+        pass of their own, less for those with (a skip drafter's levels, S3D's separate pass)."""
+        if not self.num_forward_passes:
+            return 0.0
+        return (self.num_accepted_tokens + self.num_spec_steps) / self.num_forward_passes
+
     def merge(self, other: SpecDecodeStats) -> None:
         self.num_spec_steps += other.num_spec_steps
         self.num_drafts += other.num_drafts
         self.num_draft_tokens += other.num_draft_tokens
         self.num_accepted_tokens += other.num_accepted_tokens
         self.num_draft_levels += other.num_draft_levels
+        self.num_forward_passes += other.num_forward_passes
         self.accepted_per_pos = add_lists(self.accepted_per_pos, other.accepted_per_pos)
         self.tried_per_pos = add_lists(self.tried_per_pos, other.tried_per_pos)
         self.draft_time_s += other.draft_time_s
@@ -103,4 +116,5 @@ class SpecDecodeStats:
             "num_draft_tokens": self.num_draft_tokens,
             "num_accepted_tokens": self.num_accepted_tokens,
             "num_accepted_tokens_per_pos": list(self.accepted_per_pos),
+            "num_forward_passes": self.num_forward_passes,
         }

@@ -66,6 +66,11 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
     assert 0 < entries["router"]["detail"]["decision_ms_p50"] <= entries["router"]["detail"][
         "decision_ms_p99"]
     assert entries["ngram_tree"]["mean_accepted_length"] >= 1.0
+    # Tokens per model pass: the MAL where the drafter has no pass of its own.
+    assert entries["vanilla"]["tokens_per_forward"] == 1.0
+    assert entries["ngram_tree"]["tokens_per_forward"] == entries["ngram_tree"][
+        "mean_accepted_length"]
+    assert entries["hf_vanilla"]["tokens_per_forward"] is None
     table = (tmp_path / "bench.md").read_text()
     assert table == markdown_table(data) and all(
         f"| {m} |" in table for m in METHODS if m != "s3d")

@@ -208,3 +208,26 @@ def test_bfloat16_runner_follows_the_float32_model(bundled):
     bf16 = torch.cat([prefill, four])
     agree = (bf16.argmax(-1) == reference.argmax(-1))[-24:]
     assert agree.float().mean() >= 0.9, agree
+
+
+def test_forward_passes_per_step_by_drafter(bundled):
+    """A step's verify forward plus its drafter's own passes: none for n-gram drafts and fused
+    mask rows, one for S3D's separate pass, one per level (or more) for a layer-skip chain; the
+    bundled profile's arms, so tokens per forward sets a separate pass's cost beside its MAL."""
+    from workers.engine import Engine, resolve_profile
+
+    profile = resolve_profile(None, bundled.loaded.fingerprint, bundled.runner.num_layers)
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops, profile)
+    for arm in profile.arms:
+        gen = engine.generation(bundled.prompts[1], 24, arm)
+        gen.run()
+        stats = gen.stats
+        steps = stats.num_spec_steps
+        if arm.drafter in ("none", "ngram_tree", "s3d", "hybrid"):
+            assert stats.num_forward_passes == steps, arm.name
+            assert stats.tokens_per_forward == stats.mean_acceptance_length
+        elif arm.drafter == "s3d_skip":
+            assert stats.num_forward_passes == 2 * steps, arm.name
+        else:
+            assert stats.num_forward_passes >= steps + stats.num_draft_levels, arm.name
+        assert stats.summary(arm.name)["num_forward_passes"] == stats.num_forward_passes
