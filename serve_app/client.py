@@ -13,6 +13,10 @@ the standard library, httpx and pydantic, so it imports without torch or ray.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
+import email.utils
+import itertools
 import json
 import os
 import random
@@ -21,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -249,6 +253,11 @@ class ServiceUnavailableError(APIError):
     pass
 
 
+class APIResponseValidationError(APIError):
+    """The server's answer (or a stream event) is not what the API defines: not JSON, not of the
+    expected shape, or an unexpected status such as a redirect."""
+
+
 class APIConnectionError(S3DError):
     """The request or the stream failed in transport, without a usable answer from the server."""
 
@@ -293,6 +302,10 @@ def _api_error(status_code: int, body: Any, default_message: str) -> APIError:
 
 
 def _status_error(response: httpx.Response) -> APIError:
+    if response.status_code < 400:  # a redirect (not followed) or other status outside the API
+        return APIResponseValidationError(
+            f"unexpected HTTP status {response.status_code} {response.reason_phrase}".strip(),
+            status_code=response.status_code, body=response.text[:_MAX_MESSAGE_CHARS])
     try:
         body = response.json()
     except ValueError:
@@ -307,21 +320,66 @@ def _event_error(payload: dict[str, Any]) -> APIError:
     return _api_error(status, payload, "error event in the stream")
 
 
-def _transport_error(exc: httpx.TransportError) -> APIConnectionError:
+def _transport_error(exc: Exception) -> APIConnectionError:
+    """An httpx request or stream error as this SDK's connection error."""
     cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
     return cls(f"{type(exc).__name__}: {exc}")
+
+
+# httpx's errors once a request is under way: transport, decoding, redirects, and a stream
+# closed under its reader (``Stream.close`` from another thread).
+_HTTPX_ERRORS = (httpx.RequestError, httpx.StreamError)
+
+
+def _retryable(exc: Exception) -> bool:
+    """Transport failures before the request reached the server: sending again is safe."""
+    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+
+
+def _invalid(response: httpx.Response, what: str, exc: Exception) -> APIResponseValidationError:
+    return APIResponseValidationError(f"{what}: {exc}"[:_MAX_MESSAGE_CHARS],
+                                      status_code=response.status_code,
+                                      body=response.text[:_MAX_MESSAGE_CHARS])
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise _invalid(response, "the answer is not JSON", exc) from exc
+
+
+def _parse(response: httpx.Response, model: type[_ResponseT]) -> _ResponseT:
+    body = _json(response)
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _invalid(response, f"the answer is not a {model.__name__}", exc) from exc
 
 
 def _retry_delay(response: httpx.Response | None, attempt: int) -> float:
     """Seconds to wait before retry number ``attempt + 1``: Retry-After, else jittered backoff."""
     if response is not None:
-        try:
-            seconds = float(response.headers.get("retry-after", ""))
-        except ValueError:  # absent, or an HTTP-date
-            seconds = -1.0
-        if seconds >= 0:
+        seconds = _retry_after_s(response.headers.get("retry-after", ""))
+        if seconds is not None:
             return min(seconds, _MAX_RETRY_AFTER_S)
     return min(0.5 * 2**attempt, _MAX_BACKOFF_S) * (1 - 0.25 * random.random())
+
+
+def _retry_after_s(value: str) -> float | None:
+    """Seconds from a Retry-After header: a number of seconds or an HTTP-date; None if neither."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+        return max(seconds, 0.0)
+    return seconds if seconds >= 0 else None
 
 
 def _normalise_base_url(base_url: str) -> str:
@@ -338,19 +396,42 @@ def _body(**fields: Any) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
 
 
-def _sse_data(line: str) -> str:
-    """The payload of an SSE ``data:`` line; empty for blank lines, comments and other fields."""
-    field, _, value = line.partition(":")
-    if field != "data":
-        return ""
-    return value.removeprefix(" ")
+class _SSEDecoder:
+    """Server-sent events from lines: an event's ``data:`` lines joined by newlines, dispatched
+    at the blank line that ends it; comments, other fields and a leading BOM are skipped."""
+
+    def __init__(self) -> None:
+        self.data: list[str] = []
+        self.first = True
+
+    def feed(self, line: str) -> str | None:
+        """The data of the event this line completes, if it completes one."""
+        if self.first:
+            line, self.first = line.removeprefix("\ufeff"), False
+        if not line:
+            data, self.data = self.data, []
+            return "\n".join(data) if data else None
+        field, _, value = line.partition(":")
+        if field == "data":
+            self.data.append(value.removeprefix(" "))
+        return None
+
+    def end(self) -> str | None:
+        """An event the stream ended in the middle of (no blank line after it)."""
+        return self.feed("")
 
 
-def _decode_event(data: str, chunk_type: type[_ChunkT]) -> _ChunkT:
-    payload = json.loads(data)
+def _decode_event(data: str, chunk_type: type[_ChunkT], response: httpx.Response) -> _ChunkT:
+    try:
+        payload = json.loads(data)
+    except ValueError as exc:
+        raise _invalid(response, "a stream event is not JSON", exc) from exc
     if isinstance(payload, dict) and "error" in payload:
         raise _event_error(payload)
-    return chunk_type.model_validate(payload)
+    try:
+        return chunk_type.model_validate(payload)
+    except ValidationError as exc:
+        raise _invalid(response, f"a stream event is not a {chunk_type.__name__}", exc) from exc
 
 
 _NO_DONE = "the stream ended without data: [DONE]"
@@ -369,15 +450,16 @@ class Stream(Generic[_ChunkT]):
         self._iterator = self._iterate()
 
     def _iterate(self) -> Iterator[_ChunkT]:
+        events = _SSEDecoder()
         try:
-            for line in self.response.iter_lines():
-                data = _sse_data(line)
+            for line in itertools.chain(self.response.iter_lines(), [None]):
+                data = events.end() if line is None else events.feed(line)
                 if data == "[DONE]":
                     return
                 if data:
-                    yield _decode_event(data, self._chunk_type)
+                    yield _decode_event(data, self._chunk_type, self.response)
             raise APIConnectionError(_NO_DONE)
-        except httpx.TransportError as exc:
+        except _HTTPX_ERRORS as exc:
             raise _transport_error(exc) from exc
         finally:
             self.response.close()
@@ -389,8 +471,11 @@ class Stream(Generic[_ChunkT]):
         return next(self._iterator)
 
     def close(self) -> None:
-        self._iterator.close()
+        """Closes the response first: from another thread, the reader then stops with an
+        ``APIConnectionError`` (closing its generator while it runs would fail)."""
         self.response.close()
+        with contextlib.suppress(ValueError):  # "generator already executing" elsewhere
+            self._iterator.close()
 
     def __enter__(self) -> Stream[_ChunkT]:
         return self
@@ -412,15 +497,21 @@ class AsyncStream(Generic[_ChunkT]):
         self._iterator = self._iterate()
 
     async def _iterate(self) -> AsyncIterator[_ChunkT]:
+        events = _SSEDecoder()
         try:
             async for line in self.response.aiter_lines():
-                data = _sse_data(line)
+                data = events.feed(line)
                 if data == "[DONE]":
                     return
                 if data:
-                    yield _decode_event(data, self._chunk_type)
+                    yield _decode_event(data, self._chunk_type, self.response)
+            data = events.end()
+            if data == "[DONE]":
+                return
+            if data:
+                yield _decode_event(data, self._chunk_type, self.response)
             raise APIConnectionError(_NO_DONE)
-        except httpx.TransportError as exc:
+        except _HTTPX_ERRORS as exc:
             raise _transport_error(exc) from exc
         finally:
             await self.response.aclose()
@@ -432,8 +523,11 @@ class AsyncStream(Generic[_ChunkT]):
         return await anext(self._iterator)
 
     async def aclose(self) -> None:
-        await self._iterator.aclose()
+        """Closes the response first: from another task, the reader then stops with an
+        ``APIConnectionError`` (closing its generator while it runs would fail)."""
         await self.response.aclose()
+        with contextlib.suppress(RuntimeError):  # "asynchronous generator is already running"
+            await self._iterator.aclose()
 
     async def __aenter__(self) -> AsyncStream[_ChunkT]:
         return self
@@ -470,14 +564,14 @@ class S3DClient:
         while True:
             try:
                 response = self._http.send(request, stream=stream)
-                if response.is_error:
+                if not response.is_success:
                     response.read()  # a stream's error body is still unread
-            except httpx.TransportError as exc:
-                if not isinstance(exc, httpx.ConnectError) or attempt >= self.max_retries:
+            except httpx.RequestError as exc:
+                if not _retryable(exc) or attempt >= self.max_retries:
                     raise _transport_error(exc) from exc
                 response = None
             else:
-                if not response.is_error:
+                if response.is_success:
                     return response
                 if response.status_code not in _RETRY_STATUSES or attempt >= self.max_retries:
                     raise _status_error(response)
@@ -490,11 +584,11 @@ class S3DClient:
         response = self._request("POST", path, body, stream=stream)
         if stream:
             return Stream(response, chunk_type)
-        return response_type.model_validate(response.json())
+        return _parse(response, response_type)
 
     def health(self) -> dict[str, Any]:
         """GET /healthz."""
-        return self._request("GET", "/healthz").json()
+        return _json(self._request("GET", "/healthz"))
 
     def close(self) -> None:
         self._http.close()
@@ -534,14 +628,14 @@ class AsyncS3DClient:
         while True:
             try:
                 response = await self._http.send(request, stream=stream)
-                if response.is_error:
+                if not response.is_success:
                     await response.aread()  # a stream's error body is still unread
-            except httpx.TransportError as exc:
-                if not isinstance(exc, httpx.ConnectError) or attempt >= self.max_retries:
+            except httpx.RequestError as exc:
+                if not _retryable(exc) or attempt >= self.max_retries:
                     raise _transport_error(exc) from exc
                 response = None
             else:
-                if not response.is_error:
+                if response.is_success:
                     return response
                 if response.status_code not in _RETRY_STATUSES or attempt >= self.max_retries:
                     raise _status_error(response)
@@ -554,11 +648,11 @@ class AsyncS3DClient:
         response = await self._request("POST", path, body, stream=stream)
         if stream:
             return AsyncStream(response, chunk_type)
-        return response_type.model_validate(response.json())
+        return _parse(response, response_type)
 
     async def health(self) -> dict[str, Any]:
         """GET /healthz."""
-        return (await self._request("GET", "/healthz")).json()
+        return _json(await self._request("GET", "/healthz"))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -615,7 +709,11 @@ class Models:
 
     def list(self) -> ModelList:
         """GET /v1/models."""
-        return ModelList.model_validate(self._client._request("GET", "/v1/models").json())
+        return _parse(self._client._request("GET", "/v1/models"), ModelList)
+
+    def retrieve(self, model: str) -> Model:
+        """GET /v1/models/{model}."""
+        return _parse(self._client._request("GET", f"/v1/models/{model}"), Model)
 
 
 class AsyncCompletions:
@@ -667,4 +765,8 @@ class AsyncModels:
 
     async def list(self) -> ModelList:
         """GET /v1/models."""
-        return ModelList.model_validate((await self._client._request("GET", "/v1/models")).json())
+        return _parse(await self._client._request("GET", "/v1/models"), ModelList)
+
+    async def retrieve(self, model: str) -> Model:
+        """GET /v1/models/{model}."""
+        return _parse(await self._client._request("GET", f"/v1/models/{model}"), Model)

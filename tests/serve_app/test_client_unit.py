@@ -1,9 +1,12 @@
 """Unit tests of the client SDK over httpx.MockTransport: bodies, parsing, SSE, errors, retries."""
 
 import asyncio
+import datetime
+import email.utils
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -12,6 +15,7 @@ import pytest
 from serve_app.client import (
     APIConnectionError,
     APIError,
+    APIResponseValidationError,
     APITimeoutError,
     AsyncS3DClient,
     AuthenticationError,
@@ -283,16 +287,23 @@ def test_retries_honour_retry_after():
     assert len(server.requests) == 3
 
 
-def test_retry_after_cap_and_backoff_fallback():
+def test_retry_after_cap_dates_and_backoff_fallback():
+    soon = email.utils.format_datetime(
+        datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=5),
+        usegmt=True)
     server = Server(error(503, headers={"Retry-After": "3600"}),
                     error(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}),
+                    error(503, headers={"Retry-After": soon}),
+                    error(503, headers={"Retry-After": "soon"}),
                     error(503),
                     httpx.Response(200, json=COMPLETION))
-    client, sleeps = client_for(server)
+    client, sleeps = client_for(server, max_retries=5)
     client.completions.create(prompt="x")
     assert sleeps[0] == 60.0
-    assert 0.75 <= sleeps[1] <= 1.0  # 0.5 * 2**1 with up to 25% jitter
-    assert 1.5 <= sleeps[2] <= 2.0
+    assert sleeps[1] == 0.0  # an HTTP-date in the past: now
+    assert 3.0 <= sleeps[2] <= 5.0  # an HTTP-date 5 s ahead (whole seconds)
+    assert 3.0 <= sleeps[3] <= 4.0  # unreadable: 0.5 * 2**3 with up to 25% jitter
+    assert 6.0 <= sleeps[4] <= 8.0
 
 
 def test_backoff_is_capped():
@@ -428,7 +439,7 @@ def test_async_completion_stream_and_error_event():
 def test_async_errors_and_retries():
     server = Server(*[httpx.ConnectError("connection refused") for _ in range(2)],
                     error(404, message="no such model"),
-                    httpx.ConnectTimeout("timed out"))
+                    *[httpx.ConnectTimeout("timed out") for _ in range(2)])
 
     async def main():
         client, sleeps = async_client_for(server, max_retries=1)
@@ -442,7 +453,123 @@ def test_async_errors_and_retries():
         return sleeps
 
     sleeps = asyncio.run(main())
-    assert len(sleeps) == 1 and len(server.requests) == 4
+    # connection refused and connect timeouts (nothing sent) are retried once each
+    assert len(sleeps) == 2 and len(server.requests) == 5
+
+
+def test_answers_outside_the_api_raise_typed_errors():
+    """A proxy's HTML page, an unexpected redirect, a body or event of the wrong shape: each an
+    APIResponseValidationError, never a raw JSON or pydantic error."""
+    html = httpx.Response(200, text="<html>gateway</html>")
+    server = Server(html, httpx.Response(307, headers={"Location": "/elsewhere"}),
+                    httpx.Response(200, json={"id": "c"}), sse("{not json"),
+                    sse({"id": "c"}), httpx.Response(200, text="up"))
+    client, _ = client_for(server)
+    with pytest.raises(APIResponseValidationError, match="not JSON") as info:
+        client.completions.create(prompt="x")
+    assert info.value.status_code == 200 and "gateway" in info.value.body
+    with pytest.raises(APIResponseValidationError) as info:
+        client.completions.create(prompt="x")
+    assert info.value.status_code == 307
+    with pytest.raises(APIResponseValidationError, match="not a Completion"):
+        client.completions.create(prompt="x")
+    with pytest.raises(APIResponseValidationError, match="not JSON"):
+        list(client.completions.create(prompt="x", stream=True))
+    with pytest.raises(APIResponseValidationError, match="not a CompletionChunk"):
+        list(client.completions.create(prompt="x", stream=True))
+    with pytest.raises(APIResponseValidationError):
+        client.health()
+
+
+def test_sse_events_span_lines_and_end_at_blank_lines():
+    chunk = json.dumps(completion_chunk("a"), indent=1).splitlines()
+    body = ("\ufeff: comment\r\n" + "".join(f"data: {line}\r\n" for line in chunk) + "\r\n"
+            + "data: [DONE]\n\n")
+    server = Server(httpx.Response(200, content=body.encode()))
+    client, _ = client_for(server)
+    assert [c.choices[0].text for c in client.completions.create(prompt="x", stream=True)] == [
+        "a"]
+    # the last event without its blank line still counts
+    server = Server(httpx.Response(200, content=f"data: {json.dumps(completion_chunk('b'))}\n\n"
+                                                "data: [DONE]".encode()))
+    client, _ = client_for(server)
+    assert [c.choices[0].text for c in client.completions.create(prompt="x", stream=True)] == [
+        "b"]
+
+
+def test_decoding_errors_are_typed():
+    server = Server(httpx.DecodingError("bad gzip"))
+    client, sleeps = client_for(server)
+    with pytest.raises(APIConnectionError, match="bad gzip"):
+        client.health()
+    assert sleeps == []
+
+
+class _SlowBody(httpx.SyncByteStream):
+    """One event, then a wait until closed."""
+
+    def __init__(self):
+        self.closed = threading.Event()
+
+    def __iter__(self):
+        yield f"data: {json.dumps(completion_chunk('a'))}\n\n".encode()
+        self.closed.wait(10)
+        yield b""
+
+    def close(self):
+        self.closed.set()
+
+
+def test_stream_closed_from_another_thread_stops_its_reader():
+    body = _SlowBody()
+    server = Server(httpx.Response(200, stream=body))
+    client, _ = client_for(server)
+    stream = client.completions.create(prompt="x", stream=True)
+    assert next(stream).choices[0].text == "a"
+    outcome = []
+
+    def read():
+        try:
+            next(stream)
+        except Exception as exc:  # noqa: BLE001 - what the reader meets is the point
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    stream.close()  # while the reader waits in next()
+    reader.join(10)
+    assert not reader.is_alive() and stream.response.is_closed and body.closed.is_set()
+    assert outcome and isinstance(outcome[0], (APIConnectionError, StopIteration)), outcome
+
+
+class _SlowAsyncBody(httpx.AsyncByteStream):
+    def __init__(self):
+        self.closed = asyncio.Event()
+
+    async def __aiter__(self):
+        yield f"data: {json.dumps(completion_chunk('a'))}\n\n".encode()
+        await asyncio.wait_for(self.closed.wait(), 10)
+        yield b""
+
+    async def aclose(self):
+        self.closed.set()
+
+
+def test_async_stream_closed_from_another_task_stops_its_reader():
+    async def main():
+        body = _SlowAsyncBody()
+        client, _ = async_client_for(Server(httpx.Response(200, stream=body)))
+        stream = await client.completions.create(prompt="x", stream=True)
+        assert (await anext(stream)).choices[0].text == "a"
+        reader = asyncio.create_task(anext(stream))
+        await asyncio.sleep(0.05)  # the reader now waits inside the stream
+        await stream.aclose()
+        done, _ = await asyncio.wait([reader], timeout=10)
+        assert done and stream.response.is_closed and body.closed.is_set()
+        exc = reader.exception()
+        assert isinstance(exc, (APIConnectionError, StopAsyncIteration)), exc
+
+    asyncio.run(main())
 
 
 def test_importable_without_torch_or_ray():
