@@ -8,6 +8,7 @@ records the request's acceptance statistics in the store.
 
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import hmac
@@ -307,6 +308,9 @@ class IngressBase:
             estimates=store_estimates(self.store, self.config.served_model_name),
             dtype=self.config.dtype)
         self.metrics = IngressMetrics()
+        # One thread: a fast tokenizer used from two threads at once can fail ("Already
+        # borrowed"), so requests take turns, off the event loop.
+        self._tokenize = concurrent.futures.ThreadPoolExecutor(1, "tokenize")
 
     def _model_card(self) -> dict:
         return {"id": self.config.served_model_name, "object": "model", "created": 0,
@@ -363,7 +367,8 @@ class IngressBase:
                                 f"{cfg.max_tokens_limit}", param=req.max_tokens_param())
         # Off the event loop: a long prompt's template and tokenisation would stall every
         # stream this ingress replica is sending meanwhile.
-        ids, text = await asyncio.to_thread(self._prompt_ids, req)
+        ids, text = await asyncio.get_running_loop().run_in_executor(
+            self._tokenize, self._prompt_ids, req)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         if len(ids) + max_tokens > self.context:
