@@ -316,6 +316,14 @@ class IngressBase:
         return {"id": self.config.served_model_name, "object": "model", "created": 0,
                 "owned_by": "s3d-serve", "arms": [a.name for a in self.profile.arms]}
 
+    def _check_model(self, model: str | None) -> None:
+        """404 for a model name this server does not serve (None: the served one)."""
+        cfg = self.config
+        if model is not None and model not in (cfg.served_model_name, cfg.model):
+            raise APIError(404, f"model {model!r} does not exist; this server serves "
+                                f"{cfg.served_model_name!r}", param="model",
+                           code="model_not_found")
+
     async def _ensure_store(self) -> None:
         if not self._store_started:
             self._store_started = True
@@ -348,10 +356,7 @@ class IngressBase:
         from router.policy import context_bucket
 
         cfg = self.config
-        if req.model is not None and req.model not in (cfg.served_model_name, cfg.model):
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves "
-                                f"{cfg.served_model_name!r}", param="model",
-                           code="model_not_found")
+        self._check_model(req.model)
         req.check_supported()
         if req.n > cfg.max_n:
             raise APIError(400, f"n must be at most {cfg.max_n}", param="n")
@@ -561,10 +566,7 @@ def make_ingress(config: ServeConfig):
 
         @api.get("/v1/models/{model:path}")
         async def model(self, model: str):
-            if model not in (self.config.served_model_name, self.config.model):
-                raise APIError(404, f"model {model!r} does not exist; this server serves "
-                                    f"{self.config.served_model_name!r}", param="model",
-                               code="model_not_found")
+            self._check_model(model)
             return self._model_card()
 
         @api.get("/healthz")
