@@ -144,6 +144,10 @@ def search_cmd(
     skip_sets_from: Path = typer.Option(
         None, help="Skip the skip-set stages: take the best skip sets of this profile's search "
                    "and search the arms' settings again (after retraining the adapter)."),
+    kinds: str = typer.Option(
+        None, help="With --skip-sets-from: search only these drafter kinds' settings again "
+                   "(comma-separated, e.g. hybrid,s3d); that profile's other arms are kept and "
+                   "measured again beside them."),
     adapter: str = typer.Option(None, help="S3D adapter (default: the bundled model's)."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
     quantization: str = QUANT_OPT, threads: int = THREADS_OPT,
@@ -151,9 +155,14 @@ def search_cmd(
     """Measure skip sets and arm parameters; write a profile of arms for the router."""
     from workers.arm import Profile
     from workers.engine import Engine
+    from workers.search import check_kinds, search
     from workers.search import remeasure as remeasure_profile
-    from workers.search import search
 
+    only = tuple(k.strip() for k in kinds.split(",")) if kinds is not None else None
+    try:
+        check_kinds(only, skip_sets_from is not None and not remeasure)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--kinds") from exc
     _threads(threads)
     engine = Engine.load(model, dtype, device, quantization,
                          str(remeasure) if remeasure else None)
@@ -163,7 +172,8 @@ def search_cmd(
     else:
         reuse = Profile.load(skip_sets_from) if skip_sets_from else None
         profile = search(engine, max_tokens=max_tokens, finalists=finalists,
-                         adapter_path=adapter, trials=trials, skip_sets_from=reuse, log=log)
+                         adapter_path=adapter, trials=trials, skip_sets_from=reuse,
+                         kinds=only, log=log)
     profile.save(out)
     typer.echo(f"wrote {out} (default arm {profile.default_arm})")
 

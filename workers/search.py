@@ -24,10 +24,11 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import torch
 
-from workers.arm import NONE_ARM, Arm, Profile
+from workers.arm import NONE_ARM, Arm, DrafterKind, Profile
 from workers.bench import rotated
 from workers.drafters.s3d import BUNDLED_ADAPTER
 from workers.engine import Engine
@@ -275,7 +276,8 @@ HYBRID_FALLBACK_VARIANTS = (dict(depth=4, top_k=2, total_tokens=3, gamma=1, atta
                             dict(depth=4, top_k=2, total_tokens=3, gamma=1, attach=2),
                             dict(depth=4, top_k=2, total_tokens=6, gamma=2, attach=1),
                             dict(depth=8, top_k=2, total_tokens=8, gamma=1, attach=2),
-                            dict(depth=10, top_k=2, total_tokens=12, gamma=1, attach=2))
+                            dict(depth=10, top_k=2, total_tokens=12, gamma=1, attach=2),
+                            dict(depth=8, top_k=2, total_tokens=8, gamma=3, attach=2))
 # A variant that is not its kind's best overall joins the profile as a specialist for a prompt
 # class (named ``<arm>_<class>``) when it beats its kind's chosen arm on that class by this
 # margin in the same interleaved measurement, and stays only if, measured beside all the chosen
@@ -394,13 +396,31 @@ SEARCH_METHOD = ("teacher-forced agreement over contiguous skip blocks, Bayesian
 REUSED = "; arms searched again over the same skip sets"
 
 
+def check_kinds(kinds: tuple[str, ...] | None, reusing: bool) -> None:
+    """Raise ValueError unless ``kinds`` (drafter kinds to search again alone) can be searched:
+    known drafter kinds, not ``none``, and a profile to keep the other arms from."""
+    if kinds is None:
+        return
+    if not reusing:
+        raise ValueError("searching some drafter kinds alone keeps the other arms of a profile: "
+                         "give the profile to reuse (skip_sets_from)")
+    wrong = sorted(set(kinds) - set(get_args(DrafterKind)) | {"none"} & set(kinds))
+    if wrong or not kinds:
+        raise ValueError(f"not drafter kinds to search: {wrong}; the kinds: "
+                         f"{', '.join(k for k in get_args(DrafterKind) if k != 'none')}")
+
+
 def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
            adapter_path: str | None = None, lengths: tuple[int, ...] = (2, 4, 6, 8, 10),
            max_prompts: int | None = None, trials: int = 30, trial_prompts: int = 4,
-           skip_sets_from: Profile | None = None, log=print) -> Profile:
+           skip_sets_from: Profile | None = None, kinds: tuple[str, ...] | None = None,
+           log=print) -> Profile:
     """All three stages; with ``skip_sets_from``, stage 3 only, over the skip sets that
     profile's search found (its best ``finalists`` trials): stages 1 and 2 use no adapter and
-    no arm settings, so they need no re-run when only those change."""
+    no arm settings, so they need no re-run when only those change. With ``kinds`` as well, only
+    those drafter kinds' settings are searched again (after a change to one drafter); that
+    profile's arms of the other kinds are kept as they are and measured again beside them."""
+    check_kinds(kinds, skip_sets_from is not None)
     prompts = calibration_prompts(engine.tokenizer)[:max_prompts]
     if skip_sets_from is None:
         skips, notes = skip_stage(engine, prompts, max_tokens, finalists, lengths, trials,
@@ -425,7 +445,18 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
     # kinds together: every comparison the profile rests on is paired in time.
     arms: list[Arm] = [NONE_ARM]
     specialists: dict[Arm, str] = {}
-    for kind, variants in arm_candidates(skips, adapter_path).items():
+    candidates = arm_candidates(skips, adapter_path)
+    if kinds is not None:
+        missing = [kind for kind in kinds if kind not in candidates]
+        if missing:
+            raise ValueError(f"no candidates for {missing} (S3D kinds need the adapter)")
+        candidates = {kind: candidates[kind] for kind in kinds}
+        arms = [a for a in skip_sets_from.arms if a.drafter not in kinds]
+        if NONE_ARM.name not in (a.name for a in arms):
+            arms.insert(0, NONE_ARM)
+        again = f"; {', '.join(kinds)} searched again alone"
+        method += again if again not in method else ""
+    for kind, variants in candidates.items():
         figs = measure_all_and_log(engine, prompts, variants, max_tokens,
                                    [label(kind, a) for a in variants], log)
         best = variants[max(range(len(variants)), key=lambda i: figs[i]["tokens_per_s"])]

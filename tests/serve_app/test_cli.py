@@ -16,3 +16,20 @@ def test_generate_runs_a_pinned_arm_and_refuses_an_unknown_one():
     bad = runner.invoke(app, ["generate", "hi", "--arm", "s3d", "--max-tokens", "2"])
     assert bad.exit_code == 2
     assert "unknown arm 's3d'" in bad.output and "s3d_fused" in bad.output
+
+
+def test_search_refuses_unknown_kinds_before_loading_anything(tmp_path):
+    from workers.engine import BUNDLED_PROFILE
+
+    def words(output: str) -> str:  # the message without the error box's frame and wrapping
+        return " ".join(output.replace("│", " ").split())
+
+    runner = CliRunner()
+    out = tmp_path / "profile.json"
+    bad = runner.invoke(app, ["search", "--out", str(out), "--kinds", "hybird",
+                              "--skip-sets-from", str(BUNDLED_PROFILE)])
+    assert bad.exit_code == 2 and "'hybird'" in words(bad.output)
+    assert "s3d, hybrid, s3d_skip" in words(bad.output)
+    alone = runner.invoke(app, ["search", "--out", str(out), "--kinds", "hybrid"])
+    assert alone.exit_code == 2 and "give the profile" in words(alone.output)
+    assert not out.exists()

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from workers.bench import (
+    REPEAT_DECISIONS,
     Bench,
     PromptRun,
     markdown_table,
@@ -63,8 +64,12 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
         p.category for p in suite}
     best_tps = entries[vs["best"]]["tokens_per_s"]
     assert vs["ratio"] == round(entries["router"]["tokens_per_s"] / best_tps, 3)
-    assert 0 < entries["router"]["detail"]["decision_ms_p50"] <= entries["router"]["detail"][
-        "decision_ms_p99"]
+    detail = entries["router"]["detail"]
+    assert 0 < detail["decision_ms_p50"] <= detail["decision_ms_p99"] <= detail[
+        "decision_ms_p100"]
+    assert detail["decisions"] == 3 * (1 + REPEAT_DECISIONS)  # each request's, and repeats
+    assert f"over {detail['decisions']} decisions (3 requests'" in router_summary(
+        entries["router"])
     assert entries["ngram_tree"]["mean_accepted_length"] >= 1.0
     # Tokens per model pass: the MAL where the drafter has no pass of its own.
     assert entries["vanilla"]["tokens_per_forward"] == 1.0

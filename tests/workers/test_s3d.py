@@ -466,6 +466,29 @@ def test_search_can_reuse_a_profiles_skip_sets_and_search_only_the_arms(bundled)
     with pytest.raises(ValueError, match="no search trials"):
         search(engine, max_tokens=6, max_prompts=2, log=lambda m: None,
                skip_sets_from=old.model_copy(update={"notes": {}}))
+    # One kind searched again: the other arms stay exactly as they were, all measured together.
+    lines.clear()
+    again = search(engine, max_tokens=6, finalists=1, max_prompts=2, skip_sets_from=new,
+                   kinds=("ngram_tree",), log=lines.append)
+    assert [a for a in again.arms if a.drafter != "ngram_tree"] == \
+        [a for a in new.arms if a.drafter != "ngram_tree"]
+    assert [a.name for a in again.arms if a.drafter == "ngram_tree"] == ["ngram_tree"]
+    assert not any(line.startswith(("skip_chain ", "hybrid ")) for line in lines)
+    assert sum(line.startswith("ngram_tree ") for line in lines) >= 2  # its variants, measured
+    assert set(again.notes["measured"]) == {a.name for a in again.arms}
+    assert again.notes["method"].endswith("; ngram_tree searched again alone")
+
+
+def test_searching_some_kinds_alone_needs_known_kinds_and_a_profile():
+    from workers.search import check_kinds
+
+    check_kinds(None, reusing=False)
+    check_kinds(("hybrid", "s3d"), reusing=True)
+    with pytest.raises(ValueError, match="give the profile"):
+        check_kinds(("hybrid",), reusing=False)
+    for wrong in (("hybird",), ("none",), ("",)):
+        with pytest.raises(ValueError, match="not drafter kinds.*the kinds: skip_chain"):
+            check_kinds(wrong, reusing=True)
 
 
 def test_a_variant_much_faster_on_one_class_joins_as_that_classs_specialist():
