@@ -37,8 +37,6 @@ OWN_METHODS = ("vanilla", "skip_chain", "skip_tree", "ngram_tree", "hybrid", "s3
                "s3d_skip", "router")
 ALL_METHODS = HF_METHODS + OWN_METHODS
 # Without the two S3D arms by name: one of them is ``s3d``.
-# The router method times each request's decision and this many more on the same state.
-REPEAT_DECISIONS = 25
 DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m not in ("s3d_fused", "s3d_skip"))
 
 
@@ -109,6 +107,10 @@ def truncate_at_stop(tokens: list[int], stops: frozenset[int]) -> list[int]:
         if tok in stops:
             return tokens[: i + 1]
     return tokens
+
+
+# The router method times each request's decision and this many more on the same state.
+REPEAT_DECISIONS = 25
 
 
 class Bench:
