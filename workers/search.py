@@ -404,7 +404,7 @@ def check_kinds(kinds: tuple[str, ...] | None, reusing: bool) -> None:
     if not reusing:
         raise ValueError("searching some drafter kinds alone keeps the other arms of a profile: "
                          "give the profile to reuse (skip_sets_from)")
-    wrong = sorted(set(kinds) - set(get_args(DrafterKind)) | {"none"} & set(kinds))
+    wrong = sorted({k for k in kinds if k == "none" or k not in get_args(DrafterKind)})
     if wrong or not kinds:
         raise ValueError(f"not drafter kinds to search: {wrong}; the kinds: "
                          f"{', '.join(k for k in get_args(DrafterKind) if k != 'none')}")
