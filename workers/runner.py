@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from workers.gemm import Gemm, GemmPlan
+from workers.gemm import Gemm, GemmPlan, packed_threshold
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,9 @@ class ModelRunner:
     def tune_packed(self, counts: Sequence[int] = (1, 2, 4, 6, 8, 12, 16, 64), repeats: int = 3,
                     layers: int = 10) -> None:
         """Decide from timed forwards after a short context from which row count on the plan's
-        packed weights are used: the smallest of ``counts`` from which they win at every larger
-        one (a single threshold, so noise at one count cannot flip a lone size); free the copies
-        if they win nowhere. The forwards run the first ``layers`` decoder layers and the output
-        layer, the two families alternating, least time of ``repeats`` each."""
+        packed weights are used (``packed_threshold`` over each count's speedup); free the copies
+        if no row count gains from them. The forwards run the first ``layers`` decoder layers and
+        the output layer, the two families alternating, least time of ``repeats`` each."""
         plan = self.gemm_plan
         if not plan.packed_bytes():
             return
@@ -144,7 +143,7 @@ class ModelRunner:
         self.forward(cache, tokens[:context], torch.arange(context), Attention.causal(0), run,
                      logits_rows=slice(-1, None))
 
-        def packed_wins(count: int) -> bool:
+        def packed_speedup(count: int) -> float:
             new, positions = tokens[context:context + count], torch.arange(context,
                                                                            context + count)
             best = {None: float("inf"), 1: float("inf")}
@@ -156,21 +155,17 @@ class ModelRunner:
                     if attempt:
                         best[packed_from] = min(best[packed_from],
                                                 time.perf_counter() - started)
-            return best[1] < best[None]
+            return best[None] / best[1]
 
-        wins = [packed_wins(count) for count in counts]
-        plan.packed_from = None
-        for count, won in zip(reversed(counts), reversed(wins)):
-            if not won:
-                break
-            plan.packed_from = count
+        speedups = [packed_speedup(count) for count in counts]
+        plan.packed_from = packed_threshold(counts, speedups)
+        measured = ", ".join(f"{c}: {s:.2f}x" for c, s in zip(counts, speedups))
         if plan.packed_from is None:
             plan.drop_packed()
-            log.info("packed weights won at no row count of %s: dropped", list(counts))
+            log.info("packed weights gained at no row count (%s): dropped", measured)
             return
-        log.info("packed weights (%.0f MB) used from %d rows (won at %s of %s)",
-                 plan.packed_bytes() / 2**20, plan.packed_from,
-                 [c for c, w in zip(counts, wins) if w], list(counts))
+        log.info("packed weights (%.0f MB) used from %d rows (speedups %s)",
+                 plan.packed_bytes() / 2**20, plan.packed_from, measured)
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.num_layers, self.kv_heads, self.head_dim, capacity, self.dtype,

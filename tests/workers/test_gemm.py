@@ -12,6 +12,7 @@ from workers.gemm import (
     pack,
     packable,
     packed_product,
+    packed_threshold,
 )
 from workers.runner import _fuse
 
@@ -137,3 +138,20 @@ def test_untuned_or_opted_out_plans_never_pack():
         gemm = Gemm(torch.randn(16, 8), None, plan)
         plan.warm([gemm], range(1, 3))
         assert gemm.packed is None and not plan.allow_packed and plan.packed_bytes() == 0
+
+
+def test_packed_threshold_is_the_best_single_split():
+    counts = (1, 2, 4, 8, 16, 64)
+    # Packs win everywhere but lose narrowly at 64 (noise): kept from 1, not dropped.
+    assert packed_threshold(counts, (1.6, 1.5, 1.4, 1.3, 1.2, 0.98)) == 1
+    # Packs lose at few rows and win from 8: from 8.
+    assert packed_threshold(counts, (0.9, 0.9, 0.95, 1.3, 1.4, 1.5)) == 8
+    # A lone noisy win at 1 row does not switch packs on where they lose after it.
+    assert packed_threshold(counts, (1.02, 0.9, 0.9, 1.3, 1.4, 1.5)) == 8
+    # A loss in the middle that the wins above it outweigh is absorbed into the split.
+    assert packed_threshold(counts, (0.8, 1.3, 0.97, 1.3, 1.4, 1.5)) == 2
+    # Nowhere a gain: None (the caller drops the packs); unsorted counts are handled.
+    assert packed_threshold(counts, (0.9, 0.95, 0.99, 0.9, 0.8, 0.7)) is None
+    assert packed_threshold((16, 1, 4), (1.5, 0.8, 1.2)) == 4
+    with pytest.raises(ValueError):
+        packed_threshold(counts, (1.0,))
