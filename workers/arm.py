@@ -38,8 +38,11 @@ class Arm(BaseModel):
     ngram_min: int = Field(default=1, ge=1, le=16, description="Shortest n-gram matched.")
     gamma: int = Field(default=3, ge=1, le=16,
                        description="S3D: mask rows per attach point (drafts tokens 2..gamma+1).")
-    attach: int = Field(default=3, ge=1, le=16,
-                        description="S3D: verify rows (root and first children) that get masks.")
+    attach: int = Field(
+        default=3, ge=1, le=16,
+        description="S3D: verify rows that get masks: the root and its chain of first children, "
+                    "then the other nodes in tree order. A step whose accepted path ends at a "
+                    "row without masks leaves the next step without mask drafts.")
     mask_fallback: bool = Field(
         default=False,
         description="Hybrid: spend mask rows only on steps where the n-gram drafter finds no "

@@ -64,6 +64,18 @@ class DraftTree:
         return rows
 
 
+    def attach_rows(self, count: int) -> list[int]:
+        """``count`` verify rows to draft the next step from (fused S3D): the principal rows
+        first, then the other nodes' rows in tree order (by depth, best first). The accepted path
+        ends at one of them unless the tree has more rows than ``count``."""
+        principal = self.principal_rows()
+        if count <= len(principal):
+            return principal[:count]
+        taken = set(principal)
+        rest = [row for row in range(1, len(self) + 1) if row not in taken]
+        return principal + rest[:count - len(principal)]
+
+
 def tree_depths(parents: torch.Tensor) -> torch.Tensor:
     depths: list[int] = []  # built in Python, one tensor at the end: called every step
     for i, p in enumerate(parents.tolist()):

@@ -82,7 +82,8 @@ def test_per_position_tree_and_paths():
 
 
 @pytest.mark.parametrize("kind,depth,top_k,total,attach,vocab", [
-    ("s3d", 3, 1, 3, 1, 0), ("s3d", 3, 2, 6, 3, 2048), ("hybrid", 5, 2, 10, 2, 0)])
+    ("s3d", 3, 1, 3, 1, 0), ("s3d", 3, 2, 6, 3, 2048), ("s3d", 3, 2, 6, 7, 0),
+    ("hybrid", 5, 2, 10, 2, 0)])
 def test_fused_s3d_greedy_identical(bundled, kind, depth, top_k, total, attach, vocab):
     adapter = random_adapter(bundled.runner)
     arm = Arm(name=kind, drafter=kind, depth=depth, top_k=top_k, total_tokens=total,
@@ -193,6 +194,44 @@ def test_fused_drafts_come_from_the_verify_forwards_own_mask_rows(bundled, monke
     narrow = arm.model_copy(update={"draft_vocab": 1000})
     bundled.accepted_if_identical(narrow, 2, 32, adapter)  # asserts outputs equal plain decoding
     assert drafted and max(drafted) < 1000
+
+
+def test_masks_after_every_row_leave_no_step_without_drafts(bundled, monkeypatch):
+    """With as many attach points as verify rows, the accepted path always ends at a row with
+    masks, so every step after the first verifies a full draft tree, wherever in the tree (off
+    the principal path too) the previous step's acceptance stopped; with masks after the principal
+    rows only, a step whose path ends off them drafts nothing."""
+    from workers.drafters.s3d import S3DDrafter
+
+    adapter = MaskAdapter.load(BUNDLED_ADAPTER, bundled.runner, bundled.loaded.fingerprint)
+    sizes: list[int] = []
+    ends_off_principal: list[bool] = []
+    propose, after_verify = S3DDrafter.propose, S3DDrafter.after_verify
+
+    def recording_propose(self, ctx):
+        tree = propose(self, ctx)
+        sizes.append(len(tree))
+        self.last_tree = tree
+        return tree
+
+    def recording_after_verify(self, groups, mask_logits, accepted_row):
+        ends_off_principal.append(accepted_row not in self.last_tree.principal_rows())
+        return after_verify(self, groups, mask_logits, accepted_row)
+
+    monkeypatch.setattr(S3DDrafter, "propose", recording_propose)
+    monkeypatch.setattr(S3DDrafter, "after_verify", recording_after_verify)
+    every = Arm(name="s3d", drafter="s3d", depth=2, top_k=2, total_tokens=4, gamma=2, attach=5)
+    for index in range(3):
+        sizes.clear()
+        gen = bundled.generate(bundled.prompts[index], 32, every, adapter=adapter)
+        assert gen.output == bundled.vanilla(index, 32), f"prompt {index}"
+        assert sizes[0] == 0 and all(size == 4 for size in sizes[1:]), sizes
+    assert any(ends_off_principal), "no step ended off the principal path: nothing was tested"
+    sizes.clear()
+    principal_only = every.model_copy(update={"attach": 3})
+    for index in range(3):
+        bundled.generate(bundled.prompts[index], 32, principal_only, adapter=adapter)
+    assert 0 in sizes[1:]
 
 
 def test_adapter_round_trip_and_refusal(bundled, tmp_path):

@@ -20,6 +20,12 @@ def test_depths_children_and_mask():
     assert TREE.children() == [[0, 1], [2, 3], [4], [], [], []]
     assert TREE.principal_rows() == [0, 1, 3]  # root, node 0, node 2 (first children)
     assert DraftTree.empty().principal_rows() == [0]
+    # Attach points: the principal rows first, then the other rows in tree order.
+    assert TREE.attach_rows(2) == [0, 1]
+    assert TREE.attach_rows(4) == [0, 1, 3, 2]
+    assert TREE.attach_rows(6) == [0, 1, 3, 2, 4, 5]
+    assert TREE.attach_rows(16) == [0, 1, 3, 2, 4, 5]
+    assert DraftTree.empty().attach_rows(3) == [0]
     mask = tree_attention_mask(TREE.parents)
     expected = torch.tensor([
         [1, 0, 0, 0, 0, 0],

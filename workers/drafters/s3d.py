@@ -3,8 +3,9 @@
 A learned mask embedding and low-rank adapters, active only on draft rows, turn ``gamma`` mask
 rows appended after a token into predictions of the tokens 2..gamma+1 after it (the token right
 after it is the verifier's own bonus token). In the *fused* variant used here the mask rows ride
-inside the verify forward: they are attached after the verify rows most likely to be accepted
-(the root and the chain of first children), each group sees only its own path, and no real row
+inside the verify forward: they are attached after the root and its chain of first children (the
+likeliest path), then after the other nodes in tree order (with as many attach points as rows,
+after every row), each group sees only its own path, and no real row
 sees a mask row, so the real rows' outputs are exactly the base model's. If the accepted path
 ends at a row with masks attached, the next step's draft tree comes from their per-position top-k
 at no extra forward; the hybrid drafter merges n-gram continuations into the same tree.
@@ -264,7 +265,7 @@ class S3DDrafter(Drafter):
     def mask_groups(self, tree: DraftTree) -> MaskGroups | None:
         if not self.masks_this_step:
             return None
-        return MaskGroups(tree.principal_rows()[: self.arm.attach], self.gamma, self.adapter)
+        return MaskGroups(tree.attach_rows(self.arm.attach), self.gamma, self.adapter)
 
     def after_verify(self, groups: MaskGroups, mask_logits: torch.Tensor,
                      accepted_row: int) -> None:
