@@ -275,7 +275,8 @@ HYBRID_MERGED_VARIANTS = (dict(depth=5, top_k=2, total_tokens=8, attach=3),
 # Hybrid only: n-gram drafts when there are any, mask rows on the other steps. With ``attach=1``
 # masks ride on the root alone, so a step that accepts a mask draft has none for the next step
 # unless the n-gram drafter finds one; ``attach=2`` adds masks after the draft too.
-# Deep n-gram trees pay on code, where continuations repeat for many tokens.
+# Deep n-gram trees pay on code, where continuations repeat for many tokens. A longer shortest
+# n-gram (``ngram_min``) leaves the steps whose only match is a token or two to the masks.
 HYBRID_FALLBACK_VARIANTS = (dict(depth=4, top_k=2, total_tokens=3, gamma=1, attach=1),
                             dict(depth=4, top_k=2, total_tokens=3, gamma=1, attach=2),
                             dict(depth=4, top_k=2, total_tokens=6, gamma=2, attach=1),
@@ -283,7 +284,11 @@ HYBRID_FALLBACK_VARIANTS = (dict(depth=4, top_k=2, total_tokens=3, gamma=1, atta
                             dict(depth=10, top_k=2, total_tokens=12, gamma=1, attach=2),
                             dict(depth=8, top_k=2, total_tokens=8, gamma=3, attach=2),
                             dict(depth=8, top_k=2, total_tokens=8, gamma=2, attach=3),
-                            dict(depth=8, top_k=2, total_tokens=8, gamma=3, attach=4))
+                            dict(depth=8, top_k=2, total_tokens=8, gamma=3, attach=4),
+                            dict(depth=10, top_k=2, total_tokens=12, gamma=2, attach=3,
+                                 ngram_min=2),
+                            dict(depth=10, top_k=2, total_tokens=12, gamma=1, attach=2,
+                                 ngram_min=3))
 # A variant that is not its kind's best overall joins the profile as a specialist for a prompt
 # class (named ``<arm>_<class>``) when it beats its kind's chosen arm on that class by this
 # margin in the same interleaved measurement, and stays only if, measured beside all the chosen
