@@ -63,7 +63,6 @@ class DraftTree:
             rows.append(row)
         return rows
 
-
     def attach_rows(self, count: int) -> list[int]:
         """``count`` verify rows to draft the next step from (fused S3D): the principal rows
         first, then the other nodes' rows in tree order (by depth, best first). The accepted path

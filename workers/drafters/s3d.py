@@ -5,8 +5,8 @@ rows appended after a token into predictions of the tokens 2..gamma+1 after it (
 after it is the verifier's own bonus token). In the *fused* variant used here the mask rows ride
 inside the verify forward: they are attached after the root and its chain of first children (the
 likeliest path), then after the other nodes in tree order (with as many attach points as rows,
-after every row), each group sees only its own path, and no real row
-sees a mask row, so the real rows' outputs are exactly the base model's. If the accepted path
+after every row); each group sees only its own path, and no real row sees a mask row, so the real
+rows' outputs are exactly the base model's. If the accepted path
 ends at a row with masks attached, the next step's draft tree comes from their per-position top-k
 at no extra forward; the hybrid drafter merges n-gram continuations into the same tree.
 
