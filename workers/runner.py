@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from workers.gemm import Gemm, GemmPlan, packed_threshold
 
@@ -114,6 +115,9 @@ class ModelRunner:
         self.all_layers = tuple(range(self.num_layers))
         self.gemm_plan = GemmPlan(tune=self.device.type == "cpu", allow_packed=packed_weights)
         self.matmuls = [_LayerMatmuls(layer, self.gemm_plan) for layer in self.layers]
+        self._norms = [(fused_rms_norm(layer.input_layernorm),
+                        fused_rms_norm(layer.post_attention_layernorm)) for layer in self.layers]
+        self._final_norm = fused_rms_norm(self.norm)
         head = self.lm_head
         self._head = (Gemm(head.weight, head.bias, self.gemm_plan)
                       if type(head) is torch.nn.Linear and head.weight.is_floating_point()
@@ -213,7 +217,7 @@ class ModelRunner:
                 head = self._draft_heads[vocab] = Gemm(self._head.weight[:vocab], bias,
                                                        self.gemm_plan)
                 self.gemm_plan.warm([head], range(1, 9))
-        return head(self.norm(hidden)).float()
+        return head(self._final_norm(hidden)).float()
 
     def hidden_states(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
                       attention: Attention, layers: Sequence[int] | None = None,
@@ -240,16 +244,20 @@ class ModelRunner:
         # against 55 us through float32 for the bundled model after 300 tokens; 2-16 rows are
         # fast): plain decoding steps attend in float32.
         upcast = num_new == 1 and self.device.type == "cpu" and self.dtype == torch.bfloat16
+        q_width = self.num_heads * self.head_dim
+        k_width = self.kv_heads * self.head_dim
         for idx in (self.all_layers if layers is None else layers):
             layer, mm = self.layers[idx], self.matmuls[idx]
-            x = layer.input_layernorm(hidden)
+            x = self._norms[idx][0](hidden)
             qkv = _with_draft(draft, idx, mm.qkv_group, x, mm.qkv(x))
-            q, k, v = qkv.split(mm.qkv_group.sizes, dim=-1)
-            q = self._rotate(q.view(1, num_new, self.num_heads, self.head_dim).transpose(1, 2),
-                             cos, sin)
-            k = self._rotate(k.view(1, num_new, self.kv_heads, self.head_dim).transpose(1, 2),
-                             cos, sin)
-            v = v.view(1, num_new, self.kv_heads, self.head_dim).transpose(1, 2)
+            # q and k side by side are rotated as one tensor of heads (one set of products for
+            # both; the same arithmetic element by element).
+            qk = qkv[:, :q_width + k_width].view(1, num_new, self.num_heads + self.kv_heads,
+                                                 self.head_dim)
+            qk = self._rotate(qk.transpose(1, 2), cos, sin)
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+            v = qkv[:, q_width + k_width:].view(1, num_new, self.kv_heads, self.head_dim)
+            v = v.transpose(1, 2)
             cache.write(idx, start, k, v)
             keys, values = cache.k[idx][:, :, :end], cache.v[idx][:, :, :end]
             if upcast:
@@ -259,7 +267,7 @@ class ModelRunner:
             ).to(hidden.dtype)
             out = out.transpose(1, 2).reshape(num_new, -1)
             hidden = hidden + _with_draft(draft, idx, mm.o_group, out, mm.o(out))
-            x = layer.post_attention_layernorm(hidden)
+            x = self._norms[idx][1](hidden)
             gate_up = _with_draft(draft, idx, mm.gate_up_group, x, mm.gate_up(x))
             gate, up = gate_up.split(mm.gate_up_group.sizes, dim=-1)
             inner = layer.mlp.act_fn(gate) * up
@@ -295,6 +303,23 @@ class DraftAdapter(Protocol):
         """``out`` (``group``'s projections of ``x``, side by side) with the adapter's deltas
         added to rows ``start..``; the rows before ``start`` untouched."""
         ...
+
+
+def fused_rms_norm(module: torch.nn.Module):
+    """``module`` as a callable; a ``LlamaRMSNorm`` as torch's fused RMS norm (one kernel for
+    its six element-wise steps), with the same result bit for bit: the normalisation in float32,
+    then the weight applied in the input's dtype. Other norms are returned as they are."""
+    if type(module) is not LlamaRMSNorm:
+        return module
+    weight, eps = module.weight, module.variance_epsilon
+    shape = (weight.shape[0],)
+
+    def norm(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dtype == torch.float32:
+            return F.rms_norm(hidden, shape, weight, eps)
+        return weight * F.rms_norm(hidden.float(), shape, None, eps).to(hidden.dtype)
+
+    return norm
 
 
 def _with_draft(draft: DraftRows | None, layer: int, group: Projections, x: torch.Tensor,

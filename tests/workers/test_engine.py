@@ -106,6 +106,26 @@ def test_kv_cache_compaction_and_rollback():
         cache.write(0, 7, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_is_the_modules_result_bit_for_bit(bundled, dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from workers.runner import fused_rms_norm
+
+    module = LlamaRMSNorm(576, eps=1e-5).to(dtype)
+    torch.manual_seed(0)
+    module.weight.data.normal_()
+    norm = fused_rms_norm(module)
+    assert norm is not module  # the bundled model's norms are LlamaRMSNorm: the fused path runs
+    assert type(bundled.runner.layers[0].input_layernorm) is LlamaRMSNorm
+    for rows in (1, 9, 300):
+        x = (torch.randn(rows, 576) * torch.rand(rows, 1) * 10).to(dtype)
+        with torch.inference_mode():
+            assert torch.equal(norm(x), module(x))
+    other = torch.nn.LayerNorm(8)
+    assert fused_rms_norm(other) is other  # any other norm runs as it is
+
+
 def test_tree_attention_matches_sequential_decoding(bundled):
     """A tree verify row equals running that node's path causally."""
     runner = bundled.runner
