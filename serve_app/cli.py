@@ -85,8 +85,9 @@ def generate(
 def bench(
     out: Path = typer.Option(Path("bench-out"), help="Folder for bench.json, bench.md, bench.png."),
     methods: str = typer.Option(
-        None, help="Comma list of methods (default: all but s3d_fused and s3d_skip, the S3D "
-                   "arms by name; method s3d is the faster of them in this dtype)."),
+        None, help="Comma list of methods (default: all; method s3d is the profile's fastest "
+                   "arm in this dtype that drafts with S3D masks: s3d_fused, s3d_skip or a "
+                   "hybrid)."),
     max_tokens: int = typer.Option(128, min=1),
     limit: int = typer.Option(None, min=1, help="Only the first N prompts."),
     prompts: Path = typer.Option(None, help="Prompt suite JSONL (default: the shipped one)."),
@@ -104,7 +105,7 @@ def bench(
 
     _threads(threads)
     method_list = ([m.strip() for m in methods.split(",") if m.strip()] if methods
-                   else list(bench_mod.DEFAULT_METHODS))
+                   else list(bench_mod.ALL_METHODS))
     unknown = [m for m in method_list if m not in bench_mod.ALL_METHODS]
     if unknown:
         raise typer.BadParameter(f"unknown methods {unknown}; known: "

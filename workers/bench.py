@@ -31,13 +31,11 @@ from workers.stats import SpecDecodeStats, nearest_rank
 
 HF_METHODS = ("hf_vanilla", "hf_prompt_lookup", "hf_early_exit")
 # Own methods run the profile's arm of the same name, but ``vanilla`` (the ``none`` arm), ``s3d``
-# (the profile's fastest S3D arm in the bench's dtype: ``s3d_fused`` or ``s3d_skip``) and
-# ``router`` (an arm per request).
+# (the profile's fastest arm in the bench's dtype that drafts with S3D masks: ``s3d_fused``,
+# ``s3d_skip`` or a hybrid) and ``router`` (an arm per request).
 OWN_METHODS = ("vanilla", "skip_chain", "skip_tree", "ngram_tree", "hybrid", "s3d", "s3d_fused",
                "s3d_skip", "router")
 ALL_METHODS = HF_METHODS + OWN_METHODS
-# Without the two S3D arms by name: one of them is ``s3d``.
-DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m not in ("s3d_fused", "s3d_skip"))
 
 
 @dataclass
@@ -250,8 +248,9 @@ class Bench:
             profile = self.engine.profile
             fastest = profile.fastest(S3D_DRAFTERS, dtype_name(self.engine.runner.dtype))
             if fastest is None:
-                raise ValueError("method 's3d' needs an S3D arm (drafter s3d or s3d_skip) in "
-                                 f"the profile; it has {[a.name for a in profile.arms]}")
+                raise ValueError("method 's3d' needs an S3D arm (drafter s3d, s3d_skip or "
+                                 f"hybrid) in the profile; it has "
+                                 f"{[a.name for a in profile.arms]}")
             return self._own(fastest), {
                 "arm": self.engine.arm(fastest).model_dump(),
                 "fastest_of": [a.name for a in profile.arms if a.drafter in S3D_DRAFTERS]}

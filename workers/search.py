@@ -300,8 +300,8 @@ S3D_SKIP_VARIANTS = (dict(depth=2, top_k=1, total_tokens=2, gamma=1),
 
 
 # Arms are named after their drafter kind, but for the fused mask drafter: "s3d" names the
-# product's S3D, whichever of its two arms (``s3d_fused``, ``s3d_skip``) measures fastest
-# (``Profile.fastest``; ``s3d bench``'s method ``s3d``).
+# product's S3D, whichever of its arms (``s3d_fused``, ``s3d_skip``, the hybrids) measures
+# fastest (``Profile.fastest``; ``s3d bench``'s method ``s3d``).
 ARM_NAMES = {"s3d": "s3d_fused"}
 
 
