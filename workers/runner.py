@@ -129,7 +129,42 @@ class ModelRunner:
         self._cos = self._sin = None
         self._rope_len = 0
         self.num_forwards = 0  # model passes run (any rows, any layers): a step's cost in passes
+        self.upcast_single_row = False  # one-row attention through float32: see tune_attention
+        self.tune_attention()
         self.tune_packed()
+
+    def tune_attention(self, context: int = 512, repeats: int = 20) -> None:
+        """On CPU in bfloat16, whether one query row (a plain decoding step) attends faster
+        through float32: on some CPUs bf16 attention over a single row takes a slow kernel (on an
+        AMD EPYC with avx512_bf16, 190 us a layer against 55 us through float32 after 300
+        tokens), on others it is the faster one (2.4-3.5x on an Intel Xeon with AMX, where the
+        conversions cost more than the attention). Decided from timed calls on this machine."""
+        self.upcast_single_row = False
+        if self.device.type != "cpu" or self.dtype != torch.bfloat16:
+            return
+        q = torch.randn(1, self.num_heads, 1, self.head_dim, dtype=self.dtype)
+        k = torch.randn(1, self.kv_heads, context, self.head_dim, dtype=self.dtype)
+        v = torch.randn_like(k)
+
+        def attend(upcast: bool) -> torch.Tensor:
+            if upcast:
+                return F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), scale=self.scaling,
+                    enable_gqa=True).to(self.dtype)
+            return F.scaled_dot_product_attention(q, k, v, scale=self.scaling, enable_gqa=True)
+
+        best = {False: float("inf"), True: float("inf")}
+        with torch.inference_mode():
+            for attempt in range(repeats + 1):  # the first round sets kernels up: untimed
+                for upcast in best:
+                    started = time.perf_counter()
+                    attend(upcast)
+                    if attempt:
+                        best[upcast] = min(best[upcast], time.perf_counter() - started)
+        self.upcast_single_row = best[True] < best[False]
+        log.info("one-row attention over %d slots: bf16 %.0f us, through float32 %.0f us: %s",
+                 context, best[False] * 1e6, best[True] * 1e6,
+                 "float32" if self.upcast_single_row else "bf16")
 
     def tune_packed(self, counts: Sequence[int] = (1, 2, 4, 6, 8, 12, 16, 64), repeats: int = 3,
                     layers: int = 10) -> None:
@@ -240,10 +275,7 @@ class ModelRunner:
         hidden = self.embed(tokens.clamp(min=0))
         if draft is not None:
             hidden = draft.adapter.embed_masks(hidden, tokens)
-        # On CPU, bfloat16 attention of a single query row takes a slow kernel (190 us a layer
-        # against 55 us through float32 for the bundled model after 300 tokens; 2-16 rows are
-        # fast): plain decoding steps attend in float32.
-        upcast = num_new == 1 and self.device.type == "cpu" and self.dtype == torch.bfloat16
+        upcast = num_new == 1 and self.upcast_single_row  # see tune_attention
         q_width = self.num_heads * self.head_dim
         k_width = self.kv_heads * self.head_dim
         for idx in (self.all_layers if layers is None else layers):

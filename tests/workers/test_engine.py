@@ -210,19 +210,26 @@ def test_packed_weights_threshold_and_greedy_agree(bundled):
 
 def test_bfloat16_runner_follows_the_float32_model(bundled):
     """The bf16 runner (packed bf16 weights where oneDNN has bf16 kernels for this CPU; single
-    query rows attending in float32) scores like the float32 model: a one-row step and the same
-    row inside a four-row forward agree, and its greedy choices at 24 positions are float32's."""
+    query rows attending in float32 where that is measured faster) scores like the float32
+    model: a one-row step, attending either way, and the same row inside a four-row forward
+    agree, and its greedy choices at 24 positions are float32's."""
     from workers.engine import Engine
 
     runner = Engine.load("bundled", dtype="bfloat16", device="cpu").runner
     assert runner.dtype == torch.bfloat16
+    assert isinstance(runner.upcast_single_row, bool)  # measured at load
+    assert not bundled.runner.upcast_single_row  # float32 has nothing to upcast
     ids = torch.tensor(bundled.prompts[0][:40])
     cache = runner.new_cache(64)
     prefill = runner.forward(cache, ids[:36], torch.arange(36), Attention.causal(0))
-    one = runner.forward(cache, ids[36:37], torch.arange(36, 37), Attention.causal(36))
+    ones = []
+    for upcast in (False, True):
+        runner.upcast_single_row = upcast
+        ones.append(runner.forward(cache, ids[36:37], torch.arange(36, 37), Attention.causal(36)))
     four = runner.forward(cache, ids[36:40], torch.arange(36, 40), Attention.causal(36))
-    scale = one.abs().max()
-    assert (one[0] - four[0]).abs().max() < 0.05 * scale
+    scale = ones[0].abs().max()
+    for one in ones:
+        assert (one[0] - four[0]).abs().max() < 0.05 * scale
     reference = bundled.runner.forward(bundled.runner.new_cache(64), ids, torch.arange(40),
                                        Attention.causal(0))
     bf16 = torch.cat([prefill, four])
