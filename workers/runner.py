@@ -139,7 +139,6 @@ class ModelRunner:
         AMD EPYC with avx512_bf16, 190 us a layer against 55 us through float32 after 300
         tokens), on others it is the faster one (2.4-3.5x on an Intel Xeon with AMX, where the
         conversions cost more than the attention). Decided from timed calls on this machine."""
-        self.upcast_single_row = False
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
             return
         q = torch.randn(1, self.num_heads, 1, self.head_dim, dtype=self.dtype)
@@ -276,19 +275,18 @@ class ModelRunner:
         if draft is not None:
             hidden = draft.adapter.embed_masks(hidden, tokens)
         upcast = num_new == 1 and self.upcast_single_row  # see tune_attention
-        q_width = self.num_heads * self.head_dim
-        k_width = self.kv_heads * self.head_dim
+        qk_width = (self.num_heads + self.kv_heads) * self.head_dim
         for idx in (self.all_layers if layers is None else layers):
             layer, mm = self.layers[idx], self.matmuls[idx]
             x = self._norms[idx][0](hidden)
             qkv = _with_draft(draft, idx, mm.qkv_group, x, mm.qkv(x))
             # q and k side by side are rotated as one tensor of heads (one set of products for
             # both; the same arithmetic element by element).
-            qk = qkv[:, :q_width + k_width].view(1, num_new, self.num_heads + self.kv_heads,
-                                                 self.head_dim)
+            qk = qkv[:, :qk_width].view(1, num_new, self.num_heads + self.kv_heads,
+                                        self.head_dim)
             qk = self._rotate(qk.transpose(1, 2), cos, sin)
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-            v = qkv[:, q_width + k_width:].view(1, num_new, self.kv_heads, self.head_dim)
+            v = qkv[:, qk_width:].view(1, num_new, self.kv_heads, self.head_dim)
             v = v.transpose(1, 2)
             cache.write(idx, start, k, v)
             keys, values = cache.k[idx][:, :, :end], cache.v[idx][:, :, :end]
