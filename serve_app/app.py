@@ -69,7 +69,8 @@ class Decoder:
             torch.set_num_threads(self.config.torch_threads)
         self.engine = Engine.load(self.config.model, self.config.dtype, self.config.device,
                                   self.config.quantization, self.config.profile,
-                                  self.config.packed_weights)
+                                  self.config.packed_weights, self.config.pool,
+                                  self.config.pool_tokens, self.config.pool_record)
         self.scheduler = StepScheduler()
         self.metrics = DecoderMetrics()
         self.store = make_store(self.config.redis_url, prefix=self.config.stats_prefix,
@@ -165,7 +166,7 @@ class Decoder:
         summary = gen.stats.summary(gen.arm.name, gen.arm.draft_depth)
         try:  # figures are sinks: losing one never fails a served request
             self.metrics.observe_request(gen.stats, gen.arm.name, elapsed,
-                                         (first_token_at or start) - start)
+                                         (first_token_at or start) - start, len(self.engine.pool))
             self.store.record(StatsKey(self.config.served_model_name, payload["bucket"],
                                        gen.arm.name), gen.stats, max(decode_time, 1e-6))
         except Exception:

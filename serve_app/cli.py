@@ -18,6 +18,8 @@ DTYPE_OPT = typer.Option("float32", help="float32 or bfloat16.")
 DEVICE_OPT = typer.Option("auto", help="auto (CUDA when present), cpu or cuda.")
 QUANT_OPT = typer.Option("none", help="none, 8bit or 4bit (bitsandbytes).")
 PROFILE_OPT = typer.Option(None, help="Profile JSON of arms (default: the bundled model's).")
+POOL_OPT = typer.Option(None, help="Pool of earlier outputs for `pool` arms (default: the "
+                                   "bundled model's; `none`: empty).")
 THREADS_OPT = typer.Option(0, help="torch CPU threads (0: torch's default).")
 
 
@@ -95,7 +97,8 @@ def bench(
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(0, help="Base seed of sampled runs (prompt i uses seed+i)."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
-    quantization: str = QUANT_OPT, profile: str = PROFILE_OPT, threads: int = THREADS_OPT,
+    quantization: str = QUANT_OPT, profile: str = PROFILE_OPT, pool: str = POOL_OPT,
+    threads: int = THREADS_OPT,
 ) -> None:
     """Run decoding methods side by side on the prompt suite; write JSON, Markdown and a plot."""
     from workers import bench as bench_mod
@@ -111,7 +114,7 @@ def bench(
         raise typer.BadParameter(f"unknown methods {unknown}; known: "
                                  f"{', '.join(bench_mod.ALL_METHODS)}", param_hint="--methods")
     suite = load_prompts(prompts, limit)
-    engine = Engine.load(model, dtype, device, quantization, profile)
+    engine = Engine.load(model, dtype, device, quantization, profile, pool=pool)
     params = SamplingParams(temperature, top_p, 0, seed)
     runner = bench_mod.Bench(engine, suite, max_tokens, params)
     results = runner.run(method_list)
@@ -151,7 +154,7 @@ def search_cmd(
                    "measured again beside them."),
     adapter: str = typer.Option(None, help="S3D adapter (default: the bundled model's)."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
-    quantization: str = QUANT_OPT, threads: int = THREADS_OPT,
+    quantization: str = QUANT_OPT, pool: str = POOL_OPT, threads: int = THREADS_OPT,
 ) -> None:
     """Measure skip sets and arm parameters; write a profile of arms for the router."""
     from workers.arm import Profile
@@ -166,7 +169,7 @@ def search_cmd(
         raise typer.BadParameter(str(exc), param_hint="--kinds") from exc
     _threads(threads)
     engine = Engine.load(model, dtype, device, quantization,
-                         str(remeasure) if remeasure else None)
+                         str(remeasure) if remeasure else None, pool=pool)
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
     if remeasure:
         profile = remeasure_profile(engine, engine.profile, max_tokens=max_tokens, log=log)
@@ -228,6 +231,31 @@ def loadtest(
     if out:
         out.write_text(report.model_dump_json(indent=2) + "\n")
         typer.echo(f"wrote {out}")
+
+
+@app.command("pool")
+def pool_cmd(
+    out: Path = typer.Option(..., help="Pool file to write (.safetensors; metadata beside)."),
+    chat: int = typer.Option(1536, min=0, help="Chat requests answered."),
+    summary: int = typer.Option(512, min=0, help="Requests to summarise a package description "
+                                                 "or module docstring answered."),
+    code: int = typer.Option(512, min=0, help="Stdlib functions' first lines continued."),
+    new_tokens: int = typer.Option(64, min=8, help="Longest answer generated."),
+    model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
+    threads: int = THREADS_OPT,
+) -> None:
+    """Build a replica's starting pool of earlier outputs (n-gram drafts across requests): the
+    base model's greedy answers to offline requests."""
+    from workers.engine import Engine
+    from workers.pool import build_pool
+
+    _threads(threads)
+    engine = Engine.load(model, dtype, device, "none", None, pool="none")
+    pool, meta = build_pool(engine, {"chat": chat, "summary": summary, "code": code},
+                            new_tokens, log=lambda m: typer.echo(m, err=True))
+    meta.update(dtype=dtype, command="s3d " + " ".join(sys.argv[1:]))
+    pool.save(out, meta)
+    typer.echo(f"wrote {out} ({meta['tokens']} tokens in {meta['sequences']} answers)")
 
 
 @app.command("train")

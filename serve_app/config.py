@@ -36,6 +36,16 @@ class ServeConfig(BaseModel):
                           "verification); false saves that second copy's memory.")
     profile: str | None = Field(None, description="Profile JSON of arms; default: the bundled "
                                                   "model's, or plain + n-gram arms for others.")
+    pool: str | None = Field(None, description="Starting pool of earlier outputs for n-gram "
+                                               "drafts across requests (arms with `pool`): a "
+                                               "file from `s3d pool`; default: the bundled "
+                                               "model's; `none`: start empty.")
+    pool_tokens: int = Field(1 << 18, ge=0, description="Most tokens the pool holds (the older "
+                                                        "half is dropped when full).")
+    pool_record: bool = Field(True, description="Finished requests' outputs join this "
+                                                "replica's pool (drafts only: output is "
+                                                "unchanged, but a request's speed then depends "
+                                                "on what the replica answered before).")
     default_arm: str | None = Field(None, description="Arm used when the router has no better "
                                                       "choice; default: the profile's.")
     torch_threads: int = Field(0, ge=0, description="torch CPU threads per replica (0: default).")

@@ -42,10 +42,13 @@ class DecoderMetrics:
         self.store_available = metrics.Gauge(
             "s3d_stats_store_available", "1 when the statistics store (Redis) is reachable.")
         self.store_available.set(1)
+        self.pool_tokens = metrics.Gauge(
+            "s3d_pool_tokens", "Tokens in the replica's pool of earlier outputs (n-gram drafts).")
 
     def observe_request(self, stats: SpecDecodeStats, arm: str, seconds: float,
-                        ttft: float) -> None:
+                        ttft: float, pool_tokens: int) -> None:
         tags = {"arm": arm}
+        self.pool_tokens.set(pool_tokens)
         _inc(self.num_drafts, stats.num_drafts, tags)
         _inc(self.num_draft_tokens, stats.num_draft_tokens, tags)
         _inc(self.num_accepted_tokens, stats.num_accepted_tokens, tags)

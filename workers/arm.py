@@ -57,6 +57,15 @@ class Arm(BaseModel):
                     "draft pass's output layer shrinks to N rows (fused mask rows share the "
                     "verify's output-layer product and are cut after it). Verification is "
                     "untouched.")
+    pool: bool = Field(
+        default=False,
+        description="N-gram drafting (`ngram_tree`, `hybrid`) also looks in the replica's pool "
+                    "of earlier outputs (workers/pool.py) when the request's own text gives "
+                    "fewer branches than the arm takes.")
+    pool_min: int = Field(
+        default=2, ge=1, le=16,
+        description="Shortest n-gram looked up in the pool (a pool's short matches are weaker "
+                    "than the request's own: a hybrid may leave those steps to its masks).")
     adapter: str | None = Field(default=None, description="S3D adapter file; default: the "
                                                           "bundled model's committed adapter.")
 
@@ -69,6 +78,8 @@ class Arm(BaseModel):
                              "skip_layers must be empty")
         if self.mask_fallback and self.drafter != "hybrid":
             raise ValueError(f"arm {self.name!r}: mask_fallback is a hybrid drafter setting")
+        if self.pool and self.drafter not in ("ngram_tree", "hybrid"):
+            raise ValueError(f"arm {self.name!r}: pool is an n-gram drafting setting")
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"arm {self.name!r}: ngram_min > ngram_max")
         if len(set(self.skip_layers)) != len(self.skip_layers):

@@ -129,9 +129,13 @@ class Bench:
 
     def _own(self, arm_name: str | None) -> Callable[[int, int], PromptRun]:
         arm = self.engine.arm(arm_name)
+        # Each method's own pool, as a replica serving only it would have: it grows with that
+        # method's answers to the prompts before, never with another method's answer to this one.
+        pool = self.engine.pool.copy()
 
         def run(index: int, max_tokens: int) -> PromptRun:
-            gen = self.engine.generation(self.ids[index], max_tokens, arm, self._params(index))
+            gen = self.engine.generation(self.ids[index], max_tokens, arm, self._params(index),
+                                         pool=pool)
             t0 = time.perf_counter()
             gen.run()
             seconds = time.perf_counter() - t0
@@ -152,6 +156,7 @@ class Bench:
         from router.store import InProcessStatsStore, StatsKey
 
         store = InProcessStatsStore()
+        pool = self.engine.pool.copy()
         profile = self.engine.profile
         dtype = dtype_name(self.engine.runner.dtype)
         router, shadow = (ArmRouter.for_profile(profile, rng=random.Random(seed), dtype=dtype,
@@ -180,7 +185,7 @@ class Bench:
                 self.router_decision_s.append(time.perf_counter() - started)
             t0 = time.perf_counter()
             gen = self.engine.generation(self.ids[index], max_tokens, arm, self._params(index),
-                                         route.depth)
+                                         route.depth, pool)
             gen.run()
             seconds = time.perf_counter() - t0
             store.record(StatsKey("bench", bucket, arm), gen.stats, seconds)

@@ -16,6 +16,7 @@ from workers.arm import NONE_ARM, Arm, Profile
 from workers.drafters import DraftContext, make_drafter
 from workers.drafters.s3d import MaskAdapter, MaskGroups, load_adapter
 from workers.model import BUNDLED_MODEL, LoadedModel, load_model
+from workers.pool import TokenPool, resolve_pool
 from workers.runner import MASK_ID, Attention, DraftRows, ModelRunner
 from workers.sampling import SamplingParams, greedy_accept, sample_accept, target_probs
 from workers.stats import SpecDecodeStats
@@ -39,6 +40,7 @@ class Generation:
     params: SamplingParams = field(default_factory=SamplingParams)
     stop_token_ids: frozenset[int] = frozenset()
     adapter_for: Callable[[Arm], MaskAdapter] | None = None
+    pool: TokenPool | None = None  # earlier outputs: drafts for pool arms; a live pool gets ours
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -83,7 +85,8 @@ class Generation:
             return []
         t0 = time.perf_counter()
         forwards = self.runner.num_forwards  # a replica runs one step at a time
-        tree = self.drafter.propose(DraftContext(self.runner, self.cache, self.tokens))
+        tree = self.drafter.propose(DraftContext(self.runner, self.cache, self.tokens,
+                                                 self.pool))
         t1 = time.perf_counter()
         path, next_token = self._verify(tree)
         t2 = time.perf_counter()
@@ -139,6 +142,8 @@ class Generation:
         self.stats.num_output_tokens = len(self.output)
         if not self.finished and len(self.output) >= self.max_tokens:
             self.finished, self.finish_reason = True, "length"
+        if self.finished and self.pool is not None and self.pool.live:
+            self.pool.add(self.output)
         return new
 
     def run(self) -> list[int]:
@@ -214,15 +219,20 @@ class Engine:
     runner: ModelRunner
     stops: frozenset[int]
     profile: Profile
+    pool: TokenPool = field(default_factory=TokenPool)  # this replica's earlier outputs
 
     @classmethod
     def load(cls, model: str = BUNDLED_MODEL, dtype: str = "float32", device: str = "auto",
              quantization: str = "none", profile: str | None = None,
-             packed_weights: bool = True) -> Engine:
+             packed_weights: bool = True, pool: str | None = None, pool_tokens: int = 1 << 18,
+             pool_record: bool = True) -> Engine:
+        """``pool``: the pool file (default: the bundled model's, ``"none"``: start empty);
+        ``pool_record``: finished requests join the pool (up to ``pool_tokens``)."""
         loaded = load_model(model, dtype=dtype, device=device, quantization=quantization)
         runner = ModelRunner(loaded.model, packed_weights)
         return cls(loaded, runner, stop_token_ids(loaded.tokenizer, loaded.model),
-                   resolve_profile(profile, loaded.fingerprint, runner.num_layers))
+                   resolve_profile(profile, loaded.fingerprint, runner.num_layers),
+                   resolve_pool(pool, loaded.fingerprint, pool_tokens, pool_record))
 
     def __post_init__(self) -> None:
         self._adapters: dict[str, MaskAdapter] = {}
@@ -238,9 +248,11 @@ class Engine:
         return self.profile.arm(name or self.profile.default_arm)
 
     def generation(self, prompt: list[int], max_tokens: int, arm: Arm | str | None = None,
-                   params: SamplingParams | None = None, depth: int | None = None) -> Generation:
+                   params: SamplingParams | None = None, depth: int | None = None,
+                   pool: TokenPool | None = None) -> Generation:
         """A request's decoding state; ``depth`` (the router's choice, at most the arm's own)
-        caps its draft depth."""
+        caps its draft depth; ``pool`` replaces the engine's pool (the benchmark gives each
+        method its own, the search a frozen copy)."""
         if not isinstance(arm, Arm):
             arm = self.arm(arm)
         if depth is not None and depth != arm.depth:
@@ -248,7 +260,8 @@ class Engine:
                 raise ValueError(f"depth {depth} is outside 1..{arm.depth} of arm {arm.name!r}")
             arm = arm.model_copy(update={"depth": depth})
         return Generation(self.runner, prompt, max_tokens, arm, params or SamplingParams(),
-                          stop_token_ids=self.stops, adapter_for=self.adapter_for)
+                          stop_token_ids=self.stops, adapter_for=self.adapter_for,
+                          pool=self.pool if pool is None else pool)
 
 
 def resolve_profile(path: str | None, fingerprint: str, num_layers: int) -> Profile:

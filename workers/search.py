@@ -33,6 +33,7 @@ from workers.bench import rotated
 from workers.drafters.s3d import BUNDLED_ADAPTER
 from workers.engine import Engine
 from workers.model import dtype_name
+from workers.pool import TokenPool
 from workers.prompts import SUMMARY_INSTRUCTION, BenchPrompt
 from workers.runner import Attention
 
@@ -181,9 +182,10 @@ def measure_interleaved(engine: Engine, prompts: list[tuple[str, list[int]]], ar
     seconds: list[dict[str, float]] = [{} for _ in arms]
     accepted_len: list[list[float]] = [[] for _ in arms]
     per_prompt: list[list[float]] = [[] for _ in arms]
+    pool = engine.pool.copy(live=False)  # arms must not draft from each other's answers
     for index, (prompt_class, ids) in enumerate(prompts):
         for a in rotated(list(range(len(arms))), index):
-            gen = engine.generation(ids, max_tokens, arms[a])
+            gen = engine.generation(ids, max_tokens, arms[a], pool=pool)
             t0 = time.perf_counter()
             gen.run()
             elapsed = time.perf_counter() - t0
@@ -289,6 +291,13 @@ HYBRID_FALLBACK_VARIANTS = (dict(depth=4, top_k=2, total_tokens=3, gamma=1, atta
                                  ngram_min=2),
                             dict(depth=10, top_k=2, total_tokens=12, gamma=1, attach=2,
                                  ngram_min=3))
+# With a pool of earlier outputs, hybrids whose fallback masks ride on more steps: only pool
+# matches of three or four tokens count as n-gram drafts (own-text ones still from two).
+HYBRID_POOL_VARIANTS = (dict(depth=10, top_k=2, total_tokens=12, gamma=2, attach=3,
+                             ngram_min=2, pool_min=3),
+                        dict(depth=10, top_k=2, total_tokens=12, gamma=2, attach=3,
+                             ngram_min=2, pool_min=4),
+                        dict(depth=8, top_k=2, total_tokens=8, gamma=2, attach=3, pool_min=3))
 # A variant that is not its kind's best overall joins the profile as a specialist for a prompt
 # class (named ``<arm>_<class>``) when it beats its kind's chosen arm on that class by this
 # margin in the same interleaved measurement, and stays only if, measured beside all the chosen
@@ -305,25 +314,32 @@ S3D_SKIP_VARIANTS = (dict(depth=2, top_k=1, total_tokens=2, gamma=1),
 ARM_NAMES = {"s3d": "s3d_fused"}
 
 
-def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None) -> dict[str, list[Arm]]:
-    """Stage 3's candidate arms per drafter kind (S3D kinds only when the adapter exists)."""
+def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None,
+                   pool: bool = False) -> dict[str, list[Arm]]:
+    """Stage 3's candidate arms per drafter kind (S3D kinds only when the adapter exists).
+    With ``pool`` (the engine has a pool of earlier outputs) the n-gram trees are tried with and
+    without it, and the hybrids draw on it."""
     kinds: dict[str, list[Arm]] = {
         "skip_chain": [Arm(name="skip_chain", drafter="skip_chain", skip_layers=skip, depth=d)
                        for skip in skips for d in SKIP_CHAIN_DEPTHS],
         "skip_tree": [Arm(name="skip_tree", drafter="skip_tree", skip_layers=skip, **v)
                       for skip in skips for v in SKIP_TREE_VARIANTS],
         "ngram_tree": [Arm(name="ngram_tree", drafter="ngram_tree", depth=d, top_k=k,
-                           total_tokens=t) for d, k, t in NGRAM_VARIANTS],
+                           total_tokens=t, pool=p)
+                       for p in ((False, True) if pool else (False,))
+                       for d, k, t in NGRAM_VARIANTS],
     }
     adapter = Path(adapter_path) if adapter_path else BUNDLED_ADAPTER
     if adapter.exists():
         for kind in ("s3d", "hybrid"):
             kinds[kind] = [Arm(name=ARM_NAMES.get(kind, kind), drafter=kind,
                                adapter=adapter_path, **v) for v in S3D_VARIANTS]
-        kinds["hybrid"] += [Arm(name="hybrid", drafter="hybrid", adapter=adapter_path, **v)
-                            for v in HYBRID_MERGED_VARIANTS]
         kinds["hybrid"] += [Arm(name="hybrid", drafter="hybrid", adapter=adapter_path,
-                                mask_fallback=True, **v) for v in HYBRID_FALLBACK_VARIANTS]
+                                pool=pool, **v) for v in HYBRID_MERGED_VARIANTS]
+        kinds["hybrid"] += [Arm(name="hybrid", drafter="hybrid", adapter=adapter_path,
+                                mask_fallback=True, pool=pool, **v)
+                            for v in HYBRID_FALLBACK_VARIANTS + (HYBRID_POOL_VARIANTS if pool
+                                                                 else ())]
         # Separate pass of the (unskipped) model over root + masks, with this adapter.
         kinds["s3d_skip"] = [Arm(name="s3d_skip", drafter="s3d_skip", adapter=adapter_path, **v)
                              for v in S3D_SKIP_VARIANTS]
@@ -368,7 +384,7 @@ def skip_stage(engine: Engine, prompts: list[tuple[str, list[int]]], max_tokens:
     runner = engine.runner
     sequences = []
     for _, ids in prompts:
-        gen = engine.generation(ids, max_tokens, NONE_ARM)
+        gen = engine.generation(ids, max_tokens, NONE_ARM, pool=TokenPool(live=False))
         sequences.append((ids + gen.run(), len(ids)))
     full_1 = _forward_time(engine, 1)
     verify = {g: _forward_time(engine, g + 1) for g in (2, 4)}
@@ -456,7 +472,7 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
     # kinds together: every comparison the profile rests on is paired in time.
     arms: list[Arm] = [NONE_ARM]
     specialists: dict[Arm, str] = {}
-    candidates = arm_candidates(skips, adapter_path)
+    candidates = arm_candidates(skips, adapter_path, pool=len(engine.pool) > 0)
     if kinds is not None:
         missing = [kind for kind in kinds if kind not in candidates]
         if missing:

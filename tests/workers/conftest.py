@@ -24,19 +24,19 @@ class Bundled:
     _vanilla: dict = field(default_factory=dict)
 
     def generate(self, prompt: list[int], max_tokens: int, arm: Arm = NONE_ARM,
-                 params: SamplingParams | None = None, adapter=None) -> Generation:
+                 params: SamplingParams | None = None, adapter=None, pool=None) -> Generation:
         gen = Generation(self.runner, prompt, max_tokens, arm, params or SamplingParams(),
-                         stop_token_ids=self.stops, adapter_for=lambda a: adapter)
+                         stop_token_ids=self.stops, adapter_for=lambda a: adapter, pool=pool)
         gen.run()
         return gen
 
     def accepted_if_identical(self, arm: Arm, prompts: int, max_tokens: int,
-                              adapter=None) -> int:
+                              adapter=None, pool=None) -> int:
         """Greedy-decode the first ``prompts`` prompts with ``arm``; assert each output equals
         plain decoding; return the drafts accepted in all (to check drafting really happened)."""
         accepted = 0
         for index in range(prompts):
-            gen = self.generate(self.prompts[index], max_tokens, arm, adapter=adapter)
+            gen = self.generate(self.prompts[index], max_tokens, arm, adapter=adapter, pool=pool)
             assert gen.output == self.vanilla(index, max_tokens), f"prompt {index}"
             accepted += gen.stats.num_accepted_tokens
         return accepted

@@ -558,19 +558,24 @@ def test_a_variant_much_faster_on_one_class_joins_as_that_classs_specialist():
 
 
 def test_interleaved_measurement_pairs_arms_prompt_by_prompt():
-    """Every arm decodes a prompt before the next prompt starts, the order rotating, and each
-    arm's figures are its own (here: an arm's output length is its depth)."""
+    """Every arm decodes a prompt before the next prompt starts, the order rotating, each from
+    the same frozen pool, and each arm's figures are its own (here: an arm's output length is its
+    depth)."""
     from types import SimpleNamespace
 
     from workers.arm import Arm
+    from workers.pool import TokenPool
     from workers.search import measure_interleaved
 
-    order = []
+    order, pools = [], set()
 
     class Engine:
-        def generation(self, ids, max_tokens, arm):
+        pool = TokenPool()
+
+        def generation(self, ids, max_tokens, arm, pool):
             def run():
                 order.append((ids[0], arm.name))
+                pools.add(pool)
                 gen.output = [0] * arm.depth
 
             gen = SimpleNamespace(run=run, output=[],
@@ -580,6 +585,9 @@ def test_interleaved_measurement_pairs_arms_prompt_by_prompt():
     arms = [Arm(name=f"a{d}", drafter="ngram_tree", depth=d) for d in (1, 2, 3)]
     prompts = [("code", [0]), ("chat", [1]), ("code", [2]), ("chat", [3])]
     figs = measure_interleaved(Engine(), prompts, arms, 8)
+    # every arm drafts from one frozen copy of the engine's pool: none sees another's answers
+    (pool,) = pools
+    assert pool is not Engine.pool and not pool.live
     assert [p for p, _ in order] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     assert [a for _, a in order[:6]] == ["a1", "a2", "a3", "a2", "a3", "a1"]
     assert [f["mean_accepted_length"] for f in figs] == [0.5, 1.0, 1.5]

@@ -17,6 +17,7 @@ from workers import engine as engine_mod
 from workers.arm import Arm
 from workers.drafters.s3d import MaskAdapter
 from workers.engine import Generation
+from workers.pool import TokenPool
 from workers.runner import ModelRunner
 from workers.sampling import SamplingParams, target_probs
 
@@ -68,14 +69,29 @@ def tiny_adapter(runner: ModelRunner) -> MaskAdapter:
     return adapter.requires_grad_(False)
 
 
+def tiny_pool(model, prompt) -> TokenPool:
+    """Sampled continuations of the prompt (earlier answers to the same request): pool drafts
+    that are often, not always, what this draw samples."""
+    pool = TokenPool(live=False)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt] * 24), max_new_tokens=STEPS + 2,
+                             do_sample=True, temperature=PARAMS.temperature, top_p=PARAMS.top_p)
+    for row in out.tolist():
+        pool.add(row[len(prompt) - 2:])
+    return pool
+
+
 def empirical_marginals(model, prompt, arm: Arm) -> tuple[list[torch.Tensor], int]:
     runner = ModelRunner(model)
     adapter = tiny_adapter(runner)
+    pool = tiny_pool(model, prompt) if arm.pool else None
     counts = torch.zeros(STEPS, VOCAB)
     accepted = 0
     for seed in range(DRAWS):
         params = SamplingParams(PARAMS.temperature, PARAMS.top_p, seed=seed)
-        gen = Generation(runner, prompt, STEPS, arm, params, adapter_for=lambda a: adapter)
+        gen = Generation(runner, prompt, STEPS, arm, params, adapter_for=lambda a: adapter,
+                         pool=pool)
         out = gen.run()
         for pos, tok in enumerate(out):
             counts[pos, tok] += 1
@@ -94,6 +110,9 @@ ARMS = [
     Arm(name="tree", drafter="skip_tree", skip_layers=(2,), depth=2, top_k=3, total_tokens=6),
     Arm(name="ngram", drafter="ngram_tree", depth=2, top_k=3, total_tokens=6),
     Arm(name="hybrid", drafter="hybrid", depth=2, top_k=2, total_tokens=6, gamma=2, attach=2),
+    # Own-text branches only from 4-grams, the pool's from 2-grams up: most drafts the pool's.
+    Arm(name="ngram_pool", drafter="ngram_tree", depth=2, top_k=3, total_tokens=6, ngram_min=4,
+        pool=True),
 ]
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.pool import TokenPool
 from workers.runner import KVCache, ModelRunner
 from workers.tree import DraftTree
 
@@ -21,6 +22,7 @@ class DraftContext:
     runner: ModelRunner
     cache: KVCache
     tokens: list[int]  # prompt + generated so far, ending with the root
+    pool: TokenPool | None = None  # earlier outputs (arms with ``pool``)
 
 
 class Drafter:

@@ -3,7 +3,8 @@
 The last ``n`` tokens (``n`` from ``ngram_max`` down to ``ngram_min``) are matched against
 everything earlier in the prompt and the generated text; the continuations of the most recent
 matches become branches of one draft tree (shared prefixes merged), up to ``depth`` deep and
-``total_tokens`` nodes.
+``total_tokens`` nodes. An arm with ``pool`` fills the branches the request's own text does not
+give from the replica's pool of earlier outputs (workers/pool.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from workers.arm import Arm
 from workers.drafters.base import DraftContext, Drafter
+from workers.pool import add_branch
 from workers.tree import DraftTree
 
 
@@ -29,14 +31,20 @@ def ngram_continuations(tokens: list[int], ngram_max: int, ngram_min: int, depth
         windows = seq[: length - 1].unfold(0, n, 1)  # windows ending before the last token
         hits = (windows == seq[length - n:]).all(-1).nonzero().flatten().tolist()
         for start in reversed(hits):
-            cont = tokens[start + n: start + n + depth]
-            key = tuple(cont)
-            if cont and key not in seen:
-                seen.add(key)
-                found.append(cont)
-                if len(found) >= max_branches:
-                    return found
+            if add_branch(found, seen, tokens[start + n: start + n + depth], max_branches):
+                return found
     return found
+
+
+def draft_branches(ctx: DraftContext, arm: Arm, max_branches: int) -> list[list[int]]:
+    """The request's own n-gram continuations, then (arms with ``pool``) the pool's, up to
+    ``max_branches`` in all."""
+    branches = ngram_continuations(ctx.tokens, arm.ngram_max, arm.ngram_min, arm.depth,
+                                   max_branches)
+    if arm.pool and ctx.pool is not None and len(branches) < max_branches:
+        branches += ctx.pool.continuations(ctx.tokens, arm.depth, max_branches - len(branches),
+                                           arm.pool_min, exclude={tuple(b) for b in branches})
+    return branches
 
 
 def trie_tree(branches: list[list[int]], total: int) -> DraftTree:
@@ -68,7 +76,4 @@ class NgramDrafter(Drafter):
         self.arm = arm
 
     def propose(self, ctx: DraftContext) -> DraftTree:
-        arm = self.arm
-        branches = ngram_continuations(ctx.tokens, arm.ngram_max, arm.ngram_min, arm.depth,
-                                       max_branches=arm.top_k)
-        return trie_tree(branches, arm.total_tokens)
+        return trie_tree(draft_branches(ctx, self.arm, self.arm.top_k), self.arm.total_tokens)

@@ -28,7 +28,7 @@ from torch import nn
 
 from workers.arm import Arm
 from workers.drafters.base import DraftContext, Drafter
-from workers.drafters.ngram import ngram_continuations, trie_tree
+from workers.drafters.ngram import draft_branches, trie_tree
 from workers.drafters.skip import kept_layers, select_tree
 from workers.runner import MASK_ID, Attention, DraftRows, ModelRunner, Projections
 from workers.tree import DraftTree
@@ -253,8 +253,7 @@ class S3DDrafter(Drafter):
             self.pending = None
         self.masks_this_step = True
         if self.hybrid:
-            branches = ngram_continuations(ctx.tokens, arm.ngram_max, arm.ngram_min, arm.depth,
-                                           max_branches=2)
+            branches = draft_branches(ctx, arm, max_branches=2)
             if branches and arm.mask_fallback:
                 self.masks_this_step = False
                 tree = trie_tree(branches, arm.total_tokens)
