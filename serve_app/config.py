@@ -41,7 +41,8 @@ class ServeConfig(BaseModel):
                                                "file from `s3d pool`; default: the bundled "
                                                "model's; `none`: start empty.")
     pool_tokens: int = Field(1 << 18, ge=0, description="Most tokens the pool holds (the older "
-                                                        "half is dropped when full).")
+                                                        "half is dropped when full; 0 keeps "
+                                                        "none).")
     pool_record: bool = Field(True, description="Finished requests' outputs join this "
                                                 "replica's pool (drafts only: output is "
                                                 "unchanged, but a request's speed then depends "

@@ -77,8 +77,9 @@ class TokenPool:
         return key
 
     def add(self, sequence: list[int]) -> None:
-        """Append one sequence (a request's output) and index its n-grams."""
-        if len(sequence) < self.ngram_min + 1:
+        """Append one sequence (a request's output) and index its n-grams; one that is too short
+        to hold a continuation, or longer than the whole pool may hold, is not kept."""
+        if not self.ngram_min < len(sequence) <= self.capacity:
             return
         if len(self) + len(sequence) > self.capacity:
             self._drop_older_half()

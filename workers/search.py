@@ -292,7 +292,7 @@ HYBRID_FALLBACK_VARIANTS = (dict(depth=4, top_k=2, total_tokens=3, gamma=1, atta
                             dict(depth=10, top_k=2, total_tokens=12, gamma=1, attach=2,
                                  ngram_min=3))
 # With a pool of earlier outputs, hybrids whose fallback masks ride on more steps: only pool
-# matches of three or four tokens count as n-gram drafts (own-text ones still from two).
+# matches of three or four tokens count as n-gram drafts (own-text ones from ``ngram_min``).
 HYBRID_POOL_VARIANTS = (dict(depth=10, top_k=2, total_tokens=12, gamma=2, attach=3,
                              ngram_min=2, pool_min=3),
                         dict(depth=10, top_k=2, total_tokens=12, gamma=2, attach=3,
@@ -333,7 +333,8 @@ def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None,
     if adapter.exists():
         for kind in ("s3d", "hybrid"):
             kinds[kind] = [Arm(name=ARM_NAMES.get(kind, kind), drafter=kind,
-                               adapter=adapter_path, **v) for v in S3D_VARIANTS]
+                               adapter=adapter_path, pool=pool and kind == "hybrid", **v)
+                           for v in S3D_VARIANTS]
         kinds["hybrid"] += [Arm(name="hybrid", drafter="hybrid", adapter=adapter_path,
                                 pool=pool, **v) for v in HYBRID_MERGED_VARIANTS]
         kinds["hybrid"] += [Arm(name="hybrid", drafter="hybrid", adapter=adapter_path,

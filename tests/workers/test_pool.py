@@ -33,10 +33,12 @@ def test_continuations_stop_at_the_end_of_their_sequence():
     assert len(pool) == 7 and pool.sequences == 2
 
 
-def test_too_short_sequences_are_not_kept():
-    pool = TokenPool(ngram_min=2)
+def test_too_short_and_too_long_sequences_are_not_kept():
+    pool = TokenPool(capacity=8, ngram_min=2)
     pool.add([1, 2])
+    pool.add(list(range(9)))
     assert len(pool) == 0 and pool.continuations([1, 2], 4, 4) == []
+    assert len(TokenPool(capacity=0).copy()) == 0
 
 
 def test_a_full_pool_drops_its_older_half():
@@ -155,3 +157,18 @@ def test_each_bench_method_drafts_from_a_pool_of_its_own(bundled, monkeypatch):
     # a method's timed pool: the engine's one sequence, then that method's three answers
     assert all(pools[-1].sequences == 4 for pools in used.values())
     assert all(len(r.runs) == 3 for r in results)
+
+
+def test_search_candidates_draw_on_the_pool_only_when_there_is_one():
+    from workers.search import arm_candidates
+
+    with_pool = arm_candidates([(3, 4)], None, pool=True)
+    ngram = with_pool["ngram_tree"]
+    assert {a.pool for a in ngram} == {False, True}
+    assert len([a for a in ngram if a.pool]) == len(ngram) // 2
+    assert all(a.pool for a in with_pool["hybrid"])
+    assert any(a.pool_min > 2 for a in with_pool["hybrid"])
+    assert not any(a.pool for kind in ("s3d", "s3d_skip", "skip_chain", "skip_tree")
+                   for a in with_pool[kind])
+    without = arm_candidates([(3, 4)], None)
+    assert not any(a.pool for arms in without.values() for a in arms)
