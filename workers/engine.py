@@ -61,6 +61,11 @@ class Generation:
         self.stats = SpecDecodeStats()
         self.finished = False
         self.finish_reason: str | None = None
+        # A seeded sampled request drafts without the pool: which drafts are verified decides
+        # how the seed's random numbers are used, and the pool changes with every request, so
+        # the same seed would not give the same text twice. Greedy output never depends on it.
+        seeded = not self.params.greedy and self.params.seed is not None
+        self.draft_pool = None if seeded else self.pool
 
     def _choose(self, logits: torch.Tensor) -> int:
         if self.params.greedy:
@@ -86,7 +91,7 @@ class Generation:
         t0 = time.perf_counter()
         forwards = self.runner.num_forwards  # a replica runs one step at a time
         tree = self.drafter.propose(DraftContext(self.runner, self.cache, self.tokens,
-                                                 self.pool))
+                                                 self.draft_pool))
         t1 = time.perf_counter()
         path, next_token = self._verify(tree)
         t2 = time.perf_counter()

@@ -172,3 +172,23 @@ def test_search_candidates_draw_on_the_pool_only_when_there_is_one():
                    for a in with_pool[kind])
     without = arm_candidates([(3, 4)], None)
     assert not any(a.pool for arms in without.values() for a in arms)
+
+
+def test_a_seeded_sampled_request_gives_the_same_text_whatever_the_pool_holds(bundled):
+    """Which drafts are verified decides how a seed's random numbers are used; a seeded sampled
+    request therefore drafts without the pool (an unseeded one, and greedy ones, with it)."""
+    from workers.sampling import SamplingParams
+
+    arm = Arm(name="ngp", drafter="ngram_tree", depth=6, top_k=4, total_tokens=16, ngram_min=2,
+              pool=True)
+    prompt = bundled.prompts[1]
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    empty = TokenPool(live=False)
+    first = bundled.generate(prompt, 16, arm, seeded, pool=empty).output
+    full = TokenPool(live=False)
+    full.add(first)  # drafts that would be accepted, and would change the draws
+    assert bundled.generate(prompt, 16, arm, seeded, pool=full).output == first
+    assert bundled.generate(prompt, 16, arm, seeded, pool=full).stats.num_accepted_tokens == (
+        bundled.generate(prompt, 16, arm, seeded, pool=empty).stats.num_accepted_tokens)
+    unseeded = bundled.generate(prompt, 16, arm, SamplingParams(temperature=1e-3), pool=full)
+    assert unseeded.stats.num_accepted_tokens > 0

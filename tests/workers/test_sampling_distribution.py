@@ -92,6 +92,9 @@ def empirical_marginals(model, prompt, arm: Arm) -> tuple[list[torch.Tensor], in
         params = SamplingParams(PARAMS.temperature, PARAMS.top_p, seed=seed)
         gen = Generation(runner, prompt, STEPS, arm, params, adapter_for=lambda a: adapter,
                          pool=pool)
+        # A seeded request drafts without the pool (its text must not depend on it); the
+        # distribution must hold with it too, so these seeded draws draft from it.
+        gen.draft_pool = pool
         out = gen.run()
         for pos, tok in enumerate(out):
             counts[pos, tok] += 1
