@@ -94,7 +94,8 @@ def test_the_bundled_pool_is_the_bundled_models(bundled):
 
 def test_pool_arms_are_lossless_and_draft_from_the_pool(bundled):
     """Greedy float32 output equals plain decoding with drafts from a pool that holds each
-    prompt's own answer (drafts accepted) and from one of unrelated text (drafts rejected)."""
+    prompt's own answer (drafts accepted) and from one of other requests' text (drafts mostly
+    wrong)."""
     arm = Arm(name="ngp", drafter="ngram_tree", depth=6, top_k=4, total_tokens=16, ngram_min=2,
               pool=True)
     plain = Arm(name="ng", drafter="ngram_tree", depth=6, top_k=4, total_tokens=16, ngram_min=2)
