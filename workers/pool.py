@@ -96,17 +96,22 @@ class TokenPool:
                 prev[end] = head.get(key, -1)
                 head[key] = end
 
-    def _drop_older_half(self) -> None:
-        keep = self._starts[len(self._starts) // 2] if len(self._starts) > 1 else len(self.tokens)
-        rest = self.tokens[keep:]
-        self._clear()
+    def add_all(self, flat) -> None:
+        """Add every sequence of ``flat`` (sequences back to back, each ended by ``SEPARATOR``,
+        as ``tokens`` holds them)."""
         seq: list[int] = []
-        for token in rest:
+        for token in flat:
             if token == SEPARATOR:
                 self.add(seq)
                 seq = []
             else:
                 seq.append(token)
+
+    def _drop_older_half(self) -> None:
+        keep = self._starts[len(self._starts) // 2] if len(self._starts) > 1 else len(self.tokens)
+        rest = self.tokens[keep:]
+        self._clear()
+        self.add_all(rest)
 
     def continuations(self, tokens: list[int], depth: int, max_branches: int,
                       ngram_min: int = 1, exclude: set[tuple[int, ...]] | None = None
@@ -168,20 +173,18 @@ class TokenPool:
             raise PoolMismatchError(
                 f"pool {path} was made for model {meta.get('fingerprint')!r}, not {fingerprint!r}")
         pool = cls(**kwargs)
-        seq: list[int] = []
-        for token in load_file(str(path))["tokens"].tolist():
-            if token == SEPARATOR:
-                pool.add(seq)
-                seq = []
-            else:
-                seq.append(token)
+        pool.add_all(load_file(str(path))["tokens"].tolist())
         return pool
 
 
 def resolve_pool(path: str | None, fingerprint: str, capacity: int = 1 << 18,
-                 record: bool = True) -> TokenPool:
+                 record: bool = True, used: bool = True) -> TokenPool:
     """The given pool file (``"none"``: an empty pool), else the bundled one when it was made
-    for this model, else an empty pool; finished requests join it when ``record``."""
+    for this model, else an empty pool; finished requests join it when ``record``. Unless
+    ``used`` (an arm of the profile drafts from it) there is nothing to load or to record: an
+    empty pool that takes no answers."""
+    if not used:
+        return TokenPool(capacity, live=False)
     if path == "none":
         return TokenPool(capacity, live=record)
     if path is None:

@@ -145,25 +145,29 @@ class ModelRunner:
         k = torch.randn(1, self.kv_heads, context, self.head_dim, dtype=self.dtype)
         v = torch.randn_like(k)
 
-        def attend(upcast: bool) -> torch.Tensor:
-            if upcast:
-                return F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), scale=self.scaling,
-                    enable_gqa=True).to(self.dtype)
-            return F.scaled_dot_product_attention(q, k, v, scale=self.scaling, enable_gqa=True)
-
         best = {False: float("inf"), True: float("inf")}
         with torch.inference_mode():
             for attempt in range(repeats + 1):  # the first round sets kernels up: untimed
                 for upcast in best:
                     started = time.perf_counter()
-                    attend(upcast)
+                    self._attend(q, k, v, None, upcast)
                     if attempt:
                         best[upcast] = min(best[upcast], time.perf_counter() - started)
         self.upcast_single_row = best[True] < best[False]
         log.info("one-row attention over %d slots: bf16 %.0f us, through float32 %.0f us: %s",
                  context, best[False] * 1e6, best[True] * 1e6,
                  "float32" if self.upcast_single_row else "bf16")
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor | None, upcast: bool) -> torch.Tensor:
+        """Attention of ``q`` over ``keys``/``values`` (through float32 when ``upcast``), in
+        ``q``'s dtype: what ``hidden_states`` runs and ``tune_attention`` times."""
+        dtype = q.dtype
+        if upcast:
+            q, keys, values = q.float(), keys.float(), values.float()
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True,
+        ).to(dtype)
 
     def tune_packed(self, counts: Sequence[int] = (1, 2, 4, 6, 8, 12, 16, 64), repeats: int = 3,
                     layers: int = 10) -> None:
@@ -290,11 +294,7 @@ class ModelRunner:
             v = v.transpose(1, 2)
             cache.write(idx, start, k, v)
             keys, values = cache.k[idx][:, :, :end], cache.v[idx][:, :, :end]
-            if upcast:
-                q, keys, values = q.float(), keys.float(), values.float()
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True,
-            ).to(hidden.dtype)
+            out = self._attend(q, keys, values, mask, upcast)
             out = out.transpose(1, 2).reshape(num_new, -1)
             hidden = hidden + _with_draft(draft, idx, mm.o_group, out, mm.o(out))
             x = self._norms[idx][1](hidden)
