@@ -39,7 +39,9 @@ class ServeConfig(BaseModel):
     pool: str | None = Field(None, description="Starting pool of earlier outputs for n-gram "
                                                "drafts across requests (arms with `pool`): a "
                                                "file from `s3d pool`; default: the bundled "
-                                               "model's; `none`: start empty.")
+                                               "model's; `none`: start empty. "
+                                               "Without such arms in the profile no pool is "
+                                               "loaded or recorded.")
     pool_tokens: int = Field(1 << 18, ge=0, description="Most tokens the pool holds (the older "
                                                         "half is dropped when full; 0 keeps "
                                                         "none).")

@@ -232,12 +232,14 @@ class Engine:
              packed_weights: bool = True, pool: str | None = None, pool_tokens: int = 1 << 18,
              pool_record: bool = True) -> Engine:
         """``pool``: the pool file (default: the bundled model's, ``"none"``: start empty);
-        ``pool_record``: finished requests join the pool (up to ``pool_tokens``)."""
+        ``pool_record``: finished requests join the pool (up to ``pool_tokens``). A profile
+        without arms that draft from a pool gets an empty one that takes no answers."""
         loaded = load_model(model, dtype=dtype, device=device, quantization=quantization)
         runner = ModelRunner(loaded.model, packed_weights)
-        return cls(loaded, runner, stop_token_ids(loaded.tokenizer, loaded.model),
-                   resolve_profile(profile, loaded.fingerprint, runner.num_layers),
-                   resolve_pool(pool, loaded.fingerprint, pool_tokens, pool_record))
+        arm_profile = resolve_profile(profile, loaded.fingerprint, runner.num_layers)
+        return cls(loaded, runner, stop_token_ids(loaded.tokenizer, loaded.model), arm_profile,
+                   resolve_pool(pool, loaded.fingerprint, pool_tokens, pool_record,
+                                used=any(arm.pool for arm in arm_profile.arms)))
 
     def __post_init__(self) -> None:
         self._adapters: dict[str, MaskAdapter] = {}

@@ -82,6 +82,9 @@ def test_save_load_round_trip_and_refusal(tmp_path):
     assert len(resolve_pool("none", "abc")) == 0
     assert len(resolve_pool(str(path), "abc", record=False)) == 9
     assert len(resolve_pool(None, "no such model")) == 0  # the bundled pool is another model's
+    # a profile without pool arms: nothing loaded, no answers recorded
+    unused = resolve_pool(str(path), "abc", used=False)
+    assert len(unused) == 0 and not unused.live
 
 
 def test_the_bundled_pool_is_the_bundled_models(bundled):
