@@ -6,6 +6,7 @@ Pure pydantic, importable without torch.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -13,10 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DrafterKind = Literal["none", "skip_chain", "skip_tree", "ngram_tree", "s3d", "hybrid",
                       "s3d_skip"]
-# The drafters that draft with S3D's mask rows: fused into the verify forward (``s3d``), in a
-# separate pass (``s3d_skip``), and the hybrid trees that join them with n-gram drafts
-# (``hybrid``). ``s3d bench``'s method ``s3d`` runs the fastest arm of these kinds.
-S3D_DRAFTERS = ("s3d", "s3d_skip", "hybrid")
 
 
 class Arm(BaseModel):
@@ -92,6 +89,15 @@ class Arm(BaseModel):
         return None if self.drafter == "none" else self.depth
 
     @property
+    def drafts_s3d(self) -> bool:
+        """Every step drafts with S3D's mask rows: the fused drafter, the separate pass, or a
+        hybrid that merges its n-gram branches into the mask rows' tree. A hybrid with
+        ``mask_fallback`` spends mask rows only on steps without n-gram branches (with a pool of
+        earlier outputs, few), so it is mostly an n-gram drafter, not S3D."""
+        return self.drafter in ("s3d", "s3d_skip") or (self.drafter == "hybrid"
+                                                        and not self.mask_fallback)
+
+    @property
     def max_draft_nodes(self) -> int:
         """Upper bound on the scratch KV slots one step may write past the committed length."""
         if self.drafter == "none":
@@ -161,11 +167,15 @@ class Profile(BaseModel):
                 out.setdefault(prompt_class, {}).setdefault(arm, []).append(value)
         return out
 
-    def fastest(self, drafters: tuple[str, ...], dtype: str | None = None) -> str | None:
-        """The name of the arm with one of these drafter kinds that the profile measured fastest
-        (in ``dtype``, see ``measurement``); the first such arm when none was measured, None
-        when the profile has no such arm."""
-        names = [a.name for a in self.arms if a.drafter in drafters]
+    def fastest(self, drafters: tuple[str, ...] | Callable[[Arm], bool],
+                dtype: str | None = None) -> str | None:
+        """The name of the arm with one of these drafter kinds (or for which ``drafters`` is
+        true) that the profile measured fastest (in ``dtype``, see ``measurement``); the first
+        such arm when none was measured, None when the profile has no such arm."""
+        def chosen(arm: Arm) -> bool:
+            return drafters(arm) if callable(drafters) else arm.drafter in drafters
+
+        names = [a.name for a in self.arms if chosen(a)]
         overall, _ = self.measured_goodput(dtype)
         measured = [n for n in names if n in overall]
         if measured:

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from workers.arm import S3D_DRAFTERS
 from workers.engine import Engine
 from workers.model import dtype_name
 from workers.prompts import BenchPrompt
@@ -31,8 +30,9 @@ from workers.stats import SpecDecodeStats, nearest_rank
 
 HF_METHODS = ("hf_vanilla", "hf_prompt_lookup", "hf_early_exit")
 # Own methods run the profile's arm of the same name, but ``vanilla`` (the ``none`` arm), ``s3d``
-# (the profile's fastest arm in the bench's dtype that drafts with S3D masks: ``s3d_fused``,
-# ``s3d_skip`` or a hybrid) and ``router`` (an arm per request).
+# (the profile's fastest arm in the bench's dtype that drafts with S3D masks on every step,
+# ``Arm.drafts_s3d``: ``s3d_fused``, ``s3d_skip`` or a merging hybrid) and ``router`` (an arm per
+# request).
 OWN_METHODS = ("vanilla", "skip_chain", "skip_tree", "ngram_tree", "hybrid", "s3d", "s3d_fused",
                "s3d_skip", "router")
 ALL_METHODS = HF_METHODS + OWN_METHODS
@@ -251,14 +251,16 @@ class Bench:
             return self._routed(), {"arms": [a.name for a in self.engine.profile.arms]}
         if name == "s3d":
             profile = self.engine.profile
-            fastest = profile.fastest(S3D_DRAFTERS, dtype_name(self.engine.runner.dtype))
+            fastest = profile.fastest(lambda arm: arm.drafts_s3d,
+                                   dtype_name(self.engine.runner.dtype))
             if fastest is None:
-                raise ValueError("method 's3d' needs an S3D arm (drafter s3d, s3d_skip or "
-                                 f"hybrid) in the profile; it has "
+                raise ValueError("method 's3d' needs an arm that drafts with S3D masks on every "
+                                 "step (drafter s3d or s3d_skip, or hybrid without "
+                                 f"mask_fallback) in the profile; it has "
                                  f"{[a.name for a in profile.arms]}")
             return self._own(fastest), {
                 "arm": self.engine.arm(fastest).model_dump(),
-                "fastest_of": [a.name for a in profile.arms if a.drafter in S3D_DRAFTERS]}
+                "fastest_of": [a.name for a in profile.arms if a.drafts_s3d]}
         if name in OWN_METHODS:
             try:
                 arm = self.engine.arm(name)

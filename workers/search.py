@@ -7,14 +7,15 @@ Stage 2 is Bayesian optimisation over arbitrary skip sets (one yes/no per middle
 Verify does; optuna's TPE sampler), warm-started with stage 1's best blocks: each trial decodes
 calibration prompts with a layer-skip chain and its measured goodput (tokens per second) is the
 objective. Stage 3 decodes all calibration prompts with the best skip sets as real chain and tree
-arms, and with a few n-gram and S3D (fused mask-token) settings, and keeps the arm of each drafter
-kind with the highest measured goodput, plus a kind's variant that is much faster on one prompt
-class (a deep n-gram tree on code) as that class's specialist when it leads the class beside the
-chosen arms; stage 3 measures the arms it compares interleaved, prompt by prompt, so a shared
-host's drifting speed cannot pick the winner. Calibration text is not the
-benchmark suite: stdlib modules and questions the suite does not use. Stage 3 alone can run over an
-earlier profile's skip sets (``skip_sets_from``), after the adapter or the candidate settings
-change.
+arms, and with a few n-gram and S3D (fused mask-token) settings, and keeps the arm of each name
+(a drafter kind's, but for the hybrids: ``hybrid_merged`` merges n-gram branches into the mask
+tree, ``hybrid`` spends masks only where n-gram drafts are missing) with the highest measured
+goodput, plus a variant that is much faster on one prompt class (a deep n-gram tree on code) as
+that class's specialist when it leads the class beside the chosen arms; stage 3 measures the
+arms it compares interleaved, prompt by prompt, so a shared host's drifting speed cannot pick the
+winner. Calibration text is not the benchmark suite: stdlib modules and questions the suite does
+not use. Stage 3 alone can run over an earlier profile's skip sets (``skip_sets_from``), after the
+adapter or the candidate settings change.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from workers.model import dtype_name
 from workers.pool import TokenPool
 from workers.prompts import SUMMARY_INSTRUCTION, BenchPrompt
 from workers.runner import Attention
+from workers.stats import SpecDecodeStats
 
 DRAFT_VOCAB = 8192  # truncated draft vocabulary tried per drafter kind (85% of tokens here)
 # Held back from training (``workers.corpus.held_back_sources``), like the benchmark's sources.
@@ -180,7 +182,7 @@ def measure_interleaved(engine: Engine, prompts: list[tuple[str, list[int]]], ar
     minutes."""
     tokens: list[dict[str, int]] = [{} for _ in arms]
     seconds: list[dict[str, float]] = [{} for _ in arms]
-    accepted_len: list[list[float]] = [[] for _ in arms]
+    stats = [SpecDecodeStats() for _ in arms]
     per_prompt: list[list[float]] = [[] for _ in arms]
     pool = engine.pool.copy(live=False)  # arms must not draft from each other's answers
     for index, (prompt_class, ids) in enumerate(prompts):
@@ -191,10 +193,10 @@ def measure_interleaved(engine: Engine, prompts: list[tuple[str, list[int]]], ar
             elapsed = time.perf_counter() - t0
             seconds[a][prompt_class] = seconds[a].get(prompt_class, 0.0) + elapsed
             tokens[a][prompt_class] = tokens[a].get(prompt_class, 0) + len(gen.output)
-            accepted_len[a].append(gen.stats.mean_acceptance_length)
+            stats[a].merge(gen.stats)
             per_prompt[a].append(len(gen.output) / elapsed)
     return [{"tokens_per_s": sum(tokens[a].values()) / sum(seconds[a].values()),
-             "mean_accepted_length": sum(accepted_len[a]) / len(accepted_len[a]),
+             "mean_accepted_length": stats[a].mean_acceptance_length,
              "by_class": {c: tokens[a][c] / seconds[a][c] for c in tokens[a]},
              "per_prompt": per_prompt[a]} for a in range(len(arms))]
 
@@ -272,8 +274,18 @@ S3D_VARIANTS = (dict(depth=1, top_k=1, total_tokens=1, gamma=1, attach=2),
                 dict(depth=3, top_k=2, total_tokens=5, attach=6),
                 dict(depth=3, top_k=2, total_tokens=6, attach=7))
 # Hybrid only, merged trees: n-gram branches beside a mask-row tree, deeper than masks reach.
+# Larger merged trees accept more per step (on calibration in bf16, a 24-node tree with three
+# masks after four rows: mean accepted length 2.70 against 2.37 at 16 nodes and 2.11 for the
+# fallback hybrid below) for a few more rows per verify, which cost little beside the output
+# layer and the weights' reads (a 32-row bf16 forward costs 1.45x a 1-row one here).
 HYBRID_MERGED_VARIANTS = (dict(depth=5, top_k=2, total_tokens=8, attach=3),
-                          dict(depth=6, top_k=2, total_tokens=12, gamma=2, attach=2))
+                          dict(depth=6, top_k=2, total_tokens=12, gamma=2, attach=2),
+                          dict(depth=8, top_k=2, total_tokens=16, gamma=2, attach=3),
+                          dict(depth=8, top_k=2, total_tokens=16, attach=3),
+                          dict(depth=8, top_k=3, total_tokens=16, attach=2),
+                          dict(depth=10, top_k=3, total_tokens=24, gamma=2, attach=4),
+                          dict(depth=10, top_k=3, total_tokens=24, attach=4),
+                          dict(depth=12, top_k=4, total_tokens=32, attach=4))
 # Hybrid only: n-gram drafts when there are any, mask rows on the other steps. With ``attach=1``
 # masks ride on the root alone, so a step that accepts a mask draft has none for the next step
 # unless the n-gram drafter finds one; ``attach=2`` adds masks after the draft too.
@@ -308,10 +320,13 @@ S3D_SKIP_VARIANTS = (dict(depth=2, top_k=1, total_tokens=2, gamma=1),
                      dict(depth=4, top_k=2, total_tokens=8))
 
 
-# Arms are named after their drafter kind, but for the fused mask drafter: "s3d" names the
-# product's S3D, whichever of its arms (``s3d_fused``, ``s3d_skip``, the hybrids) measures
-# fastest (``Profile.fastest``; ``s3d bench``'s method ``s3d``).
+# Arms are named after their drafter kind, but for the fused mask drafter (``s3d_fused``: "s3d"
+# names the product's S3D, whichever arm drafting with masks on every step measures fastest,
+# ``Arm.drafts_s3d``) and the hybrids that merge n-gram branches into the mask tree
+# (``hybrid_merged``, beside the ``hybrid`` whose masks fill in for missing n-gram drafts): the
+# search keeps the fastest arm of each name.
 ARM_NAMES = {"s3d": "s3d_fused"}
+MERGED_HYBRID = "hybrid_merged"
 
 
 def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None,
@@ -331,12 +346,11 @@ def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None,
     }
     adapter = Path(adapter_path) if adapter_path else BUNDLED_ADAPTER
     if adapter.exists():
-        for kind in ("s3d", "hybrid"):
-            kinds[kind] = [Arm(name=ARM_NAMES.get(kind, kind), drafter=kind,
-                               adapter=adapter_path, pool=pool and kind == "hybrid", **v)
-                           for v in S3D_VARIANTS]
-        kinds["hybrid"] += [Arm(name="hybrid", drafter="hybrid", adapter=adapter_path,
-                                pool=pool, **v) for v in HYBRID_MERGED_VARIANTS]
+        kinds["s3d"] = [Arm(name=ARM_NAMES["s3d"], drafter="s3d", adapter=adapter_path, **v)
+                        for v in S3D_VARIANTS]
+        kinds["hybrid"] = [Arm(name=MERGED_HYBRID, drafter="hybrid", adapter=adapter_path,
+                               pool=pool, **v)
+                           for v in S3D_VARIANTS + HYBRID_MERGED_VARIANTS]
         kinds["hybrid"] += [Arm(name="hybrid", drafter="hybrid", adapter=adapter_path,
                                 mask_fallback=True, pool=pool, **v)
                             for v in HYBRID_FALLBACK_VARIANTS + (HYBRID_POOL_VARIANTS if pool
@@ -464,9 +478,9 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
         if REUSED not in method:
             method += REUSED
 
-    def label(kind: str, arm: Arm) -> str:
+    def label(arm: Arm) -> str:
         settings = arm.model_dump(exclude_defaults=True, exclude={"name", "drafter"})
-        return f"{kind} {settings}"
+        return f"{arm.name} {settings}"
 
     # Each kind's variants are measured interleaved (the same prompt under every variant in
     # turn), then the winner against its truncated-vocabulary twin, then the chosen arms of all
@@ -485,16 +499,19 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
         again = f"; {', '.join(kinds)} searched again alone"
         method += again if again not in method else ""
     for kind, variants in candidates.items():
-        figs = measure_all_and_log(engine, prompts, variants, max_tokens,
-                                   [label(kind, a) for a in variants], log)
-        best = variants[max(range(len(variants)), key=lambda i: figs[i]["tokens_per_s"])]
-        specialists.update(specialist_candidates(variants, figs, best))
-        if kind != "ngram_tree":  # drafts come from the model: its output layer can shrink
-            pair = [best, best.model_copy(update={"draft_vocab": DRAFT_VOCAB})]
-            figs = measure_all_and_log(engine, prompts, pair, max_tokens,
-                                       [label(kind, a) for a in pair], log)
-            best = pair[0] if figs[0]["tokens_per_s"] >= figs[1]["tokens_per_s"] else pair[1]
-        arms.append(best)
+        all_figs = measure_all_and_log(engine, prompts, variants, max_tokens,
+                                       [label(a) for a in variants], log)
+        for name in dict.fromkeys(a.name for a in variants):  # the fastest of each name
+            group = [i for i, a in enumerate(variants) if a.name == name]
+            named, figs = [variants[i] for i in group], [all_figs[i] for i in group]
+            best = named[max(range(len(named)), key=lambda i: figs[i]["tokens_per_s"])]
+            specialists.update(specialist_candidates(named, figs, best))
+            if kind != "ngram_tree":  # drafts come from the model: its output layer can shrink
+                pair = [best, best.model_copy(update={"draft_vocab": DRAFT_VOCAB})]
+                figs = measure_all_and_log(engine, prompts, pair, max_tokens,
+                                           [label(a) for a in pair], log)
+                best = pair[0] if figs[0]["tokens_per_s"] >= figs[1]["tokens_per_s"] else pair[1]
+            arms.append(best)
     arms += list(specialists)
     log("the chosen arms, together:")
     figs = measure_all_and_log(engine, prompts, arms, max_tokens, [a.name for a in arms], log)

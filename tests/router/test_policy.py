@@ -341,6 +341,8 @@ def test_profile_fastest_takes_the_measured_best_of_the_kinds_in_the_dtype() -> 
     unmeasured = profile.model_copy(update={"notes": {}})
     assert unmeasured.fastest(s3d) == "s3d_fused"  # the first such arm
     assert profile.fastest(("skip_tree",)) is None
+    assert profile.fastest(lambda arm: arm.drafts_s3d, "bfloat16") == "s3d_skip"
+    assert profile.fastest(lambda arm: arm.top_k > 1) is None
 
 
 def test_router_for_profile_takes_its_priors_and_prior_weight() -> None:

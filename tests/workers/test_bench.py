@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from workers.arm import S3D_DRAFTERS
 from workers.bench import (
     REPEAT_DECISIONS,
     Bench,
@@ -49,11 +48,12 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
         assert set(entry["categories"]) == {p.category for p in suite}
     assert {run["arm"] for run in entries["ngram_tree"]["runs"]} == {"ngram_tree"}
     assert {run["arm"] for run in entries["vanilla"]["runs"]} == {"none"}
-    # `s3d` runs the profile's fastest arm drafting with S3D masks in this dtype (hybrids
-    # included), and the table names it.
-    s3d_kinds = {a.name for a in engine.profile.arms if a.drafter in S3D_DRAFTERS}
-    s3d_arm = engine.profile.fastest(S3D_DRAFTERS, "float32")
-    assert s3d_arm in s3d_kinds and {"s3d_fused", "s3d_skip", "hybrid"} <= s3d_kinds
+    # `s3d` runs the profile's fastest arm drafting with S3D masks on every step in this dtype
+    # (merging hybrids included, not the one whose masks only fill in), and the table names it.
+    s3d_kinds = {a.name for a in engine.profile.arms if a.drafts_s3d}
+    s3d_arm = engine.profile.fastest(lambda a: a.drafts_s3d, "float32")
+    assert s3d_arm in s3d_kinds and {"s3d_fused", "s3d_skip", "hybrid_merged"} <= s3d_kinds
+    assert "hybrid" not in s3d_kinds
     assert {run["arm"] for run in entries["s3d"]["runs"]} == {s3d_arm}
     assert sorted(entries["s3d"]["detail"]["fastest_of"]) == sorted(s3d_kinds)
     # The router's per-prompt arms are the profile's, and its counts add up to them.

@@ -10,8 +10,9 @@ from workers.drafters.s3d import (
     BUNDLED_ADAPTER,
     AdapterMismatchError,
     MaskAdapter,
+    merged_tree,
+    per_position_candidates,
     per_position_tree,
-    tree_paths,
 )
 from workers.engine import Generation
 from workers.tree import DraftTree
@@ -71,14 +72,49 @@ def test_frozen_adapter_adds_each_projections_own_delta_to_a_fused_group(bundled
         assert torch.equal(adapter.adjust(3, gate_up, x, plain.clone(), 1), plain)
 
 
-def test_per_position_tree_and_paths():
-    logp = torch.log_softmax(torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]]), -1)
-    tree = per_position_tree(logp, top_k=2, total=4)
+def paths(tree: DraftTree) -> list[list[int]]:
+    """Root-to-leaf token paths of ``tree``."""
+    children, toks, out = tree.children(), tree.tokens.tolist(), []
+
+    def walk(row: int, prefix: list[int]) -> None:
+        if not children[row] and prefix:
+            out.append(prefix)
+        for c in children[row]:
+            walk(c + 1, prefix + [toks[c]])
+
+    walk(0, [])
+    return out
+
+
+# Position 1: token 0 (p 0.84), 1 (0.11), 2; position 2: token 1 (0.67), 2 (0.24), 0.
+LOGP = torch.log_softmax(torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]]), -1)
+
+
+def test_per_position_tree():
+    tree = per_position_tree(LOGP, top_k=2, total=4)
     assert tree.tokens.tolist()[:2] == [0, 1]
     assert tree.depths().tolist()[0] == 1
-    assert [0, 1] in tree_paths(tree)
-    chain = DraftTree.chain([4, 5])
-    assert tree_paths(chain) == [[4, 5]]
+    assert sorted(paths(tree)) == [[0, 1], [0, 2], [1]]
+    assert paths(DraftTree.chain([4, 5])) == [[4, 5]]
+
+
+def test_merged_tree_keeps_the_likeliest_nodes_of_branches_and_masks():
+    import math
+
+    masks = per_position_candidates(LOGP, top_k=2)  # scores 0: -0.17, 0-1: -0.58, 0-2: -1.58
+    half = math.log(0.5)  # a branch's tokens: -0.69, -1.39, -2.08
+    tree = merged_tree([[7, 8, 9]], masks, half, total=4)
+    assert sorted(paths(tree)) == [[0, 1], [7, 8]]
+    assert tree.tokens.tolist()[0] == 0  # best first: the masks' likeliest path gets masks
+    # An unlikely branch gives way to the masks' candidates.
+    assert sorted(paths(merged_tree([[7, 8, 9]], masks, math.log(0.1), total=4))) == [
+        [0, 1], [0, 2], [1]]
+    # A branch through mask nodes shares them, raising their score where it is better.
+    tree = merged_tree([[0, 2, 5]], masks, half, total=5)
+    assert sorted(paths(tree)) == [[0, 1], [0, 2, 5], [1]]
+    assert len(tree) == 5 and tree.tokens.tolist().count(0) == 1
+    # Without mask drafts (a step after one that ended without masks), the branches alone.
+    assert paths(merged_tree([[4, 5], [6]], ([], [], [], []), half, total=8)) == [[4, 5], [6]]
 
 
 @pytest.mark.parametrize("kind,depth,top_k,total,attach,vocab", [
@@ -502,6 +538,13 @@ def test_search_can_reuse_a_profiles_skip_sets_and_search_only_the_arms(bundled)
     assert [a.name for a in new.arms if a.drafter in ("s3d", "s3d_skip")] == ["s3d_fused",
                                                                               "s3d_skip"]
     assert new.fastest(("s3d", "s3d_skip")) in {"s3d_fused", "s3d_skip"}
+    # Hybrids: the fastest that merges n-gram branches into the mask tree, and the fastest whose
+    # masks fill in for missing n-gram drafts; only the first drafts with S3D on every step.
+    hybrids = {a.name: a for a in new.arms if a.drafter == "hybrid"}
+    assert set(hybrids) == {"hybrid", "hybrid_merged"}
+    assert hybrids["hybrid"].mask_fallback and not hybrids["hybrid"].drafts_s3d
+    assert not hybrids["hybrid_merged"].mask_fallback and hybrids["hybrid_merged"].drafts_s3d
+    assert new.fastest(lambda a: a.drafts_s3d) in {"s3d_fused", "s3d_skip", "hybrid_merged"}
     with pytest.raises(ValueError, match="no search trials"):
         search(engine, max_tokens=6, max_prompts=2, log=lambda m: None,
                skip_sets_from=old.model_copy(update={"notes": {}}))
@@ -512,7 +555,8 @@ def test_search_can_reuse_a_profiles_skip_sets_and_search_only_the_arms(bundled)
     assert [a for a in again.arms if a.drafter != "ngram_tree"] == \
         [a for a in new.arms if a.drafter != "ngram_tree"]
     assert [a.name for a in again.arms if a.drafter == "ngram_tree"] == ["ngram_tree"]
-    assert not any(line.startswith(("skip_chain ", "hybrid ")) for line in lines)
+    assert not any(line.startswith(("skip_chain ", "hybrid ", "hybrid_merged ", "s3d_fused "))
+                   for line in lines)
     assert sum(line.startswith("ngram_tree ") for line in lines) >= 2  # its variants, measured
     assert set(again.notes["measured"]) == {a.name for a in again.arms}
     assert again.notes["method"].endswith("; ngram_tree searched again alone")

@@ -19,6 +19,7 @@ per-position top-k make the draft tree. Its adapter must have been trained for t
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,9 +197,15 @@ class MaskGroups:
     adapter: MaskAdapter
 
 
-def per_position_tree(logp: torch.Tensor, top_k: int, total: int) -> DraftTree:
-    """A draft tree from per-position log-probs ``[depth, V]``: each node at depth d gets the
-    top-k tokens of position d as children; the ``total`` best by cumulative log-prob are kept."""
+# The log of an n-gram draft token's chance to be accepted, for ranking n-gram branches beside
+# the mask rows' own log-probs in a merged hybrid tree.
+NGRAM_LOGP = math.log(0.5)
+Candidates = tuple[list[int], list[int], list[float], list[int]]  # tokens, parents, scores, depths
+
+
+def per_position_candidates(logp: torch.Tensor, top_k: int) -> Candidates:
+    """Each node at depth d gets the top-k tokens of position d (``logp``: ``[depth, V]``
+    log-probs) as children, the ``top_k`` best of each depth by cumulative log-prob expanded."""
     top = logp.topk(top_k, dim=-1)
     tokens, parents, scores, depths = [], [], [], []
     frontier = [(-1, 0.0)]
@@ -213,25 +220,43 @@ def per_position_tree(logp: torch.Tensor, top_k: int, total: int) -> DraftTree:
                 nxt.append((len(tokens) - 1, base + lp))
         nxt.sort(key=lambda n: -n[1])
         frontier = nxt[:top_k]
+    return tokens, parents, scores, depths
+
+
+def per_position_tree(logp: torch.Tensor, top_k: int, total: int) -> DraftTree:
+    """A draft tree from per-position log-probs ``[depth, V]``: each node at depth d gets the
+    top-k tokens of position d as children; the ``total`` best by cumulative log-prob are kept."""
+    return select_tree(*per_position_candidates(logp, top_k), total)
+
+
+def merged_tree(branches: list[list[int]], masks: Candidates, branch_logp: float,
+                total: int) -> DraftTree:
+    """N-gram ``branches`` and the mask rows' candidates in one tree of the ``total`` likeliest
+    nodes: a branch's token at depth d scores ``d * branch_logp`` (the log of an n-gram draft's
+    chance to be accepted, per token), a mask candidate its cumulative log-prob, a node both
+    drafted the better of the two. Every prefix of a branch is a node of it, so a node never
+    scores above its parent and the kept nodes form a tree."""
+    tokens, parents, scores, depths = (list(x) for x in masks)
+    index: dict[tuple[int, ...], int] = {}
+    paths: list[tuple[int, ...]] = []
+    for node, (tok, parent) in enumerate(zip(tokens, parents)):
+        paths.append((paths[parent] if parent >= 0 else ()) + (tok,))
+        index[paths[-1]] = node
+    for branch in branches:
+        parent, path = -1, ()
+        for depth, tok in enumerate(branch, start=1):
+            path += (tok,)
+            node = index.get(path)
+            if node is None:
+                node = index[path] = len(tokens)
+                tokens.append(tok)
+                parents.append(parent)
+                scores.append(depth * branch_logp)
+                depths.append(depth)
+            else:
+                scores[node] = max(scores[node], depth * branch_logp)
+            parent = node
     return select_tree(tokens, parents, scores, depths, total)
-
-
-def tree_paths(tree: DraftTree) -> list[list[int]]:
-    """Root-to-leaf token paths, in node order of their leaves."""
-    children = tree.children()
-    toks = tree.tokens.tolist()
-    paths = []
-
-    def walk(row: int, prefix: list[int]) -> None:
-        if not children[row]:
-            if prefix:
-                paths.append(prefix)
-            return
-        for c in children[row]:
-            walk(c + 1, prefix + [toks[c]])
-
-    walk(0, [])
-    return paths
 
 
 class S3DDrafter(Drafter):
@@ -247,19 +272,19 @@ class S3DDrafter(Drafter):
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         arm = self.arm
-        tree = DraftTree.empty()
+        masks: Candidates = ([], [], [], [])
         if self.pending is not None:
-            tree = per_position_tree(self.pending[: arm.depth], arm.top_k, arm.total_tokens)
+            masks = per_position_candidates(self.pending[: arm.depth], arm.top_k)
             self.pending = None
         self.masks_this_step = True
         if self.hybrid:
             branches = draft_branches(ctx, arm, max_branches=2)
             if branches and arm.mask_fallback:
                 self.masks_this_step = False
-                tree = trie_tree(branches, arm.total_tokens)
-            elif branches:
-                tree = trie_tree(branches + tree_paths(tree), arm.total_tokens)
-        return tree
+                return trie_tree(branches, arm.total_tokens)
+            if branches:
+                return merged_tree(branches, masks, NGRAM_LOGP, arm.total_tokens)
+        return select_tree(*masks, arm.total_tokens)
 
     def mask_groups(self, tree: DraftTree) -> MaskGroups | None:
         if not self.masks_this_step:
