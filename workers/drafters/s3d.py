@@ -8,7 +8,9 @@ likeliest path), then after the other nodes in tree order (with as many attach p
 after every row); each group sees only its own path, and no real row sees a mask row, so the real
 rows' outputs are exactly the base model's. If the accepted path
 ends at a row with masks attached, the next step's draft tree comes from their per-position top-k
-at no extra forward; the hybrid drafter merges n-gram continuations into the same tree.
+at no extra forward; the hybrid drafter merges n-gram continuations into the same tree, the
+likeliest nodes of both kept (``merged_tree``), or with ``mask_fallback`` drafts from the masks
+only on steps without n-gram continuations.
 
 The *separate-pass* variant (``s3d_skip``, the paper's own) runs one forward of the model with the
 arm's skip set over the root token and ``gamma`` mask rows after it: the root's row predicts the
