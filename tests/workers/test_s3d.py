@@ -604,12 +604,14 @@ def test_a_variant_much_faster_on_one_class_joins_as_that_classs_specialist():
 def test_interleaved_measurement_pairs_arms_prompt_by_prompt():
     """Every arm decodes a prompt before the next prompt starts, the order rotating, each from
     the same frozen pool, and each arm's figures are its own (here: an arm's output length is its
-    depth)."""
+    depth, and it commits three times that in one step on even prompts, in three steps on odd ones:
+    the mean accepted length is pooled over all steps, as the benchmark counts it)."""
     from types import SimpleNamespace
 
     from workers.arm import Arm
     from workers.pool import TokenPool
     from workers.search import measure_interleaved
+    from workers.stats import SpecDecodeStats
 
     order, pools = [], set()
 
@@ -622,8 +624,9 @@ def test_interleaved_measurement_pairs_arms_prompt_by_prompt():
                 pools.add(pool)
                 gen.output = [0] * arm.depth
 
-            gen = SimpleNamespace(run=run, output=[],
-                                  stats=SimpleNamespace(mean_acceptance_length=arm.depth / 2))
+            steps = 1 if ids[0] % 2 == 0 else 3
+            gen = SimpleNamespace(run=run, output=[], stats=SpecDecodeStats(
+                num_spec_steps=steps, num_accepted_tokens=3 * arm.depth - steps))
             return gen
 
     arms = [Arm(name=f"a{d}", drafter="ngram_tree", depth=d) for d in (1, 2, 3)]
@@ -634,6 +637,7 @@ def test_interleaved_measurement_pairs_arms_prompt_by_prompt():
     assert pool is not Engine.pool and not pool.live
     assert [p for p, _ in order] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     assert [a for _, a in order[:6]] == ["a1", "a2", "a3", "a2", "a3", "a1"]
-    assert [f["mean_accepted_length"] for f in figs] == [0.5, 1.0, 1.5]
+    # 12 x depth tokens in 8 steps (the mean of the per-prompt figures would be 2 x depth)
+    assert [f["mean_accepted_length"] for f in figs] == [1.5, 3.0, 4.5]
     assert all(len(f["per_prompt"]) == 4 and set(f["by_class"]) == {"code", "chat"}
                for f in figs)
