@@ -274,10 +274,11 @@ S3D_VARIANTS = (dict(depth=1, top_k=1, total_tokens=1, gamma=1, attach=2),
                 dict(depth=3, top_k=2, total_tokens=5, attach=6),
                 dict(depth=3, top_k=2, total_tokens=6, attach=7))
 # Hybrid only, merged trees: n-gram branches beside a mask-row tree, deeper than masks reach.
-# Larger merged trees accept more per step (on calibration in bf16, a 24-node tree with three
-# masks after four rows: mean accepted length 2.70 against 2.37 at 16 nodes and 2.11 for the
-# fallback hybrid below) for a few more rows per verify, which cost little beside the output
-# layer and the weights' reads (a 32-row bf16 forward costs 1.45x a 1-row one here).
+# Larger merged trees accept more per step (in the bf16 search on calibration, a 24-node tree
+# with three masks after four rows: mean accepted length 2.71 against 2.62 at 16 nodes and 2.11
+# for the fallback hybrid below) for more rows per verify, which cost little beside the output
+# layer and the weights' reads (a 32-row bf16 forward costs 1.45x a 1-row one here), though on
+# a CPU enough to lose (39.5 against 45.3 and 48.7 tokens/s there).
 HYBRID_MERGED_VARIANTS = (dict(depth=5, top_k=2, total_tokens=8, attach=3),
                           dict(depth=6, top_k=2, total_tokens=12, gamma=2, attach=2),
                           dict(depth=8, top_k=2, total_tokens=16, gamma=2, attach=3),
