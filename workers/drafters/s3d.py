@@ -274,18 +274,16 @@ class S3DDrafter(Drafter):
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         arm = self.arm
+        pending, self.pending = self.pending, None
+        branches = draft_branches(ctx, arm, max_branches=2) if self.hybrid else []
+        self.masks_this_step = not (branches and arm.mask_fallback)
+        if not self.masks_this_step:  # n-gram branches alone: the masks' drafts go unused
+            return trie_tree(branches, arm.total_tokens)
         masks: Candidates = ([], [], [], [])
-        if self.pending is not None:
-            masks = per_position_candidates(self.pending[: arm.depth], arm.top_k)
-            self.pending = None
-        self.masks_this_step = True
-        if self.hybrid:
-            branches = draft_branches(ctx, arm, max_branches=2)
-            if branches and arm.mask_fallback:
-                self.masks_this_step = False
-                return trie_tree(branches, arm.total_tokens)
-            if branches:
-                return merged_tree(branches, masks, NGRAM_LOGP, arm.total_tokens)
+        if pending is not None:
+            masks = per_position_candidates(pending[: arm.depth], arm.top_k)
+        if branches:
+            return merged_tree(branches, masks, NGRAM_LOGP, arm.total_tokens)
         return select_tree(*masks, arm.total_tokens)
 
     def mask_groups(self, tree: DraftTree) -> MaskGroups | None:
