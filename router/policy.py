@@ -3,13 +3,14 @@
 Arms are scored by goodput (output tokens per second of decoding) measured by the whole fleet and
 read from the statistics store's in-process snapshot (never awaited per request). Exploration is
 Thompson sampling: each arm's goodput gets a normal posterior around its decayed mean, with the
-profile's measured figure (for the bucket's prompt class when the search measured one) as a prior
-worth ``prior_weight`` requests of a default spread (for greedy buckets, as many as the search's
-paired comparison of the arms on the same prompts is worth: ``paired_prior_weights``), while the
-bucket's own observed spread of per-request goodput (``observed_noise``) sets how fast
-observations settle an arm. The router first calibrates the prior to the bucket
-(``calibrated_prior``): profile figures, or the unit-less defaults when there are none, only say
-how arms compare, while the bucket's observations set the scale.
+profile's measured figure (for the bucket's prompt class when the search measured one; sampled
+figures for a temperature bucket the profile measured sampled, else the greedy ones) as a prior
+worth ``prior_weight`` requests of a default spread (for buckets that decode as the measurement
+did, as many as its paired comparison of the arms on the same prompts is worth:
+``paired_prior_weights``), while the bucket's own observed spread of per-request goodput
+(``observed_noise``) sets how fast observations settle an arm. The router first calibrates the
+prior to the bucket (``calibrated_prior``): profile figures, or the unit-less defaults when there
+are none, only say how arms compare, while the bucket's observations set the scale.
 """
 
 from __future__ import annotations
@@ -243,6 +244,56 @@ def choose_depth(arm: Arm, stats: ArmStats | None, rng: random.Random | None = N
                       stats.draft_time_s / stats.num_draft_levels, arm.depth)
 
 
+@dataclass(frozen=True)
+class Priors:
+    """What the router believes of the arms before a bucket's own observations, from one
+    measurement (greedy, or sampled in one temperature bucket): goodput overall and per prompt
+    class, and how many requests it weighs (per class and arm from the paired comparison
+    on the calibration prompts, where there was one; else ``weight``)."""
+
+    overall: dict[str, float]
+    by_class: dict[str, dict[str, float]]
+    weight: float
+    class_weights: dict[str, dict[str, float]]
+
+    @classmethod
+    def of(cls, arms: list[str], default_arm: str, overall: dict[str, float] | None = None,
+           by_class: dict[str, dict[str, float]] | None = None, weight: float = 2.0,
+           class_weights: dict[str, dict[str, float]] | None = None) -> Priors:
+        """Every arm given a figure: without measured ones every arm starts equal, the default
+        slightly ahead; a class's missing arms take their overall figure. Paired weights are
+        never below ``weight``."""
+        base = {a: (overall or {}).get(a, 1.0 if a == default_arm else 0.9) for a in arms}
+        return cls(base,
+                   {c: {a: values.get(a, base[a]) for a in arms}
+                    for c, values in (by_class or {}).items()},
+                   weight,
+                   {c: {a: max(weight, w.get(a, 0.0)) for a in arms}
+                    for c, w in (class_weights or {}).items() if w})
+
+    @classmethod
+    def measured(cls, profile: Profile, arms: list[str], default_arm: str,
+                 dtype: str | None = None, temperature: str | None = None) -> Priors:
+        """A profile's measurement in ``dtype`` (and ``temperature``, see
+        ``Profile.measurement``), weighed as many requests as the search decoded per class, or
+        as many as the paired comparison of the arms on those prompts is worth."""
+        overall, by_class = profile.measured_goodput(dtype, temperature)
+        weight = float(profile.measurement(dtype, temperature).get("prior_weight", 2.0))
+        return cls.of(arms, default_arm, overall or None, by_class, weight,
+                      {c: paired_prior_weights(v, floor=weight)
+                       for c, v in profile.measured_per_prompt(dtype, temperature).items()})
+
+    def lookup(self, prompt_class: str, paired: bool
+               ) -> tuple[dict[str, float], float | dict[str, float]]:
+        """The prior for a bucket of ``prompt_class`` and its weight: the paired weights only
+        when the bucket's requests decode as the measurement did (``paired``)."""
+        prior = self.by_class.get(prompt_class, self.overall)
+        weight: float | dict[str, float] = self.weight
+        if paired:
+            weight = self.class_weights.get(prompt_class, weight)
+        return prior, weight
+
+
 class ArmRouter:
     """Picks an arm per request: pinned, fixed (the default arm) or adaptive (Thompson)."""
 
@@ -252,21 +303,18 @@ class ArmRouter:
                  rng: random.Random | None = None,
                  class_priors: dict[str, dict[str, float]] | None = None,
                  prior_weight: float = 2.0, specs: dict[str, Arm] | None = None,
-                 class_prior_weights: dict[str, dict[str, float]] | None = None):
+                 class_prior_weights: dict[str, dict[str, float]] | None = None,
+                 sampled: dict[str, Priors] | None = None):
         if default_arm not in arms:
             raise ValueError(f"default arm {default_arm!r} is not one of {arms}")
         self.arms = list(arms)
         self.default_arm = default_arm
-        # Without measured priors every arm starts equal, the default slightly ahead.
-        self.prior = {a: (prior or {}).get(a, 1.0 if a == default_arm else 0.9) for a in arms}
-        # Per prompt class (the bucket's first field), falling back to the overall prior per arm.
-        self.class_priors = {cls: {a: values.get(a, self.prior[a]) for a in arms}
-                             for cls, values in (class_priors or {}).items()}
-        self.prior_weight = prior_weight
-        # Per prompt class, each arm's prior weight from the search's paired comparison: used
-        # for greedy buckets, as the search decodes greedily (others weigh ``prior_weight``).
-        self.class_prior_weights = {cls: {a: max(prior_weight, w.get(a, 0.0)) for a in arms}
-                                    for cls, w in (class_prior_weights or {}).items() if w}
+        # The search decodes greedily: its figures, per prompt class, with the paired weights
+        # for greedy buckets (other buckets weigh them ``prior_weight`` requests)...
+        self.greedy = Priors.of(self.arms, default_arm, prior, class_priors, prior_weight,
+                                class_prior_weights)
+        # ...unless the profile measured the bucket's temperature itself (``sampled``).
+        self.sampled = dict(sampled or {})
         self.mode = mode
         self.estimates = estimates or (lambda bucket: {})
         self.rng = rng or random.Random()
@@ -287,10 +335,12 @@ class ArmRouter:
             return Route(self.default_arm)
         estimates = self.estimates(bucket)
         fields = bucket.split(".")
-        prior = self.class_priors.get(fields[0], self.prior)
-        weight: float | dict[str, float] = self.prior_weight
-        if fields[1:2] == [temperature_bucket(0.0)]:
-            weight = self.class_prior_weights.get(fields[0], weight)
+        temperature = fields[1] if len(fields) > 1 else None
+        if temperature in self.sampled:
+            prior, weight = self.sampled[temperature].lookup(fields[0], paired=True)
+        else:
+            prior, weight = self.greedy.lookup(fields[0],
+                                               paired=temperature == temperature_bucket(0.0))
         arm = thompson_choice(estimates, calibrated_prior(estimates, prior),
                               prior_weight=weight, rng=self.rng,
                               obs_noise=observed_noise(estimates))
@@ -305,16 +355,16 @@ class ArmRouter:
                     estimates: Callable[[str], dict[str, ArmEstimate]] | None = None,
                     rng: random.Random | None = None, dtype: str | None = None) -> ArmRouter:
         """A router over a profile's arms, its measured goodput (overall and per prompt class,
-        in the serving ``dtype`` where the profile has figures for it) as the prior, weighed as
-        many requests as the search decoded per class, or, for greedy requests, as many as the
-        paired comparison of the arms on those prompts is worth."""
-        prior, class_priors = profile.measured_goodput(dtype)
-        weight = float(profile.measurement(dtype).get("prior_weight", 2.0))
-        return cls([a.name for a in profile.arms], default_arm or profile.default_arm,
-                   prior or None, mode, estimates, rng, class_priors, weight,
-                   {a.name: a for a in profile.arms},
-                   {c: paired_prior_weights(v, floor=weight)
-                    for c, v in profile.measured_per_prompt(dtype).items()})
+        in the serving ``dtype`` where the profile has figures for it) as the prior
+        (``Priors.measured``): greedy, and sampled for the temperature buckets the profile
+        measured sampled."""
+        arms = [a.name for a in profile.arms]
+        default = default_arm or profile.default_arm
+        greedy = Priors.measured(profile, arms, default, dtype)
+        return cls(arms, default, greedy.overall, mode, estimates, rng, greedy.by_class,
+                   greedy.weight, {a.name: a for a in profile.arms}, greedy.class_weights,
+                   {t: Priors.measured(profile, arms, default, dtype, t)
+                    for t in profile.sampled_measurements(dtype)})
 
 
 def store_estimates(store: StatsStore, model: str) -> Callable[[str], dict[str, ArmEstimate]]:

@@ -152,6 +152,10 @@ def search_cmd(
         None, help="With --skip-sets-from: search only these drafter kinds' settings again "
                    "(comma-separated, e.g. hybrid,s3d); that profile's other arms are kept and "
                    "measured again beside them."),
+    temperature: float = typer.Option(
+        0.0, min=0.0, help="With --remeasure: measure sampled decoding at this temperature, kept "
+                           "beside the greedy figures as the router's prior for requests in "
+                           "its temperature bucket (the search itself decodes greedily)."),
     adapter: str = typer.Option(None, help="S3D adapter (default: the bundled model's)."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
     quantization: str = QUANT_OPT, pool: str = POOL_OPT, threads: int = THREADS_OPT,
@@ -167,12 +171,16 @@ def search_cmd(
         check_kinds(only, skip_sets_from is not None and not remeasure)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--kinds") from exc
+    if temperature > 0 and not remeasure:
+        raise typer.BadParameter("a sampled measurement needs --remeasure PROFILE (the search "
+                                 "decodes greedily)", param_hint="--temperature")
     _threads(threads)
     engine = Engine.load(model, dtype, device, quantization,
                          str(remeasure) if remeasure else None, pool=pool)
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
     if remeasure:
-        profile = remeasure_profile(engine, engine.profile, max_tokens=max_tokens, log=log)
+        profile = remeasure_profile(engine, engine.profile, max_tokens=max_tokens, log=log,
+                                    temperature=temperature)
     else:
         reuse = Profile.load(skip_sets_from) if skip_sets_from else None
         profile = search(engine, max_tokens=max_tokens, finalists=finalists,

@@ -131,19 +131,33 @@ class Profile(BaseModel):
             raise ValueError(f"default_arm {self.default_arm!r} is not one of {names}")
         return self
 
-    def measurement(self, dtype: str | None = None) -> dict:
+    def measurement(self, dtype: str | None = None, temperature: str | None = None) -> dict:
         """The notes on how the arms' goodput was measured (figures, calibration classes,
         ``prior_weight``): those taken in ``dtype`` when the profile has them (``--remeasure``
         in another dtype adds them under ``notes.by_dtype``; rows cost differently by dtype, so
-        the arms may rank differently), else the search's own."""
+        the arms may rank differently), else the search's own. With ``temperature`` (a
+        temperature bucket, ``router.policy.temperature_bucket``) those of sampled decoding in
+        that bucket where the profile has them (``sampled_measurements``), else the greedy ones."""
+        if temperature is not None:
+            sampled = self.sampled_measurements(dtype).get(temperature)
+            if sampled is not None:
+                return sampled
         other = self.notes.get("by_dtype", {}).get(dtype) if dtype else None
         return other if other is not None else self.notes
 
-    def measured_goodput(self, dtype: str | None = None
+    def sampled_measurements(self, dtype: str | None = None) -> dict[str, dict]:
+        """Measurements of sampled decoding in ``dtype`` (default: the search's), by temperature
+        bucket: ``--remeasure --temperature T`` keeps them under ``notes.by_temperature``, as
+        drafts are accepted differently when the verifier samples (the router's prior for
+        requests in that bucket)."""
+        return self.notes.get("by_temperature", {}).get(dtype or self.notes.get("dtype"), {})
+
+    def measured_goodput(self, dtype: str | None = None, temperature: str | None = None
                          ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-        """The measured tokens/s per arm (in ``dtype``, see ``measurement``): overall, and by
-        prompt class (``code`` / ``chat`` / ``doc`` / ``prose``) as ``{class: {arm: tokens/s}}``."""
-        measured = self.measurement(dtype).get("measured", {})
+        """The measured tokens/s per arm (in ``dtype`` and ``temperature``, see
+        ``measurement``): overall, and by prompt class (``code`` / ``chat`` / ``doc`` /
+        ``prose``) as ``{class: {arm: tokens/s}}``."""
+        measured = self.measurement(dtype, temperature).get("measured", {})
         overall = {arm: fig["tokens_per_s"] for arm, fig in measured.items()}
         by_class: dict[str, dict[str, float]] = {}
         for arm, fig in measured.items():
@@ -151,12 +165,13 @@ class Profile(BaseModel):
                 by_class.setdefault(prompt_class, {})[arm] = value
         return overall, by_class
 
-    def measured_per_prompt(self, dtype: str | None = None) -> dict[str, dict[str, list[float]]]:
-        """The tokens/s of every arm on each calibration prompt (in ``dtype``, see
-        ``measurement``), by prompt class: ``{class: {arm: [tokens/s, ...]}}``, the prompts in
-        the same order for every arm (empty for a profile measured before per-prompt figures were
-        kept)."""
-        notes = self.measurement(dtype)
+    def measured_per_prompt(self, dtype: str | None = None, temperature: str | None = None
+                            ) -> dict[str, dict[str, list[float]]]:
+        """The tokens/s of every arm on each calibration prompt (in ``dtype`` and
+        ``temperature``, see ``measurement``), by prompt class: ``{class: {arm: [tokens/s,
+        ...]}}``, the prompts in the same order for every arm (empty for a profile measured
+        before per-prompt figures were kept)."""
+        notes = self.measurement(dtype, temperature)
         classes = notes.get("calibration_classes", [])
         out: dict[str, dict[str, list[float]]] = {}
         for arm, fig in notes.get("measured", {}).items():

@@ -37,6 +37,7 @@ from workers.model import dtype_name
 from workers.pool import TokenPool
 from workers.prompts import SUMMARY_INSTRUCTION, BenchPrompt
 from workers.runner import Attention
+from workers.sampling import SamplingParams
 from workers.stats import SpecDecodeStats
 
 DRAFT_VOCAB = 8192  # truncated draft vocabulary tried per drafter kind (85% of tokens here)
@@ -173,21 +174,24 @@ def teacher_forced(engine: Engine, sequences: list[tuple[list[int], int]],
 
 
 def measure_interleaved(engine: Engine, prompts: list[tuple[str, list[int]]], arms: list[Arm],
-                        max_tokens: int) -> list[dict]:
+                        max_tokens: int, params: SamplingParams | None = None) -> list[dict]:
     """Tokens per second and mean accepted length of each of ``arms`` over ``(class, ids)``
     prompts, overall, (``by_class``) per prompt class and (``per_prompt``) per prompt, in order:
     every arm decodes the same prompts, so the router can compare arms prompt by prompt. Every
     arm decodes a prompt before the next prompt starts, in an order that rotates, so a host whose
     speed drifts (a shared machine) slows every arm alike instead of whichever ran in its slow
-    minutes."""
+    minutes. With sampling ``params`` every arm decodes prompt ``i`` with seed ``seed + i``."""
     tokens: list[dict[str, int]] = [{} for _ in arms]
     seconds: list[dict[str, float]] = [{} for _ in arms]
     stats = [SpecDecodeStats() for _ in arms]
     per_prompt: list[list[float]] = [[] for _ in arms]
     pool = engine.pool.copy(live=False)  # arms must not draft from each other's answers
     for index, (prompt_class, ids) in enumerate(prompts):
+        seeded = (None if params is None else
+                  SamplingParams(params.temperature, params.top_p, params.top_k,
+                                 (params.seed or 0) + index))
         for a in rotated(list(range(len(arms))), index):
-            gen = engine.generation(ids, max_tokens, arms[a], pool=pool)
+            gen = engine.generation(ids, max_tokens, arms[a], seeded, pool=pool)
             t0 = time.perf_counter()
             gen.run()
             elapsed = time.perf_counter() - t0
@@ -202,9 +206,10 @@ def measure_interleaved(engine: Engine, prompts: list[tuple[str, list[int]]], ar
 
 
 def measure_all_and_log(engine: Engine, prompts: list[tuple[str, list[int]]], arms: list[Arm],
-                        max_tokens: int, labels: list[str], log) -> list[dict]:
+                        max_tokens: int, labels: list[str], log,
+                        params: SamplingParams | None = None) -> list[dict]:
     """``measure_interleaved``, with one log line per arm under its label."""
-    figs = measure_interleaved(engine, prompts, arms, max_tokens)
+    figs = measure_interleaved(engine, prompts, arms, max_tokens, params)
     for label, fig in zip(labels, figs):
         log(f"{label}: {fig['tokens_per_s']:.2f} tok/s, MAL {fig['mean_accepted_length']:.2f}")
     return figs
@@ -526,17 +531,33 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
 
 
 def remeasure(engine: Engine, profile: Profile, max_tokens: int = 48,
-              max_prompts: int | None = None, log=print) -> Profile:
+              max_prompts: int | None = None, log=print, temperature: float = 0.0) -> Profile:
     """The profile's arms as they are, their goodput measured again (interleaved) on this
     machine's calibration prompts (the router's prior). In the dtype the profile was measured in
     (or with no dtype noted) the figures replace the profile's own and the default arm becomes
     the fastest; in another dtype they are kept beside them under ``notes.by_dtype``, for
-    routers serving that dtype (``Profile.measurement``)."""
+    routers serving that dtype (``Profile.measurement``).
+
+    With ``temperature > 0`` the arms decode sampled (prompt ``i`` with seed ``i`` for every
+    arm), and the figures go under ``notes.by_temperature[dtype][bucket]`` for requests in that
+    temperature bucket (``Profile.sampled_measurements``): a sampling verifier accepts drafts
+    by their probability, not by matching its argmax, so the arms rank differently. The greedy
+    figures and the default arm stay."""
+    from router.policy import temperature_bucket
+
     prompts = calibration_prompts(engine.tokenizer)[:max_prompts]
+    params = SamplingParams(temperature, seed=0) if temperature > 0 else None
     figs = measure_all_and_log(engine, prompts, list(profile.arms), max_tokens,
-                               [arm.name for arm in profile.arms], log)
+                               [arm.name for arm in profile.arms], log, params)
     measured = {arm.name: fig for arm, fig in zip(profile.arms, figs)}
     fresh = measurement_notes(engine, prompts, measured, max_tokens)
+    if params is not None:
+        fresh["temperature"] = temperature
+        by_temperature = profile.notes.get("by_temperature", {})
+        per_dtype = {**by_temperature.get(fresh["dtype"], {}),
+                     temperature_bucket(temperature): fresh}
+        return profile.model_copy(update={"notes": {
+            **profile.notes, "by_temperature": {**by_temperature, fresh["dtype"]: per_dtype}}})
     if profile.notes.get("dtype", fresh["dtype"]) != fresh["dtype"]:
         by_dtype = {**profile.notes.get("by_dtype", {}), fresh["dtype"]: fresh}
         return profile.model_copy(update={"notes": {**profile.notes, "by_dtype": by_dtype}})

@@ -357,15 +357,16 @@ def test_router_for_profile_takes_its_priors_and_prior_weight() -> None:
                                     "per_prompt": [27.0, 22.0, 30.0]}}})
     router = ArmRouter.for_profile(profile, rng=random.Random(0))
     assert router.arms == ["none", "ngram_tree"] and router.default_arm == "none"
-    assert router.prior == {"none": 20.0, "ngram_tree": 24.0} and router.prior_weight == 7.0
-    assert router.class_priors == {"code": {"none": 19.0, "ngram_tree": 30.0}}
+    assert router.greedy.overall == {"none": 20.0, "ngram_tree": 24.0}
+    assert router.greedy.weight == 7.0 and router.sampled == {}
+    assert router.greedy.by_class == {"code": {"none": 19.0, "ngram_tree": 30.0}}
     assert profile.measured_per_prompt() == {"code": {"none": [18.0, 20.0],
                                                       "ngram_tree": [27.0, 30.0]},
                                              "chat": {"none": [21.0], "ngram_tree": [22.0]}}
     # Code's two prompts compare the arms alike (1.5x both): weighed more than 7 requests;
     # chat has one prompt, no spread to judge by: the profile's prior_weight.
-    assert router.class_prior_weights["code"]["ngram_tree"] > 7.0
-    assert "chat" not in router.class_prior_weights
+    assert router.greedy.class_weights["code"]["ngram_tree"] > 7.0
+    assert "chat" not in router.greedy.class_weights
     assert ArmRouter.for_profile(profile, "ngram_tree", mode="fixed").choose("x") == "ngram_tree"
 
 
@@ -388,8 +389,48 @@ def test_router_takes_the_figures_measured_in_its_serving_dtype() -> None:
             ("float16", {"none": 20.0, "ngram_tree": 30.0}, 25.0, 3.0),
             ("bfloat16", {"none": 40.0, "ngram_tree": 35.0}, 30.0, 5.0)):
         router = ArmRouter.for_profile(profile, rng=random.Random(0), dtype=dtype)
-        assert router.prior == prior and router.prior_weight == weight, dtype
-        assert router.class_priors["chat"]["ngram_tree"] == chat
+        assert router.greedy.overall == prior and router.greedy.weight == weight, dtype
+        assert router.greedy.by_class["chat"]["ngram_tree"] == chat
+
+
+def test_router_takes_sampled_figures_for_the_temperature_bucket_measured_sampled() -> None:
+    """Greedy, `hybrid` leads; sampled at T=1 (bucket `thi`), `ngram_tree` does, by 10% on
+    every calibration prompt. A `thi` request follows the sampled figures, with the paired
+    weight of their own comparison; `t0` the greedy ones; `tlo`, never measured sampled, the
+    greedy figures, weighed only `prior_weight` requests."""
+    from workers.arm import NONE_ARM, Arm, Profile
+
+    classes = ["chat", "chat", "chat", "chat"]
+    greedy = {"ngram_tree": {"tokens_per_s": 40.0, "by_class": {"chat": 40.0},
+                             "per_prompt": [40.0, 30.0, 50.0, 40.0]},
+              "hybrid": {"tokens_per_s": 48.0, "by_class": {"chat": 48.0},
+                         "per_prompt": [48.0, 36.0, 60.0, 48.0]}}
+    sampled = {"ngram_tree": {"tokens_per_s": 33.0, "by_class": {"chat": 33.0},
+                              "per_prompt": [33.0, 22.0, 44.0, 33.0]},
+               "hybrid": {"tokens_per_s": 30.0, "by_class": {"chat": 30.0},
+                          "per_prompt": [30.0, 20.0, 40.0, 30.0]}}
+    profile = Profile(model_fingerprint="f", default_arm="hybrid", arms=[
+        NONE_ARM, Arm(name="ngram_tree", drafter="ngram_tree"),
+        Arm(name="hybrid", drafter="hybrid")], notes={
+            "dtype": "bfloat16", "prior_weight": 2, "calibration_classes": classes,
+            "measured": greedy, "by_temperature": {"bfloat16": {"thi": {
+                "dtype": "bfloat16", "temperature": 1.0, "prior_weight": 2,
+                "calibration_classes": classes, "measured": sampled}}}})
+    assert set(profile.sampled_measurements()) == {"thi"}
+    assert profile.sampled_measurements("float32") == {}
+    assert profile.measured_goodput("bfloat16", "thi")[0]["ngram_tree"] == 33.0
+    assert profile.measured_goodput("bfloat16", "tlo")[0]["ngram_tree"] == 40.0
+    router = ArmRouter.for_profile(profile, rng=random.Random(0), dtype="bfloat16")
+    assert set(router.sampled) == {"thi"}
+    assert router.sampled["thi"].by_class["chat"]["ngram_tree"] == 33.0
+    assert router.sampled["thi"].class_weights["chat"]["hybrid"] > 2.0
+    hot = picks(lambda: router.choose("chat.thi.ps"), n=2000)
+    cold = picks(lambda: router.choose("chat.t0.ps"), n=2000)
+    warm = picks(lambda: router.choose("chat.tlo.ps"), n=2000)
+    assert hot["ngram_tree"] > 0.9 and cold["hybrid"] > 0.9
+    assert 0.5 < warm["hybrid"] < 0.9  # the greedy lead, held less surely
+    # A router serving a dtype the profile never measured sampled has greedy figures only.
+    assert ArmRouter.for_profile(profile, dtype="float32").sampled == {}
 
 
 def test_paired_prior_weights_count_how_consistently_arms_compare_prompt_by_prompt() -> None:

@@ -516,6 +516,44 @@ def test_remeasure_keeps_the_arms_and_renews_the_figures(bundled):
     assert kept.measured_goodput("bfloat16")[0] == {"none": 1.0, "ngram_tree": 2.0}
 
 
+def test_sampled_remeasure_goes_beside_the_greedy_figures(bundled, monkeypatch):
+    from workers.arm import NONE_ARM, Arm, Profile
+    from workers.engine import Engine
+    from workers.search import remeasure
+
+    ngram = Arm(name="ngram_tree", drafter="ngram_tree", depth=4, top_k=2, total_tokens=6)
+    old = Profile(model_fingerprint=bundled.loaded.fingerprint, default_arm="none",
+                  arms=[NONE_ARM, ngram], notes={"method": "by hand", "dtype": "float32",
+                                                 "measured": {"none": {"tokens_per_s": 1.0},
+                                                              "ngram_tree": {"tokens_per_s": 2.0}}})
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops, old)
+    seen = []
+    generation = engine.generation
+
+    def spy(prompt, max_tokens, arm=None, params=None, *args, **kwargs):
+        seen.append((arm.name, params))
+        return generation(prompt, max_tokens, arm, params, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "generation", spy)
+    hot = remeasure(engine, old, max_tokens=6, max_prompts=2, log=lambda m: None,
+                    temperature=1.0)
+    # Every arm decoded each prompt sampled, with that prompt's seed.
+    assert sorted((name, p.temperature, p.seed) for name, p in seen) == [
+        ("ngram_tree", 1.0, 0), ("ngram_tree", 1.0, 1), ("none", 1.0, 0), ("none", 1.0, 1)]
+    assert hot.default_arm == "none" and hot.notes["measured"] == old.notes["measured"]
+    sampled = hot.sampled_measurements("float32")
+    assert set(sampled) == {"thi"} and sampled["thi"]["temperature"] == 1.0
+    assert all(m["tokens_per_s"] > 2.0 and len(m["per_prompt"]) == 2
+               for m in sampled["thi"]["measured"].values())
+    assert hot.measured_goodput("float32", "thi")[0] == {
+        arm: m["tokens_per_s"] for arm, m in sampled["thi"]["measured"].items()}
+    assert hot.measured_goodput("float32", "tlo")[0] == {"none": 1.0, "ngram_tree": 2.0}
+    # Another temperature bucket goes beside it.
+    warm = remeasure(engine, hot, max_tokens=6, max_prompts=1, log=lambda m: None,
+                     temperature=0.5)
+    assert set(warm.sampled_measurements("float32")) == {"thi", "tlo"}
+
+
 def test_search_can_reuse_a_profiles_skip_sets_and_search_only_the_arms(bundled):
     from workers.arm import NONE_ARM, Profile
     from workers.engine import Engine
