@@ -372,7 +372,6 @@ def store_estimates(store: StatsStore, model: str) -> Callable[[str], dict[str, 
 
     def estimates(bucket: str) -> dict[str, ArmEstimate]:
         return {key.arm: ArmEstimate(stats.goodput_tokens_per_s, stats.requests, stats)
-                for key, stats in store.snapshot(model).items()
-                if key.bucket == bucket and stats.requests > 0}
+                for key, stats in store.snapshot(model, bucket).items() if stats.requests > 0}
 
     return estimates

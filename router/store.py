@@ -249,11 +249,15 @@ class StatsStore(abc.ABC):
     def record(self, key: StatsKey, stats: SpecDecodeStats, decode_time_s: float) -> None:
         """Queue one finished request's statistics; never blocks, never raises on outages."""
 
-    def snapshot(self, model: str | None = None) -> dict[StatsKey, ArmStats]:
-        """Cached figures decayed to now, optionally of one model; never touches the network."""
+    def snapshot(self, model: str | None = None,
+                 bucket: str | None = None) -> dict[StatsKey, ArmStats]:
+        """Cached figures decayed to now, optionally of one model and one bucket; never touches
+        the network. Only the records asked for are decayed: a router asks for one bucket per
+        request, and a fleet's cache holds every bucket's."""
         now = self.clock()
         return {key: stats.decayed(now, self.half_life_s) for key, stats in self._cache.items()
-                if model is None or key.model == model}
+                if (model is None or key.model == model)
+                and (bucket is None or key.bucket == bucket)}
 
     async def flush(self) -> bool:
         """Write what is queued now; False when the backend was unreachable."""

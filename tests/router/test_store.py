@@ -116,16 +116,19 @@ def test_in_process_store_records_and_snapshots_by_model():
         assert isinstance(store, InProcessStatsStore)
         await store.start()
         other = StatsKey("other-model", "short", "s3d-k4")
+        elsewhere = StatsKey(KEY.model, KEY.bucket + "-other", KEY.arm)
         for _ in range(3):
             store.record(KEY, spec_stats(), decode_time_s=0.5)
         store.record(other, spec_stats(), decode_time_s=0.5)
+        store.record(elsewhere, spec_stats(), decode_time_s=0.5)
         assert await store.flush()
+        assert list(store.snapshot("tiny-llama", KEY.bucket)) == [KEY]
         snapshot = store.snapshot("tiny-llama")
-        assert list(snapshot) == [KEY]
+        assert set(snapshot) == {KEY, elsewhere}
         assert snapshot[KEY].requests == pytest.approx(3.0)
         assert snapshot[KEY].accepted_per_pos == pytest.approx([9.0, 6.0, 3.0])
         assert snapshot[KEY].goodput_tokens_per_s == pytest.approx(20.0)
-        assert set(store.snapshot()) == {KEY, other}
+        assert set(store.snapshot()) == {KEY, other, elsewhere}
         assert store.available
         await store.close()
 
