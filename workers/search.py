@@ -191,7 +191,7 @@ def measure_interleaved(engine: Engine, prompts: list[tuple[str, list[int]]], ar
                   SamplingParams(params.temperature, params.top_p, params.top_k,
                                  (params.seed or 0) + index))
         for a in rotated(list(range(len(arms))), index):
-            gen = engine.generation(ids, max_tokens, arms[a], seeded, pool=pool)
+            gen = engine.generation(ids, max_tokens, arms[a], params=seeded, pool=pool)
             t0 = time.perf_counter()
             gen.run()
             elapsed = time.perf_counter() - t0

@@ -656,7 +656,7 @@ def test_interleaved_measurement_pairs_arms_prompt_by_prompt():
     class Engine:
         pool = TokenPool()
 
-        def generation(self, ids, max_tokens, arm, pool):
+        def generation(self, ids, max_tokens, arm, params=None, pool=None):
             def run():
                 order.append((ids[0], arm.name))
                 pools.add(pool)
