@@ -195,11 +195,7 @@ class Bench:
         return run
 
     def _params(self, index: int) -> SamplingParams:
-        if self.params.greedy:
-            return self.params
-        base = self.params.seed if self.params.seed is not None else 0
-        return SamplingParams(self.params.temperature, self.params.top_p, self.params.top_k,
-                              base + index)
+        return self.params.for_prompt(index)
 
     def _hf(self, **extra) -> Callable[[int, int], PromptRun]:
         hf = self.engine.loaded.model

@@ -14,7 +14,7 @@ tree; the token after the last accepted node is the *bonus* token.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,6 +34,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Temperatures below ``MIN_TEMPERATURE`` are argmax (dividing by them overflows)."""
         return self.temperature < MIN_TEMPERATURE
+
+    def for_prompt(self, index: int) -> SamplingParams:
+        """These settings for prompt ``index`` of a suite: sampled prompts take seed
+        ``seed + index`` (0 + index without a seed), so every method or arm that decodes the
+        prompt draws from the same seed; greedy settings stay as they are."""
+        if self.greedy:
+            return self
+        return replace(self, seed=(self.seed or 0) + index)
 
     def generator(self) -> torch.Generator:
         gen = torch.Generator()

@@ -187,9 +187,7 @@ def measure_interleaved(engine: Engine, prompts: list[tuple[str, list[int]]], ar
     per_prompt: list[list[float]] = [[] for _ in arms]
     pool = engine.pool.copy(live=False)  # arms must not draft from each other's answers
     for index, (prompt_class, ids) in enumerate(prompts):
-        seeded = (None if params is None else
-                  SamplingParams(params.temperature, params.top_p, params.top_k,
-                                 (params.seed or 0) + index))
+        seeded = None if params is None else params.for_prompt(index)
         for a in rotated(list(range(len(arms))), index):
             gen = engine.generation(ids, max_tokens, arms[a], params=seeded, pool=pool)
             t0 = time.perf_counter()
