@@ -43,6 +43,8 @@ MIN_DEPTH_STEPS = 32
 # (a text to summarise, extract from or answer about; a long conversation): answers copy from it.
 DOCUMENT_CHARS = 500
 
+# The share of a prompt's last 40 non-empty lines that must look like source for it to be code.
+CODE_SHARE = 0.3
 # A line that looks like source: a statement (a keyword with the shape Python gives it), an
 # assignment, a bare call, a comment, a brace or semicolon at the end, or an operator prose rarely
 # has. Prose about code (a colon at the end, "with", "for", "heappop()", indentation) is not.
@@ -67,10 +69,18 @@ def classify_prompt(text: str, is_chat: bool) -> str:
     ``prose``. Drafters fare differently by class: answers about a document copy from it (n-gram
     drafts pay), short chat answers do not."""
     lines = [line for line in text.splitlines() if line.strip()][-40:]
-    if lines:
-        code_lines = sum(1 for line in lines if CODE_PATTERN.search(line))
-        if code_lines / len(lines) >= 0.3:
-            return "code"
+    # Code when at least 30% of them look like source; the count stops once that is settled.
+    needed = math.ceil(CODE_SHARE * len(lines) - 1e-9)
+    spare = len(lines) - needed  # lines that may fail the pattern before code is out of reach
+    for line in lines:
+        if CODE_PATTERN.search(line):
+            needed -= 1
+            if needed <= 0:
+                return "code"
+        else:
+            spare -= 1
+            if spare < 0:
+                break
     if not is_chat:
         return "prose"
     return "doc" if len(text.strip()) >= DOCUMENT_CHARS else "chat"
@@ -297,24 +307,24 @@ class Priors:
 class ArmRouter:
     """Picks an arm per request: pinned, fixed (the default arm) or adaptive (Thompson)."""
 
-    def __init__(self, arms: list[str], default_arm: str, prior: dict[str, float] | None = None,
+    def __init__(self, arms: list[str], default_arm: str, greedy: Priors | None = None,
                  mode: str = "adaptive",
                  estimates: Callable[[str], dict[str, ArmEstimate]] | None = None,
-                 rng: random.Random | None = None,
-                 class_priors: dict[str, dict[str, float]] | None = None,
-                 prior_weight: float = 2.0, specs: dict[str, Arm] | None = None,
-                 class_prior_weights: dict[str, dict[str, float]] | None = None,
+                 rng: random.Random | None = None, specs: dict[str, Arm] | None = None,
                  sampled: dict[str, Priors] | None = None):
         if default_arm not in arms:
             raise ValueError(f"default arm {default_arm!r} is not one of {arms}")
         self.arms = list(arms)
         self.default_arm = default_arm
         # The search decodes greedily: its figures, per prompt class, with the paired weights
-        # for greedy buckets (other buckets weigh them ``prior_weight`` requests)...
-        self.greedy = Priors.of(self.arms, default_arm, prior, class_priors, prior_weight,
-                                class_prior_weights)
+        # for greedy buckets (other buckets weigh them ``prior_weight`` requests; without
+        # figures every arm starts equal, the default slightly ahead)...
+        self.greedy = greedy or Priors.of(self.arms, default_arm)
         # ...unless the profile measured the bucket's temperature itself (``sampled``).
         self.sampled = dict(sampled or {})
+        for priors in (self.greedy, *self.sampled.values()):
+            if set(priors.overall) != set(self.arms):
+                raise ValueError(f"priors for {sorted(priors.overall)}, not the arms {arms}")
         self.mode = mode
         self.estimates = estimates or (lambda bucket: {})
         self.rng = rng or random.Random()
@@ -360,9 +370,8 @@ class ArmRouter:
         measured sampled."""
         arms = [a.name for a in profile.arms]
         default = default_arm or profile.default_arm
-        greedy = Priors.measured(profile, arms, default, dtype)
-        return cls(arms, default, greedy.overall, mode, estimates, rng, greedy.by_class,
-                   greedy.weight, {a.name: a for a in profile.arms}, greedy.class_weights,
+        return cls(arms, default, Priors.measured(profile, arms, default, dtype), mode,
+                   estimates, rng, {a.name: a for a in profile.arms},
                    {t: Priors.measured(profile, arms, default, dtype, t)
                     for t in profile.sampled_measurements(dtype)})
 

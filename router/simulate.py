@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from router.policy import ArmRouter, store_estimates
+from router.policy import ArmRouter, Priors, store_estimates
 from router.store import InProcessStatsStore, StatsKey
 from workers.stats import SpecDecodeStats, nearest_rank
 
@@ -146,7 +146,8 @@ def simulate(truth: Truth, mix: Mapping[str, float], requests: int, seed: int, *
     arms = list(next(iter(truth.values())))
     clock = SimClock()
     store = InProcessStatsStore(half_life_s=half_life_s, clock=clock)
-    router = ArmRouter(arms, default_arm or arms[0], prior, mode,
+    default = default_arm or arms[0]
+    router = ArmRouter(arms, default, Priors.of(arms, default, prior), mode,
                        estimates=store_estimates(store, MODEL),
                        rng=random.Random(f"{seed}:router"))
     rng = random.Random(f"{seed}:traffic")

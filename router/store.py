@@ -35,7 +35,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -178,9 +178,12 @@ class ArmStats:
         return [n / self.num_drafts for n in self.accepted_per_pos]
 
     def scaled(self, factor: float) -> ArmStats:
-        return replace(self, **{name: getattr(self, name) * factor for name in _COUNTERS},
-                       **{name: [n * factor for n in getattr(self, name)]
-                          for name in _POS_FIELDS})
+        values = dict(vars(self))
+        for name in _COUNTERS:
+            values[name] *= factor
+        for name in _POS_FIELDS:
+            values[name] = [n * factor for n in values[name]]
+        return ArmStats(**values)
 
     def decayed(self, now: float, half_life_s: float) -> ArmStats:
         return self.scaled(_decay_factor(now - self.updated_at, half_life_s))
@@ -226,7 +229,9 @@ class StatsStore(abc.ABC):
         self.dropped_writes = 0
         self.write_errors = 0
         self.read_errors = 0
-        self._cache: dict[StatsKey, ArmStats] = {}
+        # The cached records by (model, bucket): a decision reads one bucket's, whatever else
+        # the fleet's cache holds.
+        self._buckets: dict[tuple[str, str], dict[StatsKey, ArmStats]] = {}
 
     @property
     @abc.abstractmethod
@@ -255,9 +260,19 @@ class StatsStore(abc.ABC):
         the network. Only the records asked for are decayed: a router asks for one bucket per
         request, and a fleet's cache holds every bucket's."""
         now = self.clock()
-        return {key: stats.decayed(now, self.half_life_s) for key, stats in self._cache.items()
-                if (model is None or key.model == model)
-                and (bucket is None or key.bucket == bucket)}
+        if model is not None and bucket is not None:
+            records = self._buckets.get((model, bucket), {}).items()
+        else:
+            records = ((key, stats) for (m, b), arms in self._buckets.items()
+                       if (model is None or m == model) and (bucket is None or b == bucket)
+                       for key, stats in arms.items())
+        return {key: stats.decayed(now, self.half_life_s) for key, stats in records}
+
+    def _replace_cache(self, records: Mapping[StatsKey, ArmStats]) -> None:
+        buckets: dict[tuple[str, str], dict[StatsKey, ArmStats]] = {}
+        for key, stats in records.items():
+            buckets.setdefault((key.model, key.bucket), {})[key] = stats
+        self._buckets = buckets
 
     async def flush(self) -> bool:
         """Write what is queued now; False when the backend was unreachable."""
@@ -288,8 +303,9 @@ class InProcessStatsStore(StatsStore):
 
     def record(self, key: StatsKey, stats: SpecDecodeStats, decode_time_s: float) -> None:
         new = ArmStats.from_spec_decode(stats, decode_time_s, self.clock())
-        current = self._cache.get(key)
-        self._cache[key] = new if current is None else current.combined(new, self.half_life_s)
+        arms = self._buckets.setdefault((key.model, key.bucket), {})
+        current = arms.get(key)
+        arms[key] = new if current is None else current.combined(new, self.half_life_s)
 
 
 def _escape(component: str) -> str:
@@ -434,7 +450,7 @@ class RedisStatsStore(StatsStore):
             else:
                 log.error("reading statistics failed: %r", exc)
             return False
-        self._cache = cache
+        self._replace_cache(cache)
         self._set_available(True)
         return True
 

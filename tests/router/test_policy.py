@@ -14,6 +14,7 @@ from router.policy import (
     DEFAULT_REL_NOISE,
     ArmEstimate,
     ArmRouter,
+    Priors,
     Route,
     best_depth,
     calibrated_prior,
@@ -148,6 +149,19 @@ def test_classify_prompt_needs_a_share_of_code_lines() -> None:
     assert classify_prompt(one_code_line + "return x\n", False) == "code"  # 2 in 5
 
 
+def test_classify_prompt_stops_counting_only_once_the_share_is_settled() -> None:
+    # The count stops early; every mix of code and prose lines must still land where counting
+    # all of the last 40 lines does.
+    rng = random.Random(0)
+    for _ in range(2000):
+        lines = [rng.choice(["return x", "x = y + 1", "The heap keeps its order.", "", "  "])
+                 for _ in range(rng.randint(0, 50))]
+        kept = [line for line in lines if line.strip()][-40:]
+        share = sum(line != "The heap keeps its order." for line in kept) / max(len(kept), 1)
+        expected = "code" if kept and share >= policy.CODE_SHARE else "prose"
+        assert classify_prompt("\n".join(lines), False) == expected, lines
+
+
 def test_classify_prompt_looks_at_the_last_forty_lines() -> None:
     assert classify_prompt(PYTHON * 10 + PROSE * 20, False) == "prose"
     assert classify_prompt(PROSE * 20 + PYTHON * 10, False) == "code"
@@ -274,6 +288,15 @@ def test_router_rejects_a_default_arm_it_does_not_have() -> None:
         ArmRouter(ARMS, "eagle")
 
 
+def test_router_rejects_priors_over_other_arms() -> None:
+    # Priors without an arm would leave it out of every draw; priors of an arm the router does
+    # not run would let it pick one no replica has.
+    with pytest.raises(ValueError, match="priors for"):
+        ArmRouter(ARMS, "none", Priors.of(ARMS[:2], "none"))
+    with pytest.raises(ValueError, match="priors for"):
+        ArmRouter(ARMS, "none", sampled={"thi": Priors.of([*ARMS, "eagle"], "none")})
+
+
 def test_router_honours_a_pinned_arm() -> None:
     best = {"none": ArmEstimate(1000.0, 500)}
     for mode in ("adaptive", "fixed"):
@@ -299,10 +322,10 @@ def test_adaptive_router_prefers_the_measured_best_arm() -> None:
 
 
 def test_class_priors_steer_each_prompt_class_to_its_own_best_arm() -> None:
-    router = ArmRouter(["none", "ngram"], "ngram", prior={"none": 20.0, "ngram": 21.0},
-                       rng=random.Random(0),
-                       class_priors={"code": {"ngram": 30.0}, "chat": {"none": 20.0,
-                                                                      "ngram": 16.0}})
+    arms = ["none", "ngram"]
+    priors = Priors.of(arms, "ngram", {"none": 20.0, "ngram": 21.0},
+                       {"code": {"ngram": 30.0}, "chat": {"none": 20.0, "ngram": 16.0}})
+    router = ArmRouter(arms, "ngram", priors, rng=random.Random(0))
     code = [router.choose("code.t0.ps") for _ in range(200)]
     chat = [router.choose("chat.t0.ps") for _ in range(200)]
     prose = [router.choose("prose.t0.ps") for _ in range(200)]
@@ -452,8 +475,9 @@ def test_paired_prior_weights_count_how_consistently_arms_compare_prompt_by_prom
 def test_paired_prior_weights_cut_exploration_of_greedy_buckets_only() -> None:
     # `b` measured 15% behind `a` on every calibration prompt: with the paired weight a greedy
     # bucket rarely tries it; a sampled bucket, unlike the search's greedy decoding, still does.
-    router = ArmRouter(["a", "b"], "a", prior={"a": 100.0, "b": 85.0}, rng=random.Random(0),
-                       prior_weight=2.0, class_prior_weights={"code": {"a": 36.0, "b": 36.0}})
+    priors = Priors.of(["a", "b"], "a", {"a": 100.0, "b": 85.0}, weight=2.0,
+                       class_weights={"code": {"a": 36.0, "b": 36.0}})
+    router = ArmRouter(["a", "b"], "a", priors, rng=random.Random(0))
     greedy = picks(lambda: router.choose("code.t0.ps"), n=2000)
     sampled = picks(lambda: router.choose("code.thi.ps"), n=2000)
     other_class = picks(lambda: router.choose("chat.t0.ps"), n=2000)
