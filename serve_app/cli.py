@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,9 @@ def bench(
     limit: int = typer.Option(None, min=1, help="Only the first N prompts."),
     prompts: Path = typer.Option(None, help="Prompt suite JSONL (default: the shipped one)."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy; >0 a sampled run."),
+    temperatures: str = typer.Option(
+        None, help="Comma list for a mixed suite (e.g. 0,0.7,1): each category's k-th prompt "
+                   "decodes at the (k mod n)-th; replaces --temperature."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(0, help="Base seed of sampled runs (prompt i uses seed+i)."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
@@ -113,19 +117,33 @@ def bench(
     if unknown:
         raise typer.BadParameter(f"unknown methods {unknown}; known: "
                                  f"{', '.join(bench_mod.ALL_METHODS)}", param_hint="--methods")
+    mix = _temperature_list(temperatures) if temperatures else None
     suite = load_prompts(prompts, limit)
     engine = Engine.load(model, dtype, device, quantization, profile, pool=pool)
     params = SamplingParams(temperature, top_p, 0, seed)
-    runner = bench_mod.Bench(engine, suite, max_tokens, params)
+    runner = bench_mod.Bench(engine, suite, max_tokens, params, temperatures=mix)
     results = runner.run(method_list)
     meta = bench_mod.machine_meta(engine, {
-        "max_tokens": max_tokens, "limit": limit, "temperature": temperature, "top_p": top_p,
+        "max_tokens": max_tokens, "limit": limit, "temperature": temperature,
+        "temperatures": mix, "top_p": top_p,
         "seed": seed, "methods": method_list, "prompts": str(prompts or "shipped"),
         "command": "s3d " + " ".join(sys.argv[1:])})
-    data = bench_mod.report(results, params=params, meta=meta)
+    data = bench_mod.report(results, greedy=runner.greedy, meta=meta)
     bench_mod.write_outputs(data, out)
     typer.echo(bench_mod.markdown_table(data))
     typer.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+
+
+def _temperature_list(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected numbers separated by commas, got {text!r}",
+                                 param_hint="--temperatures") from None
+    if not values or any(not math.isfinite(t) or t < 0 for t in values):
+        raise typer.BadParameter(f"expected temperatures >= 0, got {text!r}",
+                                 param_hint="--temperatures")
+    return values
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -15,8 +15,8 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -113,12 +113,15 @@ REPEAT_DECISIONS = 25
 
 class Bench:
     def __init__(self, engine: Engine, prompts: list[BenchPrompt], max_tokens: int,
-                 params: SamplingParams, progress: bool = True):
+                 params: SamplingParams, progress: bool = True,
+                 temperatures: Sequence[float] | None = None):
         self.engine = engine
         self.prompts = prompts
         self.ids = [p.to_token_ids(engine.tokenizer) for p in prompts]
         self.max_tokens = max_tokens
-        self.params = params
+        # Each prompt's sampling settings (``SamplingParams.for_prompt``), every method alike.
+        self.prompt_params = [settings.for_prompt(index) for index, settings
+                              in enumerate(mixed_params(prompts, params, temperatures))]
         self.progress = progress
         self.early_exit_layer: int | None = None
 
@@ -168,20 +171,22 @@ class Bench:
         self.router_choices: list[str] = []
         self.router_decision_s: list[float] = []
 
-        def decide(p: BenchPrompt, prompt_tokens: int, policy: ArmRouter) -> tuple[str, Route]:
+        def decide(index: int, policy: ArmRouter) -> tuple[str, Route]:
+            p, prompt_tokens = self.prompts[index], len(self.ids[index])
             text = p.prompt if p.messages is None else conversation_text(p.messages)
-            bucket = context_bucket(text, p.is_chat, self.params.temperature, prompt_tokens)
+            bucket = context_bucket(text, p.is_chat, self.prompt_params[index].temperature,
+                                    prompt_tokens)
             return bucket, policy.route(bucket)
 
         def run(index: int, max_tokens: int) -> PromptRun:
             p = self.prompts[index]
             decided = time.perf_counter()
-            bucket, route = decide(p, len(self.ids[index]), router)
+            bucket, route = decide(index, router)
             self.router_decision_s.append(time.perf_counter() - decided)
             arm = route.arm
             for _ in range(REPEAT_DECISIONS):
                 started = time.perf_counter()
-                decide(p, len(self.ids[index]), shadow)
+                decide(index, shadow)
                 self.router_decision_s.append(time.perf_counter() - started)
             t0 = time.perf_counter()
             gen = self.engine.generation(self.ids[index], max_tokens, arm, self._params(index),
@@ -195,7 +200,12 @@ class Bench:
         return run
 
     def _params(self, index: int) -> SamplingParams:
-        return self.params.for_prompt(index)
+        return self.prompt_params[index]
+
+    @property
+    def greedy(self) -> list[bool]:
+        """Which prompts decode greedily (those whose output every method must share)."""
+        return [params.greedy for params in self.prompt_params]
 
     def _hf(self, **extra) -> Callable[[int, int], PromptRun]:
         hf = self.engine.loaded.model
@@ -205,12 +215,13 @@ class Bench:
         def run(index: int, max_tokens: int) -> PromptRun:
             ids = torch.tensor([self.ids[index]], device=self.engine.runner.device)
             kwargs = dict(max_new_tokens=max_tokens, pad_token_id=pad, **extra)
-            if self.params.greedy:
+            params = self._params(index)
+            if params.greedy:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             else:
-                torch.manual_seed(self._params(index).seed)
-                kwargs.update(do_sample=True, temperature=self.params.temperature,
-                              top_p=self.params.top_p, top_k=self.params.top_k or None)
+                torch.manual_seed(params.seed)
+                kwargs.update(do_sample=True, temperature=params.temperature,
+                              top_p=params.top_p, top_k=params.top_k or None)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = hf.generate(ids, **kwargs)
@@ -306,6 +317,22 @@ class Bench:
         return [results[name] for name in methods]
 
 
+def mixed_params(prompts: list[BenchPrompt], params: SamplingParams,
+                 temperatures: Sequence[float] | None) -> list[SamplingParams]:
+    """``params`` for every prompt, or with ``temperatures`` a mixed suite: each category's
+    k-th prompt decodes at ``temperatures[k % len(temperatures)]`` (the shipped suite interleaves
+    its categories, so counting over the whole suite would give each category one temperature)."""
+    if not temperatures:
+        return [params] * len(prompts)
+    seen: Counter[str] = Counter()
+    out = []
+    for p in prompts:
+        out.append(replace(params, temperature=float(temperatures[seen[p.category]
+                                                                   % len(temperatures)])))
+        seen[p.category] += 1
+    return out
+
+
 def rotated(items: list[str], shift: int) -> list[str]:
     """``items`` started at ``shift`` (mod its length) and wrapped round."""
     shift %= max(len(items), 1)
@@ -329,7 +356,10 @@ def summarise(runs: list[PromptRun]) -> dict:
     return out
 
 
-def report(results: list[MethodRun], *, params: SamplingParams, meta: dict) -> dict:
+def report(results: list[MethodRun], *, greedy: Sequence[bool], meta: dict) -> dict:
+    """Each method's figures, overall and per category; ``identical_to_vanilla`` is the share of
+    the greedy prompts (``greedy[i]``: prompt i decoded greedily) on which a method's output
+    equals plain decoding's, None without greedy prompts or a ``vanilla`` run."""
     by_name = {r.method: r for r in results}
     vanilla = by_name.get("vanilla")
     hf = by_name.get("hf_vanilla")
@@ -338,8 +368,9 @@ def report(results: list[MethodRun], *, params: SamplingParams, meta: dict) -> d
     for r in results:
         entry = {"method": r.method, **summarise(r.runs), "detail": r.detail}
         entry["speedup_vs_hf"] = (round(entry["tokens_per_s"] / hf_tps, 3) if hf_tps else None)
-        if vanilla is not None and params.greedy:
-            same = [a.tokens == b.tokens for a, b in zip(r.runs, vanilla.runs)]
+        if vanilla is not None and any(greedy):
+            same = [a.tokens == b.tokens
+                    for a, b, g in zip(r.runs, vanilla.runs, greedy, strict=True) if g]
             entry["identical_to_vanilla"] = round(sum(same) / len(same), 4)
         else:
             entry["identical_to_vanilla"] = None
@@ -435,7 +466,7 @@ def _fmt(value, digits=2) -> str:
 def markdown_table(data: dict) -> str:
     meta = data["meta"]
     lines = [f"Benchmark: {meta['date']}, {meta['machine']}, {meta['device']}, {meta['dtype']}, "
-             f"max_tokens {meta['max_tokens']}, temperature {meta['temperature']}, "
+             f"max_tokens {meta['max_tokens']}, {temperature_label(meta)}, "
              f"{data['results'][0]['prompts'] if data['results'] else 0} prompts", "",
              "| method | tokens/s | speedup vs hf | mean accepted length | tokens per forward | "
              "acceptance rate | identical to vanilla | peak RSS MB |",
@@ -460,6 +491,13 @@ def markdown_table(data: dict) -> str:
     if router is not None:
         lines += ["", router_summary(router)]
     return "\n".join(lines) + "\n"
+
+
+def temperature_label(meta: dict) -> str:
+    """``temperature 0.0``, or for a mixed suite ``temperatures 0/0.7/1 by category``."""
+    if meta.get("temperatures"):
+        return f"temperatures {'/'.join(f'{t:g}' for t in meta['temperatures'])} by category"
+    return f"temperature {meta['temperature']}"
 
 
 def method_label(entry: dict) -> str:
@@ -521,7 +559,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set_xticks([g + width * (len(results) - 1) / 2 for g in range(len(groups))], groups)
     ax.set_ylabel("tokens / s")
     meta = data["meta"]
-    ax.set_title(f"s3d bench: {meta['dtype']} on {meta['device']}, T={meta['temperature']}")
+    ax.set_title(f"s3d bench: {meta['dtype']} on {meta['device']}, {temperature_label(meta)}")
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

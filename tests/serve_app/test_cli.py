@@ -33,3 +33,12 @@ def test_search_refuses_unknown_kinds_before_loading_anything(tmp_path):
     alone = runner.invoke(app, ["search", "--out", str(out), "--kinds", "hybrid"])
     assert alone.exit_code == 2 and "give the profile" in words(alone.output)
     assert not out.exists()
+
+
+def test_bench_refuses_bad_temperatures_before_loading_anything(tmp_path):
+    runner = CliRunner()
+    for bad in ("0,hot", "0,-1", ",", "nan"):
+        result = runner.invoke(app, ["bench", "--out", str(tmp_path), "--temperatures", bad])
+        assert result.exit_code == 2, (bad, result.output)
+        assert "--temperatures" in result.output
+    assert not any(tmp_path.iterdir())

@@ -30,9 +30,9 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
     engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
                     resolve_profile(None, bundled.loaded.fingerprint, bundled.runner.num_layers))
     suite = load_prompts(limit=3)
-    params = SamplingParams()
-    results = Bench(engine, suite, 6, params).run(METHODS)
-    data = report(results, params=params, meta={
+    bench = Bench(engine, suite, 6, SamplingParams())
+    results = bench.run(METHODS)
+    data = report(results, greedy=bench.greedy, meta={
         "date": "now", "machine": "test", "device": "cpu", "dtype": "float32", "max_tokens": 6,
         "temperature": 0.0})
     write_outputs(data, tmp_path)
@@ -86,6 +86,45 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
     assert f"Router: {vs['ratio']:.2f}x the best static method ({vs['best']})" in table
     assert vs["hindsight"]["ratio_to_best"] >= 1.0 and "picked in hindsight" in table
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_mixed_suite_gives_each_category_every_temperature(bundled, tmp_path, monkeypatch):
+    """``temperatures``: each category's k-th prompt decodes at the (k mod n)-th, for every
+    method alike (the router's buckets included); only the greedy prompts must match plain
+    decoding, and a sampled one's output is the seed's for every method."""
+    from router import policy
+
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
+                    resolve_profile(None, bundled.loaded.fingerprint, bundled.runner.num_layers))
+    suite = load_prompts(limit=6)  # code, chat, summaries, twice
+    bench = Bench(engine, suite, 5, SamplingParams(top_p=0.9, seed=7), temperatures=[0.0, 1.0])
+    assert bench.greedy == [True] * 3 + [False] * 3
+    assert [p.seed for p in bench.prompt_params[3:]] == [10, 11, 12]
+    assert {p.top_p for p in bench.prompt_params} == {0.9}
+    temperatures = []
+
+    def bucket(text, is_chat, temperature, prompt_tokens):
+        temperatures.append(temperature)
+        return real_bucket(text, is_chat, temperature, prompt_tokens)
+
+    real_bucket = policy.context_bucket
+    monkeypatch.setattr(policy, "context_bucket", bucket)
+    methods = ["hf_vanilla", "vanilla", "ngram_tree", "router"]
+    results = bench.run(methods)
+    assert temperatures[::1 + REPEAT_DECISIONS][-6:] == [0.0] * 3 + [1.0] * 3
+    data = report(results, greedy=bench.greedy, meta={
+        "date": "now", "machine": "test", "device": "cpu", "dtype": "float32", "max_tokens": 5,
+        "temperature": 0.0, "temperatures": [0.0, 1.0]})
+    entries = {e["method"]: e for e in data["results"]}
+    for name in methods:
+        assert entries[name]["identical_to_vanilla"] == 1.0, name  # over the greedy three
+    # A sampled prompt decodes from its own seed: run again, plain decoding gives it again.
+    again = Bench(engine, suite, 5, SamplingParams(top_p=0.9, seed=7), temperatures=[0.0, 1.0])
+    rerun = again.run(["vanilla"])[0].runs
+    assert [r.tokens for r in rerun] == [r.tokens for r in results[1].runs]
+    assert "temperatures 0/1 by category" in markdown_table(data)
+    # Without temperatures every prompt takes the one setting.
+    assert Bench(engine, suite, 5, SamplingParams(temperature=0.7)).greedy == [False] * 6
 
 
 def test_versus_static_takes_each_categorys_own_best_and_skips_the_reference():
