@@ -25,7 +25,7 @@ from tqdm import tqdm
 from workers.engine import Engine
 from workers.model import dtype_name
 from workers.prompts import BenchPrompt
-from workers.sampling import SamplingParams
+from workers.sampling import MIN_TEMPERATURE, SamplingParams
 from workers.stats import SpecDecodeStats, nearest_rank
 
 HF_METHODS = ("hf_vanilla", "hf_prompt_lookup", "hf_early_exit")
@@ -203,9 +203,9 @@ class Bench:
         return self.prompt_params[index]
 
     @property
-    def greedy(self) -> list[bool]:
-        """Which prompts decode greedily (those whose output every method must share)."""
-        return [params.greedy for params in self.prompt_params]
+    def temperatures(self) -> list[float]:
+        """Each prompt's temperature (``report`` compares the greedy ones' outputs)."""
+        return [params.temperature for params in self.prompt_params]
 
     def _hf(self, **extra) -> Callable[[int, int], PromptRun]:
         hf = self.engine.loaded.model
@@ -356,10 +356,13 @@ def summarise(runs: list[PromptRun]) -> dict:
     return out
 
 
-def report(results: list[MethodRun], *, greedy: Sequence[bool], meta: dict) -> dict:
-    """Each method's figures, overall and per category; ``identical_to_vanilla`` is the share of
-    the greedy prompts (``greedy[i]``: prompt i decoded greedily) on which a method's output
-    equals plain decoding's, None without greedy prompts or a ``vanilla`` run."""
+def report(results: list[MethodRun], *, temperatures: Sequence[float], meta: dict) -> dict:
+    """Each method's figures, overall and per category, and per temperature for a mixed suite
+    (``temperatures[i]``: prompt i's). ``identical_to_vanilla`` is the share of the greedy
+    prompts on which a method's output equals plain decoding's, None without greedy prompts or a
+    ``vanilla`` run."""
+    greedy = [t < MIN_TEMPERATURE for t in temperatures]
+    mixed = len(set(temperatures)) > 1
     by_name = {r.method: r for r in results}
     vanilla = by_name.get("vanilla")
     hf = by_name.get("hf_vanilla")
@@ -375,15 +378,11 @@ def report(results: list[MethodRun], *, greedy: Sequence[bool], meta: dict) -> d
         else:
             entry["identical_to_vanilla"] = None
         entry["peak_rss_mb"] = round(r.peak_rss_mb, 1)
-        categories = sorted({p.category for p in r.runs})
-        entry["categories"] = {}
-        for cat in categories:
-            cat_runs = [p for p in r.runs if p.category == cat]
-            figures = summarise(cat_runs)
-            hf_cat = summarise([p for p in hf.runs if p.category == cat]) if hf else None
-            figures["speedup_vs_hf"] = (round(figures["tokens_per_s"] / hf_cat["tokens_per_s"], 3)
-                                        if hf_cat and hf_cat["tokens_per_s"] else None)
-            entry["categories"][cat] = figures
+        entry["categories"] = grouped(r.runs, hf.runs if hf else None,
+                                      [p.category for p in r.runs])
+        if mixed:
+            entry["temperatures"] = grouped(r.runs, hf.runs if hf else None,
+                                            [f"T={t:g}" for t in temperatures])
         entry["runs"] = [p.figures() for p in r.runs]
         entries.append(entry)
     router = next((e for e in entries if e["method"] == "router"), None)
@@ -392,25 +391,45 @@ def report(results: list[MethodRun], *, greedy: Sequence[bool], meta: dict) -> d
     return {"meta": meta, "results": entries}
 
 
+def grouped(runs: list[PromptRun], hf_runs: list[PromptRun] | None,
+            labels: list[str]) -> dict[str, dict]:
+    """A method's figures per group of prompts (``labels[i]``: prompt i's group), each with its
+    speedup over ``hf_vanilla`` on the same prompts."""
+    out = {}
+    for label in sorted(set(labels)):
+        figures = summarise([r for r, g in zip(runs, labels, strict=True) if g == label])
+        hf = (summarise([r for r, g in zip(hf_runs, labels, strict=True) if g == label])
+              if hf_runs else None)
+        figures["speedup_vs_hf"] = (round(figures["tokens_per_s"] / hf["tokens_per_s"], 3)
+                                    if hf and hf["tokens_per_s"] else None)
+        out[label] = figures
+    return out
+
+
 # Not static arms the router chooses among: the reference, and the router itself.
 NOT_STATIC = ("hf_vanilla", "router")
 
 
 def versus_static(router: dict, entries: list[dict]) -> dict | None:
     """The router's tokens/s as a ratio to the best static method's, overall and per category
-    (each category's own best), with those methods' names; None with no static method."""
+    (each category's own best; per temperature too for a mixed suite), with those methods'
+    names; None with no static method."""
     static = [e for e in entries if e["method"] not in NOT_STATIC]
     if not static:
         return None
     best = max(static, key=lambda e: e["tokens_per_s"])
     out = {"best": best["method"], "ratio": round(router["tokens_per_s"] / best["tokens_per_s"], 3)
-           if best["tokens_per_s"] else None, "categories": {}}
-    for cat, figures in router["categories"].items():
-        cat_best = max((e for e in static if cat in e["categories"]),
-                       key=lambda e: e["categories"][cat]["tokens_per_s"])
-        top = cat_best["categories"][cat]["tokens_per_s"]
-        out["categories"][cat] = {"best": cat_best["method"],
-                                  "ratio": round(figures["tokens_per_s"] / top, 3) if top else None}
+           if best["tokens_per_s"] else None}
+    for groups in ("categories", "temperatures"):
+        if groups not in router:
+            continue
+        out[groups] = {}
+        for label, figures in router[groups].items():
+            group_best = max((e for e in static if label in e.get(groups, {})),
+                             key=lambda e: e[groups][label]["tokens_per_s"])
+            top = group_best[groups][label]["tokens_per_s"]
+            out[groups][label] = {"best": group_best["method"], "ratio": round(
+                figures["tokens_per_s"] / top, 3) if top else None}
     hindsight = per_prompt_best(static)
     if hindsight and best["tokens_per_s"]:
         out["hindsight"] = {"tokens_per_s": round(hindsight, 3),
@@ -477,15 +496,17 @@ def markdown_table(data: dict) -> str:
                      f"{_fmt(e.get('tokens_per_forward'))} | "
                      f"{_fmt(e['acceptance_rate'])} | "
                      f"{_fmt(e['identical_to_vanilla'])} | {_fmt(e['peak_rss_mb'], 0)} |")
-    categories = sorted({c for e in data["results"] for c in e["categories"]})
-    if categories:
-        lines += ["", "Speedup vs hf_vanilla by category (tokens/s in brackets):", "",
-                  "| method | " + " | ".join(categories) + " |",
-                  "|---|" + "---|" * len(categories)]
+    for groups, by in (("categories", "category"), ("temperatures", "temperature")):
+        labels = sorted({c for e in data["results"] for c in e.get(groups, {})})
+        if not labels:
+            continue
+        lines += ["", f"Speedup vs hf_vanilla by {by} (tokens/s in brackets):", "",
+                  "| method | " + " | ".join(labels) + " |",
+                  "|---|" + "---|" * len(labels)]
         for e in data["results"]:
-            cells = [f"{_fmt(e['categories'][c]['speedup_vs_hf'])} "
-                     f"({_fmt(e['categories'][c]['tokens_per_s'], 1)})"
-                     if c in e["categories"] else "-" for c in categories]
+            figures = e.get(groups, {})
+            cells = [f"{_fmt(figures[c]['speedup_vs_hf'])} ({_fmt(figures[c]['tokens_per_s'], 1)})"
+                     if c in figures else "-" for c in labels]
             lines.append(f"| {method_label(e)} | " + " | ".join(cells) + " |")
     router = next((e for e in data["results"] if e["method"] == "router"), None)
     if router is not None:
@@ -517,6 +538,10 @@ def router_summary(router: dict) -> str:
                          for cat, c in vs["categories"].items())
         parts.append(f"Router: {_fmt(vs['ratio'])}x the best static method ({vs['best']}); "
                      f"by category, against each category's best: {cats}.")
+        if vs.get("temperatures"):
+            temps = ", ".join(f"{t} {_fmt(c['ratio'])}x ({c['best']})"
+                              for t, c in vs["temperatures"].items())
+            parts.append(f"By temperature, against each one's best: {temps}.")
         if vs.get("hindsight"):
             h = vs["hindsight"]
             parts.append(f"The static methods' fastest on each prompt, picked in hindsight (the "

@@ -32,7 +32,7 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
     suite = load_prompts(limit=3)
     bench = Bench(engine, suite, 6, SamplingParams())
     results = bench.run(METHODS)
-    data = report(results, greedy=bench.greedy, meta={
+    data = report(results, temperatures=bench.temperatures, meta={
         "date": "now", "machine": "test", "device": "cpu", "dtype": "float32", "max_tokens": 6,
         "temperature": 0.0})
     write_outputs(data, tmp_path)
@@ -86,6 +86,7 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
     assert f"Router: {vs['ratio']:.2f}x the best static method ({vs['best']})" in table
     assert vs["hindsight"]["ratio_to_best"] >= 1.0 and "picked in hindsight" in table
     assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "temperatures" not in entries["router"] and "temperatures" not in vs
 
 
 def test_mixed_suite_gives_each_category_every_temperature(bundled, tmp_path, monkeypatch):
@@ -98,7 +99,7 @@ def test_mixed_suite_gives_each_category_every_temperature(bundled, tmp_path, mo
                     resolve_profile(None, bundled.loaded.fingerprint, bundled.runner.num_layers))
     suite = load_prompts(limit=6)  # code, chat, summaries, twice
     bench = Bench(engine, suite, 5, SamplingParams(top_p=0.9, seed=7), temperatures=[0.0, 1.0])
-    assert bench.greedy == [True] * 3 + [False] * 3
+    assert bench.temperatures == [0.0] * 3 + [1.0] * 3
     assert [p.seed for p in bench.prompt_params[3:]] == [10, 11, 12]
     assert {p.top_p for p in bench.prompt_params} == {0.9}
     temperatures = []
@@ -112,19 +113,30 @@ def test_mixed_suite_gives_each_category_every_temperature(bundled, tmp_path, mo
     methods = ["hf_vanilla", "vanilla", "ngram_tree", "router"]
     results = bench.run(methods)
     assert temperatures[::1 + REPEAT_DECISIONS][-6:] == [0.0] * 3 + [1.0] * 3
-    data = report(results, greedy=bench.greedy, meta={
+    data = report(results, temperatures=bench.temperatures, meta={
         "date": "now", "machine": "test", "device": "cpu", "dtype": "float32", "max_tokens": 5,
         "temperature": 0.0, "temperatures": [0.0, 1.0]})
     entries = {e["method"]: e for e in data["results"]}
     for name in methods:
         assert entries[name]["identical_to_vanilla"] == 1.0, name  # over the greedy three
+        # Per temperature as per category, each over its own prompts.
+        by_t = entries[name]["temperatures"]
+        assert set(by_t) == {"T=0", "T=1"} and {f["prompts"] for f in by_t.values()} == {3}
+        assert sum(f["tokens"] for f in by_t.values()) == entries[name]["tokens"]
+    assert entries["hf_vanilla"]["temperatures"]["T=1"]["speedup_vs_hf"] == 1.0
+    vs = entries["router"]["versus_static"]
+    assert set(vs["temperatures"]) == {"T=0", "T=1"}
+    assert vs["temperatures"]["T=1"]["best"] in {"vanilla", "ngram_tree"}
     # A sampled prompt decodes from its own seed: run again, plain decoding gives it again.
     again = Bench(engine, suite, 5, SamplingParams(top_p=0.9, seed=7), temperatures=[0.0, 1.0])
     rerun = again.run(["vanilla"])[0].runs
     assert [r.tokens for r in rerun] == [r.tokens for r in results[1].runs]
-    assert "temperatures 0/1 by category" in markdown_table(data)
-    # Without temperatures every prompt takes the one setting.
-    assert Bench(engine, suite, 5, SamplingParams(temperature=0.7)).greedy == [False] * 6
+    table = markdown_table(data)
+    assert "temperatures 0/1 by category" in table
+    assert "by temperature (tokens/s in brackets)" in table and "| T=0 | T=1 |" in table
+    assert "By temperature, against each one's best: T=0 " in table
+    # Without temperatures every prompt takes the one setting, and there is no such table.
+    assert Bench(engine, suite, 5, SamplingParams(temperature=0.7)).temperatures == [0.7] * 6
 
 
 def test_versus_static_takes_each_categorys_own_best_and_skips_the_reference():
