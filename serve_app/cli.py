@@ -97,7 +97,7 @@ def bench(
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy; >0 a sampled run."),
     temperatures: str = typer.Option(
         None, help="Comma list for a mixed suite (e.g. 0,0.7,1): each category's k-th prompt "
-                   "decodes at the (k mod n)-th; replaces --temperature."),
+                   "decodes at the (k mod n)-th (instead of --temperature)."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(0, help="Base seed of sampled runs (prompt i uses seed+i)."),
     model: str = MODEL_OPT, dtype: str = DTYPE_OPT, device: str = DEVICE_OPT,
@@ -118,6 +118,9 @@ def bench(
         raise typer.BadParameter(f"unknown methods {unknown}; known: "
                                  f"{', '.join(bench_mod.ALL_METHODS)}", param_hint="--methods")
     mix = _temperature_list(temperatures) if temperatures else None
+    if mix and temperature > 0:
+        raise typer.BadParameter("give either --temperature or --temperatures",
+                                 param_hint="--temperatures")
     suite = load_prompts(prompts, limit)
     engine = Engine.load(model, dtype, device, quantization, profile, pool=pool)
     params = SamplingParams(temperature, top_p, 0, seed)

@@ -41,4 +41,8 @@ def test_bench_refuses_bad_temperatures_before_loading_anything(tmp_path):
         result = runner.invoke(app, ["bench", "--out", str(tmp_path), "--temperatures", bad])
         assert result.exit_code == 2, (bad, result.output)
         assert "--temperatures" in result.output
+    both = runner.invoke(app, ["bench", "--out", str(tmp_path), "--temperatures", "0,1",
+                               "--temperature", "0.7"])
+    said = " ".join(both.output.replace("│", " ").split())  # the error box wraps its lines
+    assert both.exit_code == 2 and "either --temperature or --temperatures" in said
     assert not any(tmp_path.iterdir())
