@@ -366,7 +366,8 @@ def report(results: list[MethodRun], *, temperatures: Sequence[float], meta: dic
     by_name = {r.method: r for r in results}
     vanilla = by_name.get("vanilla")
     hf = by_name.get("hf_vanilla")
-    hf_tps = summarise(hf.runs)["tokens_per_s"] if hf else None
+    hf_runs = hf.runs if hf else None
+    hf_tps = summarise(hf_runs)["tokens_per_s"] if hf_runs else None
     entries = []
     for r in results:
         entry = {"method": r.method, **summarise(r.runs), "detail": r.detail}
@@ -378,11 +379,9 @@ def report(results: list[MethodRun], *, temperatures: Sequence[float], meta: dic
         else:
             entry["identical_to_vanilla"] = None
         entry["peak_rss_mb"] = round(r.peak_rss_mb, 1)
-        entry["categories"] = grouped(r.runs, hf.runs if hf else None,
-                                      [p.category for p in r.runs])
+        entry["categories"] = grouped(r.runs, hf_runs, [p.category for p in r.runs])
         if mixed:
-            entry["temperatures"] = grouped(r.runs, hf.runs if hf else None,
-                                            [f"T={t:g}" for t in temperatures])
+            entry["temperatures"] = grouped(r.runs, hf_runs, [f"T={t:g}" for t in temperatures])
         entry["runs"] = [p.figures() for p in r.runs]
         entries.append(entry)
     router = next((e for e in entries if e["method"] == "router"), None)
