@@ -1,8 +1,8 @@
 """The router's policy: a context bucket from cheap request features, and an arm per request.
 
 Arms are scored by goodput (output tokens per second of decoding) measured by the whole fleet and
-read from the statistics store's in-process snapshot (never awaited per request). Exploration is
-Thompson sampling: each arm's goodput gets a normal posterior around its decayed mean, with the
+read from the statistics store's in-process snapshot (never awaited per request). Each arm's
+goodput gets a normal posterior around its decayed mean (``posteriors``), with the
 profile's measured figure (for the bucket's prompt class when the search measured one; sampled
 figures for a temperature bucket the profile measured sampled, else the greedy ones) as a prior
 worth ``prior_weight`` requests of a default spread (for buckets that decode as the measurement
@@ -10,7 +10,9 @@ did, as many as its paired comparison of the arms on the same prompts is worth:
 ``paired_prior_weights``), while the bucket's own observed spread of per-request goodput
 (``observed_noise``) sets how fast observations settle an arm. The router first calibrates the
 prior to the bucket (``calibrated_prior``): profile figures, or the unit-less defaults when there
-are none, only say how arms compare, while the bucket's observations set the scale.
+are none, only say how arms compare, while the bucket's observations set the scale. The arm is
+the one with the highest upper quantile of its posterior, the quantile rising with the bucket's
+traffic (Bayes-UCB, ``bayes_ucb_choice``), or the highest draw from it (Thompson sampling).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,6 +41,11 @@ NOISE_PSEUDO_REQUESTS = 4.0
 PRIOR_SHIFT = 0.05
 # Verify steps an arm needs in a bucket before the router sets its depth from them.
 MIN_DEPTH_STEPS = 32
+# How the adaptive router explores: Bayes-UCB (deterministic; a bucket's first requests trust
+# the prior, optimism grows with its traffic) or Thompson sampling (random draws from the same
+# posteriors; spreads concurrent requests of a bucket over the arms).
+EXPLORATIONS = ("ucb", "thompson")
+_STANDARD_NORMAL = NormalDist()
 
 # A chat request whose messages carry at least this many characters has a document to work from
 # (a text to summarise, extract from or answer about; a long conversation): answers copy from it.
@@ -121,11 +129,11 @@ class Route:
     depth: int | None = None
 
 
-def thompson_choice(estimates: dict[str, ArmEstimate], prior: dict[str, float],
-                    prior_weight: float | Mapping[str, float] = 2.0,
-                    rel_noise: float = DEFAULT_REL_NOISE,
-                    rng: random.Random | None = None, obs_noise: float | None = None) -> str:
-    """Sample a goodput for each arm from its posterior; return the arm with the highest sample.
+def posteriors(estimates: dict[str, ArmEstimate], prior: dict[str, float],
+               prior_weight: float | Mapping[str, float] = 2.0,
+               rel_noise: float = DEFAULT_REL_NOISE, obs_noise: float | None = None
+               ) -> Iterator[tuple[str, float, float]]:
+    """Each arm of ``prior`` with the mean and spread of its goodput's normal posterior.
 
     A normal model with relative spreads: the prior (profile figure) is as sure as
     ``prior_weight`` requests of spread ``rel_noise``; one request's goodput spreads by
@@ -136,16 +144,51 @@ def thompson_choice(estimates: dict[str, ArmEstimate], prior: dict[str, float],
     whatever ``obs_noise`` is, while steady observations settle an arm sooner than noisy ones.
     ``prior_weight`` may differ by arm (a mapping; arms not in it weigh 2 requests).
     """
-    rng = rng or random
     noise = rel_noise if obs_noise is None else obs_noise
-    best, best_value = None, -math.inf
     for arm, prior_goodput in prior.items():
         weight = (prior_weight.get(arm, 2.0) if isinstance(prior_weight, Mapping)
                   else prior_weight) * (noise / rel_noise) ** 2
         est = estimates.get(arm)
         n = est.requests if est else 0.0
-        mean = ((prior_goodput * weight + (est.goodput * n if est else 0.0)) / (weight + n))
-        value = rng.gauss(mean, noise * max(mean, 1e-6) / math.sqrt(weight + n))
+        mean = (prior_goodput * weight + (est.goodput * n if est else 0.0)) / (weight + n)
+        yield arm, mean, noise * max(mean, 1e-6) / math.sqrt(weight + n)
+
+
+def thompson_choice(estimates: dict[str, ArmEstimate], prior: dict[str, float],
+                    prior_weight: float | Mapping[str, float] = 2.0,
+                    rel_noise: float = DEFAULT_REL_NOISE,
+                    rng: random.Random | None = None, obs_noise: float | None = None) -> str:
+    """Sample a goodput for each arm from its posterior (``posteriors``); return the arm with
+    the highest sample."""
+    rng = rng or random
+    best, best_value = None, -math.inf
+    for arm, mean, spread in posteriors(estimates, prior, prior_weight, rel_noise, obs_noise):
+        value = rng.gauss(mean, spread)
+        if value > best_value:
+            best, best_value = arm, value
+    return best
+
+
+def ucb_quantile(requests: float) -> float:
+    """Bayes-UCB's quantile after ``requests`` (decayed) requests in a bucket: ``1 - 1 / (t + 1)``
+    with ``t = requests + 1``, the median (the posterior mean) for a bucket's first request."""
+    return 1.0 - 1.0 / (max(requests, 0.0) + 2.0)
+
+
+def bayes_ucb_choice(estimates: dict[str, ArmEstimate], prior: dict[str, float],
+                     prior_weight: float | Mapping[str, float] = 2.0,
+                     rel_noise: float = DEFAULT_REL_NOISE, obs_noise: float | None = None) -> str:
+    """The arm whose posterior (``posteriors``) has the highest ``ucb_quantile`` quantile, for
+    the requests the bucket has seen (Bayes-UCB). A bucket's first requests go to the arm
+    the prior and the observations make likeliest best; optimism grows with the bucket's
+    traffic, so an arm whose posterior still allows it to lead gets tried once enough requests
+    ride on the answer. Deterministic given the figures; ties go to the earlier arm of
+    ``prior``."""
+    seen = sum(est.requests for arm, est in estimates.items() if arm in prior)
+    z = _STANDARD_NORMAL.inv_cdf(ucb_quantile(seen))
+    best, best_value = None, -math.inf
+    for arm, mean, spread in posteriors(estimates, prior, prior_weight, rel_noise, obs_noise):
+        value = mean + z * spread
         if value > best_value:
             best, best_value = arm, value
     return best
@@ -305,15 +348,19 @@ class Priors:
 
 
 class ArmRouter:
-    """Picks an arm per request: pinned, fixed (the default arm) or adaptive (Thompson)."""
+    """Picks an arm per request: pinned, fixed (the default arm) or adaptive (Bayes-UCB or
+    Thompson sampling over the arms' goodput posteriors)."""
 
     def __init__(self, arms: list[str], default_arm: str, greedy: Priors | None = None,
                  mode: str = "adaptive",
                  estimates: Callable[[str], dict[str, ArmEstimate]] | None = None,
                  rng: random.Random | None = None, specs: dict[str, Arm] | None = None,
-                 sampled: dict[str, Priors] | None = None):
+                 sampled: dict[str, Priors] | None = None, exploration: str = "ucb"):
         if default_arm not in arms:
             raise ValueError(f"default arm {default_arm!r} is not one of {arms}")
+        if exploration not in EXPLORATIONS:
+            raise ValueError(f"exploration {exploration!r} is not one of {EXPLORATIONS}")
+        self.exploration = exploration
         self.arms = list(arms)
         self.default_arm = default_arm
         # The search decodes greedily: its figures, per prompt class, with the paired weights
@@ -336,7 +383,8 @@ class ArmRouter:
 
     def route(self, bucket: str, pinned: str | None = None) -> Route:
         """A pinned arm runs as it is; ``fixed`` mode runs the default arm; else the arm by
-        Thompson sampling over goodput, and its depth from the bucket's acceptance curve."""
+        Bayes-UCB or Thompson sampling (``exploration``) over goodput, and its depth from the
+        bucket's acceptance curve."""
         if pinned is not None:
             if pinned not in self.arms:
                 raise KeyError(pinned)
@@ -351,9 +399,11 @@ class ArmRouter:
         else:
             prior, weight = self.greedy.lookup(fields[0],
                                                paired=temperature == temperature_bucket(0.0))
-        arm = thompson_choice(estimates, calibrated_prior(estimates, prior),
-                              prior_weight=weight, rng=self.rng,
-                              obs_noise=observed_noise(estimates))
+        prior, noise = calibrated_prior(estimates, prior), observed_noise(estimates)
+        if self.exploration == "ucb":
+            arm = bayes_ucb_choice(estimates, prior, weight, obs_noise=noise)
+        else:
+            arm = thompson_choice(estimates, prior, weight, rng=self.rng, obs_noise=noise)
         depth = None
         if arm in self.specs and arm in estimates:
             depth = choose_depth(self.specs[arm], estimates[arm].stats, self.rng)
@@ -363,7 +413,8 @@ class ArmRouter:
     def for_profile(cls, profile: Profile, default_arm: str | None = None,
                     mode: str = "adaptive",
                     estimates: Callable[[str], dict[str, ArmEstimate]] | None = None,
-                    rng: random.Random | None = None, dtype: str | None = None) -> ArmRouter:
+                    rng: random.Random | None = None, dtype: str | None = None,
+                    exploration: str = "ucb") -> ArmRouter:
         """A router over a profile's arms, its measured goodput (overall and per prompt class,
         in the serving ``dtype`` where the profile has figures for it) as the prior
         (``Priors.measured``): greedy, and sampled for the temperature buckets the profile
@@ -373,7 +424,7 @@ class ArmRouter:
         return cls(arms, default, Priors.measured(profile, arms, default, dtype), mode,
                    estimates, rng, {a.name: a for a in profile.arms},
                    {t: Priors.measured(profile, arms, default, dtype, t)
-                    for t in profile.sampled_measurements(dtype)})
+                    for t in profile.sampled_measurements(dtype)}, exploration)
 
 
 def store_estimates(store: StatsStore, model: str) -> Callable[[str], dict[str, ArmEstimate]]:

@@ -134,14 +134,14 @@ def simulate(truth: Truth, mix: Mapping[str, float], requests: int, seed: int, *
              changes: Mapping[int, Truth] | None = None, default_arm: str | None = None,
              prior: dict[str, float] | None = None, mode: str = "adaptive",
              half_life_s: float = 3600.0, interval_s: float = 1.0,
-             output_tokens: int = 128) -> SimResult:
+             output_tokens: int = 128, exploration: str = "ucb") -> SimResult:
     """Route ``requests`` simulated requests and return what happened to each.
 
     ``truth`` gives every bucket of ``mix`` (bucket -> traffic weight) the true goodput of every
     arm; ``changes`` maps a request index to the truth from that request on (drift). Requests
     arrive every ``interval_s`` seconds of the injected clock; the store decays with
     ``half_life_s``. The arms are those of the first bucket; the default arm is the first arm
-    unless given.
+    unless given; ``exploration`` is the router's (``ArmRouter``).
     """
     arms = list(next(iter(truth.values())))
     clock = SimClock()
@@ -149,7 +149,7 @@ def simulate(truth: Truth, mix: Mapping[str, float], requests: int, seed: int, *
     default = default_arm or arms[0]
     router = ArmRouter(arms, default, Priors.of(arms, default, prior), mode,
                        estimates=store_estimates(store, MODEL),
-                       rng=random.Random(f"{seed}:router"))
+                       rng=random.Random(f"{seed}:router"), exploration=exploration)
     rng = random.Random(f"{seed}:traffic")
     buckets, weights = list(mix), list(mix.values())
     records = []

@@ -307,7 +307,7 @@ class IngressBase:
         self.router = ArmRouter.for_profile(
             self.profile, default, self.config.router,
             estimates=store_estimates(self.store, self.config.served_model_name),
-            dtype=self.config.dtype)
+            dtype=self.config.dtype, exploration=self.config.router_exploration)
         self.metrics = IngressMetrics()
         # One thread: a fast tokenizer used from two threads at once can fail ("Already
         # borrowed"), so requests take turns, off the event loop.

@@ -58,6 +58,10 @@ class ServeConfig(BaseModel):
     router: Literal["fixed", "adaptive"] = Field(
         "adaptive", description="fixed: always the default arm; adaptive: pick per request from "
                                 "the acceptance statistics.")
+    router_exploration: Literal["ucb", "thompson"] = Field(
+        "ucb", description="How the adaptive router explores: ucb (Bayes-UCB: a bucket's first "
+                           "requests follow the profile, optimism grows with its traffic) or "
+                           "thompson (random draws; spreads a burst of requests over the arms).")
     min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest decoder replicas.")
     max_replicas: int = Field(1, ge=1, description="Autoscaling: most decoder replicas.")
     target_ongoing_requests: float = Field(2.0, gt=0, description="Autoscaling target per replica.")

@@ -31,10 +31,11 @@ from workers.stats import SpecDecodeStats, nearest_rank
 HF_METHODS = ("hf_vanilla", "hf_prompt_lookup", "hf_early_exit")
 # Own methods run the profile's arm of the same name, but ``vanilla`` (the ``none`` arm), ``s3d``
 # (the profile's fastest arm in the bench's dtype that drafts with S3D masks on every step,
-# ``Arm.drafts_s3d``: ``s3d_fused``, ``s3d_skip`` or a merging hybrid) and ``router`` (an arm per
-# request).
+# ``Arm.drafts_s3d``: ``s3d_fused``, ``s3d_skip`` or a merging hybrid) and the routers (an arm per
+# request, exploring as the server does by default, or by Thompson sampling).
+ROUTER_METHODS = {"router": "ucb", "router_thompson": "thompson"}
 OWN_METHODS = ("vanilla", "skip_chain", "skip_tree", "ngram_tree", "hybrid", "s3d", "s3d_fused",
-               "s3d_skip", "router")
+               "s3d_skip", *ROUTER_METHODS)
 ALL_METHODS = HF_METHODS + OWN_METHODS
 
 
@@ -107,8 +108,22 @@ def truncate_at_stop(tokens: list[int], stops: frozenset[int]) -> list[int]:
     return tokens
 
 
-# The router method times each request's decision and this many more on the same state.
+# A router method times each request's decision and this many more on the same state.
 REPEAT_DECISIONS = 25
+
+
+@dataclass
+class RouterLog:
+    """What one router method decided during a run: its arms and its decision times."""
+
+    choices: list[str] = field(default_factory=list)
+    decision_s: list[float] = field(default_factory=list)
+
+    def detail(self) -> dict:
+        decisions = sorted(self.decision_s)
+        return {"choices": dict(Counter(self.choices)), "decisions": len(decisions),
+                **{f"decision_ms_p{p}": round(1e3 * nearest_rank(decisions, p / 100), 4)
+                   for p in (50, 99, 100) if decisions}}
 
 
 class Bench:
@@ -124,6 +139,7 @@ class Bench:
                               in enumerate(mixed_params(prompts, params, temperatures))]
         self.progress = progress
         self.early_exit_layer: int | None = None
+        self.router_logs: dict[str, RouterLog] = {}
 
     def max_tokens_for(self, prompt: BenchPrompt) -> int:
         return prompt.max_tokens or self.max_tokens
@@ -147,8 +163,9 @@ class Bench:
 
         return run
 
-    def _routed(self) -> Callable[[int, int], PromptRun]:
-        """The adaptive router over the profile's arms, its statistics warming as it goes."""
+    def _routed(self, exploration: str, log: RouterLog) -> Callable[[int, int], PromptRun]:
+        """The adaptive router over the profile's arms, its statistics (its own) warming as it
+        goes; its choices and decision times go to ``log``."""
         from router.policy import (
             ArmRouter,
             Route,
@@ -163,13 +180,12 @@ class Bench:
         profile = self.engine.profile
         dtype = dtype_name(self.engine.runner.dtype)
         router, shadow = (ArmRouter.for_profile(profile, rng=random.Random(seed), dtype=dtype,
-                                                estimates=store_estimates(store, "bench"))
+                                                estimates=store_estimates(store, "bench"),
+                                                exploration=exploration)
                           for seed in (0, 1))
         # ``shadow`` makes the same decisions again on the same state, with random draws of its
         # own (the requests' choices stay those of ``router``): enough timings for a p99 that is
         # not just the slowest of a few dozen requests.
-        self.router_choices: list[str] = []
-        self.router_decision_s: list[float] = []
 
         def decide(index: int, policy: ArmRouter) -> tuple[str, Route]:
             p, prompt_tokens = self.prompts[index], len(self.ids[index])
@@ -182,19 +198,19 @@ class Bench:
             p = self.prompts[index]
             decided = time.perf_counter()
             bucket, route = decide(index, router)
-            self.router_decision_s.append(time.perf_counter() - decided)
+            log.decision_s.append(time.perf_counter() - decided)
             arm = route.arm
             for _ in range(REPEAT_DECISIONS):
                 started = time.perf_counter()
                 decide(index, shadow)
-                self.router_decision_s.append(time.perf_counter() - started)
+                log.decision_s.append(time.perf_counter() - started)
             t0 = time.perf_counter()
             gen = self.engine.generation(self.ids[index], max_tokens, arm, self._params(index),
                                          route.depth, pool)
             gen.run()
             seconds = time.perf_counter() - t0
             store.record(StatsKey("bench", bucket, arm), gen.stats, seconds)
-            self.router_choices.append(arm)
+            log.choices.append(arm)
             return PromptRun(p.id, p.category, gen.output, seconds, gen.stats, arm)
 
         return run
@@ -254,8 +270,11 @@ class Bench:
             return self._hf(assistant_early_exit=layer), {"assistant_early_exit": layer}
         if name == "vanilla":
             return self._own("none"), {"arm": "none"}
-        if name == "router":
-            return self._routed(), {"arms": [a.name for a in self.engine.profile.arms]}
+        if name in ROUTER_METHODS:
+            log = self.router_logs[name] = RouterLog()
+            return self._routed(ROUTER_METHODS[name], log), {
+                "arms": [a.name for a in self.engine.profile.arms],
+                "exploration": ROUTER_METHODS[name]}
         if name == "s3d":
             profile = self.engine.profile
             fastest = profile.fastest(lambda arm: arm.drafts_s3d,
@@ -307,13 +326,8 @@ class Bench:
                 results[name].peak_rss_mb = max(results[name].peak_rss_mb, rss.peak / 2**20)
                 bar.update()
         bar.close()
-        if "router" in results:
-            decisions = sorted(self.router_decision_s)
-            results["router"].detail.update(
-                choices=dict(Counter(self.router_choices)),
-                decisions=len(decisions),
-                **{f"decision_ms_p{p}": round(1e3 * nearest_rank(decisions, p / 100), 4)
-                   for p in (50, 99, 100) if decisions})
+        for name in results.keys() & ROUTER_METHODS.keys():
+            results[name].detail.update(self.router_logs[name].detail())
         return [results[name] for name in methods]
 
 
@@ -384,9 +398,9 @@ def report(results: list[MethodRun], *, temperatures: Sequence[float], meta: dic
             entry["temperatures"] = grouped(r.runs, hf_runs, [f"T={t:g}" for t in temperatures])
         entry["runs"] = [p.figures() for p in r.runs]
         entries.append(entry)
-    router = next((e for e in entries if e["method"] == "router"), None)
-    if router is not None:
-        router["versus_static"] = versus_static(router, entries)
+    for entry in entries:
+        if entry["method"] in ROUTER_METHODS:
+            entry["versus_static"] = versus_static(entry, entries)
     return {"meta": meta, "results": entries}
 
 
@@ -405,8 +419,8 @@ def grouped(runs: list[PromptRun], hf_runs: list[PromptRun] | None,
     return out
 
 
-# Not static arms the router chooses among: the reference, and the router itself.
-NOT_STATIC = ("hf_vanilla", "router")
+# Not static arms the routers choose among: the reference, and the routers themselves.
+NOT_STATIC = ("hf_vanilla", *ROUTER_METHODS)
 
 
 def versus_static(router: dict, entries: list[dict]) -> dict | None:
@@ -507,9 +521,9 @@ def markdown_table(data: dict) -> str:
             cells = [f"{_fmt(figures[c]['speedup_vs_hf'])} ({_fmt(figures[c]['tokens_per_s'], 1)})"
                      if c in figures else "-" for c in labels]
             lines.append(f"| {method_label(e)} | " + " | ".join(cells) + " |")
-    router = next((e for e in data["results"] if e["method"] == "router"), None)
-    if router is not None:
-        lines += ["", router_summary(router)]
+    for entry in data["results"]:
+        if entry["method"] in ROUTER_METHODS:
+            lines += ["", router_summary(entry)]
     return "\n".join(lines) + "\n"
 
 
@@ -529,14 +543,15 @@ def method_label(entry: dict) -> str:
 
 
 def router_summary(router: dict) -> str:
-    """One paragraph: the router against the static methods, its decision time, its arms."""
+    """One paragraph: a router method against the static methods, its decision time, its
+    arms."""
     parts = []
     vs = router.get("versus_static")
     if vs:
         cats = ", ".join(f"{cat} {_fmt(c['ratio'])}x ({c['best']})"
                          for cat, c in vs["categories"].items())
-        parts.append(f"Router: {_fmt(vs['ratio'])}x the best static method ({vs['best']}); "
-                     f"by category, against each category's best: {cats}.")
+        parts.append(f"{router['method']}: {_fmt(vs['ratio'])}x the best static method "
+                     f"({vs['best']}); by category, against each category's best: {cats}.")
         if vs.get("temperatures"):
             temps = ", ".join(f"{t} {_fmt(c['ratio'])}x ({c['best']})"
                               for t, c in vs["temperatures"].items())

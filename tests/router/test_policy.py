@@ -1,4 +1,5 @@
-"""The router's policy: context buckets, Thompson scoring, ``ArmRouter`` and simulated traffic."""
+"""The router's policy: context buckets, Bayes-UCB and Thompson scoring, ``ArmRouter`` and simulated
+traffic."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from router.policy import (
     ArmRouter,
     Priors,
     Route,
+    bayes_ucb_choice,
     best_depth,
     calibrated_prior,
     choose_depth,
@@ -28,6 +30,7 @@ from router.policy import (
     store_estimates,
     temperature_bucket,
     thompson_choice,
+    ucb_quantile,
 )
 from router.simulate import ArmTruth, SimResult, decision_time_p99, simulate
 from router.store import ArmStats, InProcessStatsStore, StatsKey
@@ -252,6 +255,55 @@ def test_observation_noise_settles_observed_arms_but_not_the_prior() -> None:
     assert share_of_unseen(0.05) > 0.05 and share_of_unseen(0.3) > 0.05
 
 
+# --- Bayes-UCB scoring ---------------------------------------------------------------------------
+
+def test_ucb_quantile_starts_at_the_median_and_rises_with_traffic() -> None:
+    assert ucb_quantile(0) == 0.5 and ucb_quantile(-1.0) == 0.5
+    assert ucb_quantile(1) == pytest.approx(2 / 3) and ucb_quantile(98) == pytest.approx(0.99)
+    assert all(ucb_quantile(n) < ucb_quantile(n + 0.5) for n in range(50))
+
+
+def test_bayes_ucb_first_follows_the_posterior_mean_then_optimism() -> None:
+    # No requests yet: the median, i.e. the higher mean, however unsure the other arm is.
+    prior = {"a": 100.0, "b": 99.0}
+    assert bayes_ucb_choice({}, prior, prior_weight={"a": 50.0, "b": 0.5}) == "a"
+    assert bayes_ucb_choice({}, {"a": 99.0, "b": 100.0}) == "b"
+    assert bayes_ucb_choice({}, {"a": 100.0, "b": 100.0}) == "a"  # a tie: the earlier arm
+    # After 20 requests on `a` at its prior's figure, `b`'s wider posterior leads its quantile.
+    seen = {"a": ArmEstimate(100.0, 20)}
+    assert bayes_ucb_choice(seen, prior, prior_weight=2.0) == "b"
+    # An arm 20% behind by the prior waits longer: 80 + 1.69 * 0.3 * 80 / sqrt(2) = 108.7
+    # against a's 110.8 after 20 requests; after 60, 80 + 2.14 * 17.0 = 116.3 against 108.2.
+    behind = {"a": 100.0, "b": 80.0}
+    assert bayes_ucb_choice(seen, behind) == "a"
+    assert bayes_ucb_choice({"a": ArmEstimate(100.0, 60)}, behind) == "b"
+    # Deterministic, and only arms of the prior count (their requests too).
+    assert {bayes_ucb_choice(seen, prior) for _ in range(50)} == {"b"}
+    assert bayes_ucb_choice({"gone": ArmEstimate(1000.0, 1e6)}, prior) == "a"
+
+
+def test_bayes_ucb_loses_less_than_thompson_over_a_buckets_first_requests() -> None:
+    """Arms within 12% of each other, 30% spread per request, a prior naming bucket A's best
+    arm (and wrong about B's): over the first 20 requests Thompson sampling spreads requests
+    over the arms the prior cannot tell apart, Bayes-UCB starts on the likeliest best one."""
+    truth = {"A": {"a": ArmTruth(100, 0.3), "b": ArmTruth(94, 0.3), "c": ArmTruth(91, 0.3),
+                   "d": ArmTruth(88, 0.3)},
+             "B": {"a": ArmTruth(80, 0.3), "b": ArmTruth(85, 0.3), "c": ArmTruth(78, 0.3),
+                   "d": ArmTruth(70, 0.3)}}
+    prior = {"a": 100.0, "b": 95.0, "c": 92.0, "d": 88.0}
+
+    def regret(exploration: str) -> float:
+        return sum(simulate(truth, {"A": 0.5, "B": 0.5}, 20, seed, prior=prior,
+                            exploration=exploration).cumulative_regret for seed in range(30))
+
+    assert regret("ucb") < 0.8 * regret("thompson")
+
+
+def test_router_refuses_an_unknown_exploration() -> None:
+    with pytest.raises(ValueError, match="exploration"):
+        ArmRouter(ARMS, "none", exploration="epsilon")
+
+
 def stats_with_spread(requests: float, rel_variance: float, mean: float = 20.0) -> ArmStats:
     """A record whose per-request goodput has the given sample relative variance."""
     variance = rel_variance * mean * mean
@@ -325,13 +377,17 @@ def test_class_priors_steer_each_prompt_class_to_its_own_best_arm() -> None:
     arms = ["none", "ngram"]
     priors = Priors.of(arms, "ngram", {"none": 20.0, "ngram": 21.0},
                        {"code": {"ngram": 30.0}, "chat": {"none": 20.0, "ngram": 16.0}})
-    router = ArmRouter(arms, "ngram", priors, rng=random.Random(0))
+    router = ArmRouter(arms, "ngram", priors, rng=random.Random(0), exploration="thompson")
     code = [router.choose("code.t0.ps") for _ in range(200)]
     chat = [router.choose("chat.t0.ps") for _ in range(200)]
     prose = [router.choose("prose.t0.ps") for _ in range(200)]
     assert code.count("ngram") > 160  # 30 vs the overall 20 for `none`
     assert chat.count("none") > 130
     assert 60 < prose.count("ngram") < 160  # no class prior: the overall one (21 vs 20)
+    # Bayes-UCB: a bucket's first request takes its class's best arm by the prior, every time.
+    ucb = ArmRouter(arms, "ngram", priors)
+    assert [ucb.choose(f"{c}.t0.ps") for c in ("code", "chat", "prose")] == [
+        "ngram", "none", "ngram"]
 
 
 def test_profile_measured_goodput_splits_overall_and_by_class() -> None:
@@ -443,7 +499,8 @@ def test_router_takes_sampled_figures_for_the_temperature_bucket_measured_sample
     assert profile.sampled_measurements("float32") == {}
     assert profile.measured_goodput("bfloat16", "thi")[0]["ngram_tree"] == 33.0
     assert profile.measured_goodput("bfloat16", "tlo")[0]["ngram_tree"] == 40.0
-    router = ArmRouter.for_profile(profile, rng=random.Random(0), dtype="bfloat16")
+    router = ArmRouter.for_profile(profile, rng=random.Random(0), dtype="bfloat16",
+                                   exploration="thompson")
     assert set(router.sampled) == {"thi"}
     assert router.sampled["thi"].by_class["chat"]["ngram_tree"] == 33.0
     assert router.sampled["thi"].class_weights["chat"]["hybrid"] > 2.0
@@ -452,6 +509,9 @@ def test_router_takes_sampled_figures_for_the_temperature_bucket_measured_sample
     warm = picks(lambda: router.choose("chat.tlo.ps"), n=2000)
     assert hot["ngram_tree"] > 0.9 and cold["hybrid"] > 0.9
     assert 0.5 < warm["hybrid"] < 0.9  # the greedy lead, held less surely
+    ucb = ArmRouter.for_profile(profile, dtype="bfloat16")
+    assert [ucb.choose(f"chat.{t}.ps") for t in ("thi", "t0", "tlo")] == [
+        "ngram_tree", "hybrid", "hybrid"]
     # A router serving a dtype the profile never measured sampled has greedy figures only.
     assert ArmRouter.for_profile(profile, dtype="float32").sampled == {}
 
@@ -477,35 +537,53 @@ def test_paired_prior_weights_cut_exploration_of_greedy_buckets_only() -> None:
     # bucket rarely tries it; a sampled bucket, unlike the search's greedy decoding, still does.
     priors = Priors.of(["a", "b"], "a", {"a": 100.0, "b": 85.0}, weight=2.0,
                        class_weights={"code": {"a": 36.0, "b": 36.0}})
-    router = ArmRouter(["a", "b"], "a", priors, rng=random.Random(0))
+    router = ArmRouter(["a", "b"], "a", priors, rng=random.Random(0), exploration="thompson")
     greedy = picks(lambda: router.choose("code.t0.ps"), n=2000)
     sampled = picks(lambda: router.choose("code.thi.ps"), n=2000)
     other_class = picks(lambda: router.choose("chat.t0.ps"), n=2000)
     assert greedy.get("b", 0) < 0.02
     assert sampled["b"] > 0.15 and other_class["b"] > 0.15
+    # Bayes-UCB: after 20 requests on `a` as fast as measured, a bucket held only by the
+    # profile's prior_weight has room for `b` to lead (85 + 1.69 * 0.3 * 85 / sqrt(2) against
+    # a's 100 + 1.69 * 0.3 * 100 / sqrt(22)); the paired weight of 36 requests leaves none.
+    seen = {"a": ArmEstimate(100.0, 20)}
+    ucb = ArmRouter(["a", "b"], "a", priors, estimates=lambda bucket: seen)
+    assert ucb.choose("code.t0.ps") == "a"
+    assert ucb.choose("code.thi.ps") == "b" and ucb.choose("chat.t0.ps") == "b"
 
 
 def test_adaptive_router_without_a_prior_starts_near_the_default_arm() -> None:
-    router = ArmRouter(ARMS, "skip_tree", rng=random.Random(0))
+    router = ArmRouter(ARMS, "skip_tree", rng=random.Random(0), exploration="thompson")
     shares = picks(lambda: router.choose("A"))
     assert max(shares, key=shares.get) == "skip_tree"
     assert set(shares) == set(ARMS)
+    assert ArmRouter(ARMS, "skip_tree").choose("A") == "skip_tree"  # Bayes-UCB: the default
 
 
 def test_adaptive_router_explores_arms_it_has_not_seen() -> None:
     # Regression: the unit-less default prior (1.0 / 0.9) once dragged unseen arms to ~1 token/s
     # next to an observed arm's 60, so the first arm tried in a bucket was kept forever.
     seen = {"none": ArmEstimate(60.0, 5)}
-    router = ArmRouter(ARMS, "none", estimates=lambda bucket: seen, rng=random.Random(0))
+    router = ArmRouter(ARMS, "none", estimates=lambda bucket: seen, rng=random.Random(0),
+                       exploration="thompson")
     shares = picks(lambda: router.choose("A"))
     assert all(shares.get(arm, 0) >= 0.05 for arm in ARMS if arm != "none")
+    # Bayes-UCB keeps a bucket's first requests on the arm its figures favour, then tries the
+    # others as traffic grows (against 60 tokens/s, a prior of 0.9 would never be tried).
+    ucb = ArmRouter(ARMS, "none", estimates=lambda bucket: seen)
+    assert ucb.choose("A") == "none"
+    seen["none"] = ArmEstimate(60.0, 20)
+    assert ucb.choose("A") != "none"
 
 
 # --- simulated traffic ---------------------------------------------------------------------------
 
+EXPLORATIONS = ("ucb", "thompson")
+
+
 @cache
-def steady_run(seed: int) -> SimResult:
-    return simulate(TRUTH, MIX, REQUESTS, seed, half_life_s=1800.0)
+def steady_run(seed: int, exploration: str = "ucb") -> SimResult:
+    return simulate(TRUTH, MIX, REQUESTS, seed, half_life_s=1800.0, exploration=exploration)
 
 
 def test_simulation_is_deterministic_per_seed() -> None:
@@ -527,29 +605,32 @@ def test_simulation_measures_regret_against_the_per_bucket_best_arm() -> None:
     assert summary.achieved_goodput == pytest.approx(summary.expected_goodput, rel=0.02)
 
 
+@pytest.mark.parametrize("exploration", EXPLORATIONS)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_router_regret_shrinks(seed: int) -> None:
-    result = steady_run(seed)
+def test_router_regret_shrinks(seed: int, exploration: str) -> None:
+    result = steady_run(seed, exploration)
     half = REQUESTS // 2
     first, second = result.summary(0, half), result.summary(half)
     assert second.regret_per_request < 0.7 * first.regret_per_request
     assert result.summary(0, 200).regret_per_request > second.regret_per_request
 
 
+@pytest.mark.parametrize("exploration", EXPLORATIONS)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_router_ends_near_the_per_bucket_best_arm(seed: int) -> None:
-    result = steady_run(seed)
+def test_router_ends_near_the_per_bucket_best_arm(seed: int, exploration: str) -> None:
+    result = steady_run(seed, exploration)
     last = result.summary(2 * REQUESTS // 3)
     assert last.goodput_ratio >= 0.95
     assert last.achieved_goodput >= 0.95 * last.best_goodput
     assert min(result.best_arm_share_last(200).values()) >= 0.85
 
 
+@pytest.mark.parametrize("exploration", EXPLORATIONS)
 @pytest.mark.parametrize("after", [DRIFT_DEGRADE, DRIFT_IMPROVE], ids=["degrade", "improve"])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_router_follows_a_change_of_best_arm(seed: int, after: dict) -> None:
+def test_router_follows_a_change_of_best_arm(seed: int, after: dict, exploration: str) -> None:
     result = simulate(DRIFT_BEFORE, {"A": 1.0}, 2 * DRIFT_AT, seed, changes={DRIFT_AT: after},
-                      half_life_s=HALF_LIFE)
+                      half_life_s=HALF_LIFE, exploration=exploration)
     assert result.summary(DRIFT_AT - 200, DRIFT_AT).goodput_ratio >= 0.95
     assert result.records[DRIFT_AT].best_arm != result.records[DRIFT_AT - 1].best_arm
     # Within three half-lives of the change, a window of 100 requests is back near the best.
@@ -560,11 +641,15 @@ def test_router_follows_a_change_of_best_arm(seed: int, after: dict) -> None:
     assert result.summary(DRIFT_AT + bound).goodput_ratio >= 0.95
 
 
-def test_learning_the_spread_cuts_regret_when_goodput_is_steady(monkeypatch) -> None:
+@pytest.mark.parametrize("exploration", EXPLORATIONS)
+def test_learning_the_spread_cuts_regret_when_goodput_is_steady(monkeypatch,
+                                                                exploration: str) -> None:
     # The simulated goodput spreads by 10% per request; assuming 30% explores three times longer.
-    learned = [simulate(TRUTH, MIX, 600, seed, half_life_s=1800.0) for seed in SEEDS]
+    learned = [simulate(TRUTH, MIX, 600, seed, half_life_s=1800.0, exploration=exploration)
+               for seed in SEEDS]
     monkeypatch.setattr(policy, "observed_noise", lambda estimates: DEFAULT_REL_NOISE)
-    assumed = [simulate(TRUTH, MIX, 600, seed, half_life_s=1800.0) for seed in SEEDS]
+    assumed = [simulate(TRUTH, MIX, 600, seed, half_life_s=1800.0, exploration=exploration)
+               for seed in SEEDS]
     assert (sum(r.cumulative_regret for r in learned)
             < 0.6 * sum(r.cumulative_regret for r in assumed))
 

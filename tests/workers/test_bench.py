@@ -23,7 +23,7 @@ from workers.prompts import load_prompts
 from workers.sampling import SamplingParams
 from workers.stats import nearest_rank
 
-METHODS = ["hf_vanilla", "vanilla", "ngram_tree", "s3d", "router"]
+METHODS = ["hf_vanilla", "vanilla", "ngram_tree", "s3d", "router", "router_thompson"]
 
 
 def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
@@ -56,35 +56,37 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
     assert "hybrid" not in s3d_kinds
     assert {run["arm"] for run in entries["s3d"]["runs"]} == {s3d_arm}
     assert sorted(entries["s3d"]["detail"]["fastest_of"]) == sorted(s3d_kinds)
-    # The router's per-prompt arms are the profile's, and its counts add up to them.
-    arms = [run["arm"] for run in entries["router"]["runs"]]
-    assert set(arms) <= {a.name for a in engine.profile.arms}
-    assert sum(entries["router"]["detail"]["choices"].values()) == 3
-    # Against the static methods (hf_vanilla is the reference, not an arm), overall and per
-    # category; its decision time is measured per request.
-    vs = entries["router"]["versus_static"]
-    assert vs["best"] in {"vanilla", "ngram_tree", "s3d"} and set(vs["categories"]) == {
-        p.category for p in suite}
-    best_tps = entries[vs["best"]]["tokens_per_s"]
-    assert vs["ratio"] == round(entries["router"]["tokens_per_s"] / best_tps, 3)
-    detail = entries["router"]["detail"]
-    assert 0 < detail["decision_ms_p50"] <= detail["decision_ms_p99"] <= detail[
-        "decision_ms_p100"]
-    assert detail["decisions"] == 3 * (1 + REPEAT_DECISIONS)  # each request's, and repeats
-    assert f"over {detail['decisions']} decisions (3 requests'" in router_summary(
-        entries["router"])
+    table = (tmp_path / "bench.md").read_text()
+    for router, exploration in (("router", "ucb"), ("router_thompson", "thompson")):
+        # Each router's per-prompt arms are the profile's, and its counts add up to them.
+        arms = [run["arm"] for run in entries[router]["runs"]]
+        assert set(arms) <= {a.name for a in engine.profile.arms}
+        detail = entries[router]["detail"]
+        assert sum(detail["choices"].values()) == 3 and detail["exploration"] == exploration
+        # Against the static methods (hf_vanilla is the reference and the other router no arm),
+        # overall and per category; its decision time is measured per request.
+        vs = entries[router]["versus_static"]
+        assert vs["best"] in {"vanilla", "ngram_tree", "s3d"} and set(vs["categories"]) == {
+            p.category for p in suite}
+        best_tps = entries[vs["best"]]["tokens_per_s"]
+        assert vs["ratio"] == round(entries[router]["tokens_per_s"] / best_tps, 3)
+        assert 0 < detail["decision_ms_p50"] <= detail["decision_ms_p99"] <= detail[
+            "decision_ms_p100"]
+        assert detail["decisions"] == 3 * (1 + REPEAT_DECISIONS)  # each request's, and repeats
+        summary = router_summary(entries[router])
+        assert f"over {detail['decisions']} decisions (3 requests'" in summary
+        assert summary.startswith(f"{router}: {vs['ratio']:.2f}x the best static method "
+                                  f"({vs['best']})") and summary in table
+        assert vs["hindsight"]["ratio_to_best"] >= 1.0 and "picked in hindsight" in summary
     assert entries["ngram_tree"]["mean_accepted_length"] >= 1.0
     # Tokens per model pass: the MAL where the drafter has no pass of its own.
     assert entries["vanilla"]["tokens_per_forward"] == 1.0
     assert entries["ngram_tree"]["tokens_per_forward"] == entries["ngram_tree"][
         "mean_accepted_length"]
     assert entries["hf_vanilla"]["tokens_per_forward"] is None
-    table = (tmp_path / "bench.md").read_text()
     assert table == markdown_table(data) and all(
         f"| {m} |" in table for m in METHODS if m != "s3d")
     assert f"| s3d ({s3d_arm}) |" in table
-    assert f"Router: {vs['ratio']:.2f}x the best static method ({vs['best']})" in table
-    assert vs["hindsight"]["ratio_to_best"] >= 1.0 and "picked in hindsight" in table
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "temperatures" not in entries["router"] and "temperatures" not in vs
 
@@ -145,8 +147,9 @@ def test_versus_static_takes_each_categorys_own_best_and_skips_the_reference():
             "chat": {"tokens_per_s": chat}, "code": {"tokens_per_s": code}}}
 
     entries = [entry("hf_vanilla", 90.0, 90.0, 90.0), entry("vanilla", 20.0, 30.0, 10.0),
-               entry("ngram_tree", 30.0, 20.0, 40.0), entry("router", 33.0, 27.0, 40.0)]
-    vs = versus_static(entries[-1], entries)
+               entry("ngram_tree", 30.0, 20.0, 40.0), entry("router_thompson", 50.0, 50.0, 50.0),
+               entry("router", 33.0, 27.0, 40.0)]
+    vs = versus_static(entries[-1], entries)  # the other router is no static arm either
     assert vs == {"best": "ngram_tree", "ratio": 1.1, "categories": {
         "chat": {"best": "vanilla", "ratio": 0.9}, "code": {"best": "ngram_tree", "ratio": 1.0}}}
     assert nearest_rank([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
@@ -172,7 +175,7 @@ def test_hindsight_takes_each_prompts_fastest_static_method():
     assert vs["hindsight"] == {"tokens_per_s": 10.0, "ratio_to_best": 1.5,
                                "router_ratio": round((20 / 3.0) / 10.0, 3)}
     assert "1.500x the best static method; the router reached 0.67x of it" in router_summary(
-        {"versus_static": vs, "detail": {}})
+        {"method": "router", "versus_static": vs, "detail": {}})
     # Methods without per-prompt runs (or with different prompt counts) give no hindsight.
     assert per_prompt_best([entries[1], {**entries[2], "runs": entries[2]["runs"][:1]}]) is None
 
