@@ -131,7 +131,8 @@ def bench(
         "temperatures": mix, "top_p": top_p,
         "seed": seed, "methods": method_list, "prompts": str(prompts or "shipped"),
         "command": "s3d " + " ".join(sys.argv[1:])})
-    data = bench_mod.report(results, temperatures=runner.temperatures, meta=meta)
+    data = bench_mod.report(results, temperatures=runner.temperatures, meta=meta,
+                            buckets=runner.buckets)
     bench_mod.write_outputs(data, out)
     typer.echo(bench_mod.markdown_table(data))
     typer.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")

@@ -166,13 +166,7 @@ class Bench:
     def _routed(self, exploration: str, log: RouterLog) -> Callable[[int, int], PromptRun]:
         """The adaptive router over the profile's arms, its statistics (its own) warming as it
         goes; its choices and decision times go to ``log``."""
-        from router.policy import (
-            ArmRouter,
-            Route,
-            context_bucket,
-            conversation_text,
-            store_estimates,
-        )
+        from router.policy import ArmRouter, Route, store_estimates
         from router.store import InProcessStatsStore, StatsKey
 
         store = InProcessStatsStore()
@@ -188,10 +182,7 @@ class Bench:
         # not just the slowest of a few dozen requests.
 
         def decide(index: int, policy: ArmRouter) -> tuple[str, Route]:
-            p, prompt_tokens = self.prompts[index], len(self.ids[index])
-            text = p.prompt if p.messages is None else conversation_text(p.messages)
-            bucket = context_bucket(text, p.is_chat, self.prompt_params[index].temperature,
-                                    prompt_tokens)
+            bucket = self.bucket(index)
             return bucket, policy.route(bucket)
 
         def run(index: int, max_tokens: int) -> PromptRun:
@@ -217,6 +208,20 @@ class Bench:
 
     def _params(self, index: int) -> SamplingParams:
         return self.prompt_params[index]
+
+    def bucket(self, index: int) -> str:
+        """The router's context bucket of prompt ``index`` (class, temperature, length)."""
+        from router.policy import context_bucket, conversation_text
+
+        p = self.prompts[index]
+        text = p.prompt if p.messages is None else conversation_text(p.messages)
+        return context_bucket(text, p.is_chat, self.prompt_params[index].temperature,
+                              len(self.ids[index]))
+
+    @property
+    def buckets(self) -> list[str]:
+        """Every prompt's router bucket (``report`` takes the routers' per-bucket ceiling)."""
+        return [self.bucket(index) for index in range(len(self.prompts))]
 
     @property
     def temperatures(self) -> list[float]:
@@ -370,11 +375,13 @@ def summarise(runs: list[PromptRun]) -> dict:
     return out
 
 
-def report(results: list[MethodRun], *, temperatures: Sequence[float], meta: dict) -> dict:
+def report(results: list[MethodRun], *, temperatures: Sequence[float], meta: dict,
+           buckets: Sequence[str] | None = None) -> dict:
     """Each method's figures, overall and per category, and per temperature for a mixed suite
     (``temperatures[i]``: prompt i's). ``identical_to_vanilla`` is the share of the greedy
     prompts on which a method's output equals plain decoding's, None without greedy prompts or a
-    ``vanilla`` run."""
+    ``vanilla`` run. A router method is compared with the static ones (``versus_static``; with
+    ``buckets``, the prompts' router buckets, also with their best per bucket)."""
     greedy = [t < MIN_TEMPERATURE for t in temperatures]
     mixed = len(set(temperatures)) > 1
     by_name = {r.method: r for r in results}
@@ -400,7 +407,7 @@ def report(results: list[MethodRun], *, temperatures: Sequence[float], meta: dic
         entries.append(entry)
     for entry in entries:
         if entry["method"] in ROUTER_METHODS:
-            entry["versus_static"] = versus_static(entry, entries)
+            entry["versus_static"] = versus_static(entry, entries, buckets)
     return {"meta": meta, "results": entries}
 
 
@@ -423,10 +430,12 @@ def grouped(runs: list[PromptRun], hf_runs: list[PromptRun] | None,
 NOT_STATIC = ("hf_vanilla", *ROUTER_METHODS)
 
 
-def versus_static(router: dict, entries: list[dict]) -> dict | None:
+def versus_static(router: dict, entries: list[dict],
+                  buckets: Sequence[str] | None = None) -> dict | None:
     """The router's tokens/s as a ratio to the best static method's, overall and per category
     (each category's own best; per temperature too for a mixed suite), with those methods'
-    names; None with no static method."""
+    names, and to the hindsight ceilings (``hindsight_best``) on each prompt and, given the
+    prompts' router ``buckets``, in each bucket; None with no static method."""
     static = [e for e in entries if e["method"] not in NOT_STATIC]
     if not static:
         return None
@@ -443,26 +452,41 @@ def versus_static(router: dict, entries: list[dict]) -> dict | None:
             top = group_best[groups][label]["tokens_per_s"]
             out[groups][label] = {"best": group_best["method"], "ratio": round(
                 figures["tokens_per_s"] / top, 3) if top else None}
-    hindsight = per_prompt_best(static)
-    if hindsight and best["tokens_per_s"]:
-        out["hindsight"] = {"tokens_per_s": round(hindsight, 3),
-                            "ratio_to_best": round(hindsight / best["tokens_per_s"], 3),
-                            "router_ratio": round(router["tokens_per_s"] / hindsight, 3)}
+    ceilings = {"hindsight": None, **({"hindsight_per_bucket": buckets} if buckets else {})}
+    for key, groups in ceilings.items():
+        hindsight = hindsight_best(static, groups)
+        if hindsight and best["tokens_per_s"]:
+            out[key] = {"tokens_per_s": round(hindsight, 3),
+                        "ratio_to_best": round(hindsight / best["tokens_per_s"], 3),
+                        "router_ratio": round(router["tokens_per_s"] / hindsight, 3)}
+            if groups is not None:
+                out[key]["buckets"] = len(set(groups))
     return out
 
 
-def per_prompt_best(static: list[dict]) -> float | None:
+def hindsight_best(static: list[dict], groups: Sequence[str] | None = None) -> float | None:
     """Tokens/s of the static methods' fastest on each prompt, taken in hindsight: the ceiling of
     any per-request choice among them on this run (slightly above it, as each prompt's best
-    also picks up that method's luck with the host's noise). None without per-prompt runs."""
+    also picks up that method's luck with the host's noise). With ``groups`` (prompt i's group
+    ``groups[i]``, a router bucket) the fastest on each group's prompts together: the ceiling of
+    a policy that chooses per group. None without per-prompt runs."""
     runs = [e.get("runs") for e in static]
     if not runs or not all(runs) or len({len(r) for r in runs}) != 1:
         return None
+    if groups is None:
+        groups = [str(i) for i in range(len(runs[0]))]
+    if len(groups) != len(runs[0]):
+        return None
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
     tokens = seconds = 0.0
-    for per_method in zip(*runs):
-        fastest = max(per_method, key=lambda r: r["tokens"] / r["seconds"] if r["seconds"] else 0)
-        tokens += fastest["tokens"]
-        seconds += fastest["seconds"]
+    for indices in members.values():
+        sums = [(sum(r[i]["tokens"] for i in indices), sum(r[i]["seconds"] for i in indices))
+                for r in runs]
+        fastest = max(sums, key=lambda ts: ts[0] / ts[1] if ts[1] else 0.0)
+        tokens += fastest[0]
+        seconds += fastest[1]
     return tokens / seconds if seconds else None
 
 
@@ -556,6 +580,12 @@ def router_summary(router: dict) -> str:
             temps = ", ".join(f"{t} {_fmt(c['ratio'])}x ({c['best']})"
                               for t, c in vs["temperatures"].items())
             parts.append(f"By temperature, against each one's best: {temps}.")
+        if vs.get("hindsight_per_bucket"):
+            h = vs["hindsight_per_bucket"]
+            parts.append(f"The static methods' fastest in each of the router's {h['buckets']} "
+                         f"buckets, picked in hindsight (the ceiling of any choice per bucket): "
+                         f"{_fmt(h['ratio_to_best'], 3)}x the best static method; the router "
+                         f"reached {_fmt(h['router_ratio'])}x of it.")
         if vs.get("hindsight"):
             h = vs["hindsight"]
             parts.append(f"The static methods' fastest on each prompt, picked in hindsight (the "

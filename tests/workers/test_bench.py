@@ -10,8 +10,8 @@ from workers.bench import (
     REPEAT_DECISIONS,
     Bench,
     PromptRun,
+    hindsight_best,
     markdown_table,
-    per_prompt_best,
     report,
     rotated,
     router_summary,
@@ -32,7 +32,7 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
     suite = load_prompts(limit=3)
     bench = Bench(engine, suite, 6, SamplingParams())
     results = bench.run(METHODS)
-    data = report(results, temperatures=bench.temperatures, meta={
+    data = report(results, temperatures=bench.temperatures, buckets=bench.buckets, meta={
         "date": "now", "machine": "test", "device": "cpu", "dtype": "float32", "max_tokens": 6,
         "temperature": 0.0})
     write_outputs(data, tmp_path)
@@ -78,6 +78,10 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
         assert summary.startswith(f"{router}: {vs['ratio']:.2f}x the best static method "
                                   f"({vs['best']})") and summary in table
         assert vs["hindsight"]["ratio_to_best"] >= 1.0 and "picked in hindsight" in summary
+        # The per-bucket ceiling: the static methods' best per bucket of these prompts.
+        per_bucket = vs["hindsight_per_bucket"]
+        assert per_bucket["buckets"] == len(set(bench.buckets))
+        assert 1.0 <= per_bucket["ratio_to_best"] <= vs["hindsight"]["ratio_to_best"]
     assert entries["ngram_tree"]["mean_accepted_length"] >= 1.0
     # Tokens per model pass: the MAL where the drafter has no pass of its own.
     assert entries["vanilla"]["tokens_per_forward"] == 1.0
@@ -115,6 +119,7 @@ def test_mixed_suite_gives_each_category_every_temperature(bundled, tmp_path, mo
     methods = ["hf_vanilla", "vanilla", "ngram_tree", "router"]
     results = bench.run(methods)
     assert temperatures[::1 + REPEAT_DECISIONS][-6:] == [0.0] * 3 + [1.0] * 3
+    assert [b.split(".")[1] for b in bench.buckets] == ["t0"] * 3 + ["thi"] * 3
     data = report(results, temperatures=bench.temperatures, meta={
         "date": "now", "machine": "test", "device": "cpu", "dtype": "float32", "max_tokens": 5,
         "temperature": 0.0, "temperatures": [0.0, 1.0]})
@@ -137,6 +142,7 @@ def test_mixed_suite_gives_each_category_every_temperature(bundled, tmp_path, mo
     assert "temperatures 0/1 by category" in table
     assert "by temperature (tokens/s in brackets)" in table and "| T=0 | T=1 |" in table
     assert "By temperature, against each one's best: T=0 " in table
+    assert "hindsight_per_bucket" not in vs  # without the prompts' buckets
     # Without temperatures every prompt takes the one setting, and there is no such table.
     assert Bench(engine, suite, 5, SamplingParams(temperature=0.7)).temperatures == [0.7] * 6
 
@@ -169,7 +175,7 @@ def test_hindsight_takes_each_prompts_fastest_static_method():
                entry("vanilla", [(10, 1.0), (10, 4.0)]),
                entry("ngram_tree", [(10, 2.0), (10, 1.0)]),
                entry("router", [(10, 1.0), (10, 2.0)])]
-    assert per_prompt_best(entries[1:3]) == 20 / 2.0
+    assert hindsight_best(entries[1:3]) == 20 / 2.0
     vs = versus_static(entries[-1], entries)
     assert vs["best"] == "ngram_tree"  # 20 tokens in 3 s
     assert vs["hindsight"] == {"tokens_per_s": 10.0, "ratio_to_best": 1.5,
@@ -177,7 +183,18 @@ def test_hindsight_takes_each_prompts_fastest_static_method():
     assert "1.500x the best static method; the router reached 0.67x of it" in router_summary(
         {"method": "router", "versus_static": vs, "detail": {}})
     # Methods without per-prompt runs (or with different prompt counts) give no hindsight.
-    assert per_prompt_best([entries[1], {**entries[2], "runs": entries[2]["runs"][:1]}]) is None
+    assert hindsight_best([entries[1], {**entries[2], "runs": entries[2]["runs"][:1]}]) is None
+    # Per group (a router bucket): one method for both prompts, ngram_tree's 20 tokens in 3 s;
+    # a group per prompt is the per-prompt ceiling again.
+    assert hindsight_best(entries[1:3], ["b", "b"]) == 20 / 3.0
+    assert hindsight_best(entries[1:3], ["b", "c"]) == 20 / 2.0
+    assert hindsight_best(entries[1:3], ["b"]) is None  # not one group per prompt
+    vs = versus_static(entries[-1], entries, ["b", "b"])
+    assert vs["hindsight_per_bucket"] == {"tokens_per_s": round(20 / 3.0, 3), "buckets": 1,
+                                          "ratio_to_best": 1.0, "router_ratio": 1.0}
+    assert ("fastest in each of the router's 1 buckets, picked in hindsight (the ceiling of any "
+            "choice per bucket): 1.000x") in router_summary(
+        {"method": "router", "versus_static": vs, "detail": {}})
 
 
 def test_bench_refuses_unknown_methods(bundled):
