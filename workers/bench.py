@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from router.policy import ArmRouter, Route, context_bucket, conversation_text, store_estimates
 from workers.engine import Engine
 from workers.model import dtype_name
 from workers.prompts import BenchPrompt
@@ -166,7 +167,6 @@ class Bench:
     def _routed(self, exploration: str, log: RouterLog) -> Callable[[int, int], PromptRun]:
         """The adaptive router over the profile's arms, its statistics (its own) warming as it
         goes; its choices and decision times go to ``log``."""
-        from router.policy import ArmRouter, Route, store_estimates
         from router.store import InProcessStatsStore, StatsKey
 
         store = InProcessStatsStore()
@@ -211,8 +211,6 @@ class Bench:
 
     def bucket(self, index: int) -> str:
         """The router's context bucket of prompt ``index`` (class, temperature, length)."""
-        from router.policy import context_bucket, conversation_text
-
         p = self.prompts[index]
         text = p.prompt if p.messages is None else conversation_text(p.messages)
         return context_bucket(text, p.is_chat, self.prompt_params[index].temperature,

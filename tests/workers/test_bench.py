@@ -99,7 +99,7 @@ def test_mixed_suite_gives_each_category_every_temperature(bundled, tmp_path, mo
     """``temperatures``: each category's k-th prompt decodes at the (k mod n)-th, for every
     method alike (the router's buckets included); only the greedy prompts must match plain
     decoding, and a sampled one's output is the seed's for every method."""
-    from router import policy
+    from workers import bench as bench_module
 
     engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
                     resolve_profile(None, bundled.loaded.fingerprint, bundled.runner.num_layers))
@@ -114,8 +114,8 @@ def test_mixed_suite_gives_each_category_every_temperature(bundled, tmp_path, mo
         temperatures.append(temperature)
         return real_bucket(text, is_chat, temperature, prompt_tokens)
 
-    real_bucket = policy.context_bucket
-    monkeypatch.setattr(policy, "context_bucket", bucket)
+    real_bucket = bench_module.context_bucket
+    monkeypatch.setattr(bench_module, "context_bucket", bucket)
     methods = ["hf_vanilla", "vanilla", "ngram_tree", "router"]
     results = bench.run(methods)
     assert temperatures[::1 + REPEAT_DECISIONS][-6:] == [0.0] * 3 + [1.0] * 3
