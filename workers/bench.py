@@ -564,6 +564,15 @@ def method_label(entry: dict) -> str:
     return entry["method"]
 
 
+# The hindsight ceilings of ``versus_static``, in the order and words of ``router_summary``.
+HINDSIGHT_CEILINGS = {
+    "hindsight_per_bucket": "in each of the router's {buckets} buckets, picked in hindsight (the "
+                            "ceiling of any choice per bucket)",
+    "hindsight": "on each prompt, picked in hindsight (the ceiling of any per-request choice "
+                 "among them)",
+}
+
+
 def router_summary(router: dict) -> str:
     """One paragraph: a router method against the static methods, its decision time, its
     arms."""
@@ -578,18 +587,12 @@ def router_summary(router: dict) -> str:
             temps = ", ".join(f"{t} {_fmt(c['ratio'])}x ({c['best']})"
                               for t, c in vs["temperatures"].items())
             parts.append(f"By temperature, against each one's best: {temps}.")
-        if vs.get("hindsight_per_bucket"):
-            h = vs["hindsight_per_bucket"]
-            parts.append(f"The static methods' fastest in each of the router's {h['buckets']} "
-                         f"buckets, picked in hindsight (the ceiling of any choice per bucket): "
-                         f"{_fmt(h['ratio_to_best'], 3)}x the best static method; the router "
-                         f"reached {_fmt(h['router_ratio'])}x of it.")
-        if vs.get("hindsight"):
-            h = vs["hindsight"]
-            parts.append(f"The static methods' fastest on each prompt, picked in hindsight (the "
-                         f"ceiling of any per-request choice among them): "
-                         f"{_fmt(h['ratio_to_best'], 3)}x the best static method; the router "
-                         f"reached {_fmt(h['router_ratio'])}x of it.")
+        for key, where in HINDSIGHT_CEILINGS.items():
+            if vs.get(key):
+                h = vs[key]
+                parts.append(f"The static methods' fastest {where.format(**h)}: "
+                             f"{_fmt(h['ratio_to_best'], 3)}x the best static method; the router "
+                             f"reached {_fmt(h['router_ratio'])}x of it.")
     detail = router.get("detail", {})
     if "decision_ms_p99" in detail:
         over = (f"{detail['decisions']} decisions ({router['prompts']} requests', and "
