@@ -13,14 +13,20 @@ prior to the bucket (``calibrated_prior``): profile figures, or the unit-less de
 are none, only say how arms compare, while the bucket's observations set the scale. The arm is
 the one with the highest upper quantile of its posterior, the quantile rising with the bucket's
 traffic (Bayes-UCB, ``bayes_ucb_choice``), or the highest draw from it (Thompson sampling).
+
+Bayes-UCB is deterministic given a bucket's figures, so a router that follows a store
+(``ArmRouter.follow``) chooses a bucket's arm when the store's figures for it change, off the
+request path, and a request only classifies its prompt and looks its bucket's route up.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import TYPE_CHECKING
@@ -46,6 +52,10 @@ MIN_DEPTH_STEPS = 32
 # posteriors; spreads concurrent requests of a bucket over the arms).
 EXPLORATIONS = ("ucb", "thompson")
 _STANDARD_NORMAL = NormalDist()
+# A prepared route (``ArmRouter.follow``) is chosen again, even without new figures, once it is
+# this many of the store's half-lives old (3 minutes at an hour): its figures' decay since has
+# moved them 3.4%, less than one request moves a bucket with 30 behind it.
+ROUTE_MAX_AGE_HALF_LIVES = 0.05
 
 # A chat request whose messages carry at least this many characters has a document to work from
 # (a text to summarise, extract from or answer about; a long conversation): answers copy from it.
@@ -94,6 +104,13 @@ def classify_prompt(text: str, is_chat: bool) -> str:
     return "doc" if len(text.strip()) >= DOCUMENT_CHARS else "chat"
 
 
+# Every value of a context bucket's fields: ``classify_prompt``, ``temperature_bucket``,
+# ``length_bucket``.
+PROMPT_CLASSES = ("code", "doc", "chat", "prose")
+TEMPERATURE_BUCKETS = ("t0", "tlo", "thi")
+LENGTH_BUCKETS = ("ps", "pm", "pl")
+
+
 def temperature_bucket(temperature: float) -> str:
     if temperature <= 0:
         return "t0"
@@ -109,6 +126,12 @@ def length_bucket(prompt_tokens: int) -> str:
 def context_bucket(text: str, is_chat: bool, temperature: float, prompt_tokens: int) -> str:
     return ".".join((classify_prompt(text, is_chat), temperature_bucket(temperature),
                      length_bucket(prompt_tokens)))
+
+
+def all_buckets() -> list[str]:
+    """Every context bucket ``context_bucket`` can return."""
+    return [".".join(fields) for fields
+            in itertools.product(PROMPT_CLASSES, TEMPERATURE_BUCKETS, LENGTH_BUCKETS)]
 
 
 @dataclass(frozen=True)
@@ -127,6 +150,16 @@ class Route:
 
     arm: str
     depth: int | None = None
+
+
+@dataclass(frozen=True)
+class PreparedRoute:
+    """A bucket's arm chosen ahead of its requests (``ArmRouter.prepare``): when, and the
+    bucket's record of the arm then (its depth is drawn per request from it)."""
+
+    arm: str
+    at: float
+    stats: ArmStats | None
 
 
 def posteriors(estimates: dict[str, ArmEstimate], prior: dict[str, float],
@@ -377,6 +410,13 @@ class ArmRouter:
         self.rng = rng or random.Random()
         # The arms' settings, where known: the router then also sets layer-skip drafts' depth.
         self.specs = dict(specs or {})
+        # Routes chosen ahead of requests, by bucket, once the router follows a store.
+        self._following = False
+        self._routes: dict[str, PreparedRoute] = {}
+        self.clock: Callable[[], float] = time.monotonic
+        self.route_max_age_s = math.inf
+        self.prepared_s = 0.0  # time spent choosing routes ahead of requests, in all
+        self.chosen_on_request = 0  # Bayes-UCB arms a following router had not prepared
 
     def choose(self, bucket: str, pinned: str | None = None) -> str:
         return self.route(bucket, pinned).arm
@@ -384,14 +424,31 @@ class ArmRouter:
     def route(self, bucket: str, pinned: str | None = None) -> Route:
         """A pinned arm runs as it is; ``fixed`` mode runs the default arm; else the arm by
         Bayes-UCB or Thompson sampling (``exploration``) over goodput, and its depth from the
-        bucket's acceptance curve."""
+        bucket's acceptance curve. A router following a store looks a Bayes-UCB arm up among
+        the prepared routes and chooses it here only when the bucket has none younger than
+        ``route_max_age_s``."""
         if pinned is not None:
             if pinned not in self.arms:
                 raise KeyError(pinned)
             return Route(pinned)
         if self.mode == "fixed":
             return Route(self.default_arm)
-        estimates = self.estimates(bucket)
+        if self._prepares:
+            prepared = self._routes.get(bucket)
+            if prepared is None or self.clock() - prepared.at > self.route_max_age_s:
+                prepared = self._prepare(bucket)
+                self.chosen_on_request += 1
+            arm, stats = prepared.arm, prepared.stats
+        else:
+            estimates = self.estimates(bucket)
+            arm = self._choose(bucket, estimates)
+            stats = estimates[arm].stats if arm in estimates else None
+        depth = None
+        if arm in self.specs:
+            depth = choose_depth(self.specs[arm], stats, self.rng)
+        return Route(arm, depth)
+
+    def _choose(self, bucket: str, estimates: dict[str, ArmEstimate]) -> str:
         fields = bucket.split(".")
         temperature = fields[1] if len(fields) > 1 else None
         if temperature in self.sampled:
@@ -401,13 +458,51 @@ class ArmRouter:
                                                paired=temperature == temperature_bucket(0.0))
         prior, noise = calibrated_prior(estimates, prior), observed_noise(estimates)
         if self.exploration == "ucb":
-            arm = bayes_ucb_choice(estimates, prior, weight, obs_noise=noise)
-        else:
-            arm = thompson_choice(estimates, prior, weight, rng=self.rng, obs_noise=noise)
-        depth = None
-        if arm in self.specs and arm in estimates:
-            depth = choose_depth(self.specs[arm], estimates[arm].stats, self.rng)
-        return Route(arm, depth)
+            return bayes_ucb_choice(estimates, prior, weight, obs_noise=noise)
+        return thompson_choice(estimates, prior, weight, rng=self.rng, obs_noise=noise)
+
+    @property
+    def _prepares(self) -> bool:
+        """Whether arms are chosen ahead of requests: Bayes-UCB's are, once the router follows a
+        store (Thompson sampling draws for each request)."""
+        return self._following and self.mode == "adaptive" and self.exploration == "ucb"
+
+    def _prepare(self, bucket: str) -> PreparedRoute:
+        estimates = self.estimates(bucket)
+        arm = self._choose(bucket, estimates)
+        prepared = PreparedRoute(arm, self.clock(), estimates[arm].stats
+                                 if arm in estimates else None)
+        self._routes[bucket] = prepared
+        return prepared
+
+    def prepare(self, buckets: Iterable[str] | None = None) -> None:
+        """Choose the arms of ``buckets`` (None: every bucket) now, ahead of their requests,
+        and again those of the prepared routes past half their maximum age. A router following
+        a store is called with the buckets whose figures changed; other routers choose per
+        request and prepare nothing."""
+        if not self._prepares:
+            return
+        started, now = time.perf_counter(), self.clock()
+        due = dict.fromkeys(all_buckets() if buckets is None else buckets)
+        due.update(dict.fromkeys(b for b, prepared in self._routes.items()
+                                 if now - prepared.at > self.route_max_age_s / 2))
+        for bucket in due:
+            self._prepare(bucket)
+        self.prepared_s += time.perf_counter() - started
+
+    def follow(self, store: StatsStore, model: str) -> None:
+        """Route by ``model``'s figures in ``store``, choosing each bucket's Bayes-UCB arm when
+        they change (the store calls ``prepare``: on a record for the in-process store, on a
+        refresh for Redis) rather than on each request. A prepared route is chosen again after
+        ``ROUTE_MAX_AGE_HALF_LIVES`` of the store's half-life, when the decay has moved its
+        figures, on the store's clock."""
+        self.estimates = store_estimates(store, model)
+        self.clock = store.clock
+        self.route_max_age_s = ROUTE_MAX_AGE_HALF_LIVES * store.half_life_s
+        self._following = True
+        self._routes.clear()
+        store.subscribe(model, self.prepare)
+        self.prepare()
 
     @classmethod
     def for_profile(cls, profile: Profile, default_arm: str | None = None,

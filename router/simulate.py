@@ -2,10 +2,10 @@
 
 Owns the harness the router's tests and benchmark share: simulated requests drawn from a traffic
 mix of context buckets, each routed by ``ArmRouter``, served at a goodput sampled from a known
-truth per (bucket, arm), and recorded in an ``InProcessStatsStore`` whose snapshot feeds the
-router back, as in the ingress. Time is an injected clock advanced per request, so the store's
-decay is deterministic; everything random flows from one seed. Also measures the router's
-per-decision cost.
+truth per (bucket, arm), and recorded in an ``InProcessStatsStore`` the router follows (each
+record prepares its bucket's next route), as in the ingress. Time is an injected clock advanced
+per request, so the store's decay is deterministic; everything random flows from one seed. Also
+measures the router's per-decision cost.
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ def simulate(truth: Truth, mix: Mapping[str, float], requests: int, seed: int, *
     store = InProcessStatsStore(half_life_s=half_life_s, clock=clock)
     default = default_arm or arms[0]
     router = ArmRouter(arms, default, Priors.of(arms, default, prior), mode,
-                       estimates=store_estimates(store, MODEL),
                        rng=random.Random(f"{seed}:router"), exploration=exploration)
+    router.follow(store, MODEL)
     rng = random.Random(f"{seed}:traffic")
     buckets, weights = list(mix), list(mix.values())
     records = []

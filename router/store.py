@@ -34,7 +34,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -232,6 +232,24 @@ class StatsStore(abc.ABC):
         # The cached records by (model, bucket): a decision reads one bucket's, whatever else
         # the fleet's cache holds.
         self._buckets: dict[tuple[str, str], dict[StatsKey, ArmStats]] = {}
+        self._listeners: list[tuple[str, Callable[[list[str]], None]]] = []
+
+    def subscribe(self, model: str, listener: Callable[[list[str]], None]) -> None:
+        """Call ``listener`` with ``model``'s buckets whose cached figures changed: after each
+        record merged into the cache (in-process), after each refresh (Redis; an empty list
+        when nothing changed, so the listener still hears the refresh's tick)."""
+        self._listeners.append((model, listener))
+
+    def _notify(self, changed: Iterable[tuple[str, str]], tick: bool = False) -> None:
+        by_model: dict[str, list[str]] = {}
+        for model, bucket in changed:
+            by_model.setdefault(model, []).append(bucket)
+        for model, listener in self._listeners:
+            if model in by_model or tick:
+                try:
+                    listener(by_model.get(model, []))
+                except Exception:  # a listener's bug must not stop the store
+                    log.exception("statistics listener for %s failed", model)
 
     @property
     @abc.abstractmethod
@@ -272,7 +290,9 @@ class StatsStore(abc.ABC):
         buckets: dict[tuple[str, str], dict[StatsKey, ArmStats]] = {}
         for key, stats in records.items():
             buckets.setdefault((key.model, key.bucket), {})[key] = stats
-        self._buckets = buckets
+        old, self._buckets = self._buckets, buckets
+        self._notify((b for b in old.keys() | buckets.keys() if old.get(b) != buckets.get(b)),
+                     tick=True)
 
     async def flush(self) -> bool:
         """Write what is queued now; False when the backend was unreachable."""
@@ -306,6 +326,7 @@ class InProcessStatsStore(StatsStore):
         arms = self._buckets.setdefault((key.model, key.bucket), {})
         current = arms.get(key)
         arms[key] = new if current is None else current.combined(new, self.half_life_s)
+        self._notify([(key.model, key.bucket)])
 
 
 def _escape(component: str) -> str:

@@ -286,7 +286,7 @@ class IngressBase:
     def __init__(self, decoder: DeploymentHandle, config: dict):
         from transformers import AutoConfig, AutoTokenizer
 
-        from router.policy import ArmRouter, store_estimates
+        from router.policy import ArmRouter
         from router.store import make_store
         from workers.engine import resolve_profile
         from workers.model import check_architecture, fingerprint, resolve_model_path
@@ -304,10 +304,12 @@ class IngressBase:
         self.profile.arm(default)
         self.store = make_store(self.config.redis_url, prefix=self.config.stats_prefix)
         self._store_started = False
-        self.router = ArmRouter.for_profile(
-            self.profile, default, self.config.router,
-            estimates=store_estimates(self.store, self.config.served_model_name),
-            dtype=self.config.dtype, exploration=self.config.router_exploration)
+        self.router = ArmRouter.for_profile(self.profile, default, self.config.router,
+                                            dtype=self.config.dtype,
+                                            exploration=self.config.router_exploration)
+        # Bayes-UCB routes are chosen when the store's refresh brings new figures (on the
+        # event loop, between requests); a request classifies its prompt and looks one up.
+        self.router.follow(self.store, self.config.served_model_name)
         self.metrics = IngressMetrics()
         # One thread: a fast tokenizer used from two threads at once can fail ("Already
         # borrowed"), so requests take turns, off the event loop.

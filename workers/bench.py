@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from router.policy import ArmRouter, Route, context_bucket, conversation_text, store_estimates
+from router.policy import ArmRouter, Route, context_bucket, conversation_text
 from workers.engine import Engine
 from workers.model import dtype_name
 from workers.prompts import BenchPrompt
@@ -119,12 +119,26 @@ class RouterLog:
 
     choices: list[str] = field(default_factory=list)
     decision_s: list[float] = field(default_factory=list)
+    # Time the router spent choosing routes ahead of requests after each request's record, and
+    # how many of its decisions still chose their arm on the request (no route prepared).
+    prepare_s: list[float] = field(default_factory=list)
+    chosen_on_request: int = 0
 
     def detail(self) -> dict:
-        decisions = sorted(self.decision_s)
-        return {"choices": dict(Counter(self.choices)), "decisions": len(decisions),
-                **{f"decision_ms_p{p}": round(1e3 * nearest_rank(decisions, p / 100), 4)
-                   for p in (50, 99, 100) if decisions}}
+        out = {"choices": dict(Counter(self.choices)),
+               **percentiles_ms("decision", self.decision_s)}
+        if any(self.prepare_s):
+            out |= {**percentiles_ms("prepare", self.prepare_s),
+                    "chosen_on_request": self.chosen_on_request}
+        return out
+
+
+def percentiles_ms(name: str, seconds: list[float]) -> dict:
+    """``{name}s`` (how many) and their p50, p99 and slowest in milliseconds."""
+    ordered = sorted(seconds)
+    return {f"{name}s": len(ordered),
+            **{f"{name}_ms_p{p}": round(1e3 * nearest_rank(ordered, p / 100), 4)
+               for p in (50, 99, 100) if ordered}}
 
 
 class Bench:
@@ -174,12 +188,14 @@ class Bench:
         profile = self.engine.profile
         dtype = dtype_name(self.engine.runner.dtype)
         router, shadow = (ArmRouter.for_profile(profile, rng=random.Random(seed), dtype=dtype,
-                                                estimates=store_estimates(store, "bench"),
                                                 exploration=exploration)
                           for seed in (0, 1))
         # ``shadow`` makes the same decisions again on the same state, with random draws of its
         # own (the requests' choices stay those of ``router``): enough timings for a p99 that is
-        # not just the slowest of a few dozen requests.
+        # not just the slowest of a few dozen requests. Both follow the store as the ingress's
+        # router does: Bayes-UCB routes are chosen when a record changes their bucket's figures.
+        for policy in (router, shadow):
+            policy.follow(store, "bench")
 
         def decide(index: int, policy: ArmRouter) -> tuple[str, Route]:
             bucket = self.bucket(index)
@@ -200,7 +216,10 @@ class Bench:
                                          route.depth, pool)
             gen.run()
             seconds = time.perf_counter() - t0
+            prepared_s = router.prepared_s
             store.record(StatsKey("bench", bucket, arm), gen.stats, seconds)
+            log.prepare_s.append(router.prepared_s - prepared_s)
+            log.chosen_on_request = router.chosen_on_request + shadow.chosen_on_request
             log.choices.append(arm)
             return PromptRun(p.id, p.category, gen.output, seconds, gen.stats, arm)
 
@@ -603,6 +622,11 @@ def router_summary(router: dict) -> str:
         parts.append(f"Decision time (prompt class, bucket, arm) p50 "
                      f"{_fmt(detail['decision_ms_p50'], 3)} ms, p99 "
                      f"{_fmt(detail['decision_ms_p99'], 3)} ms{slowest} over {over}.")
+    if "prepare_ms_p99" in detail:
+        parts.append(f"Routes chosen ahead of requests, after each request's record: p50 "
+                     f"{_fmt(detail['prepare_ms_p50'], 3)} ms, p99 "
+                     f"{_fmt(detail['prepare_ms_p99'], 3)} ms; "
+                     f"{detail['chosen_on_request']} decisions chose their arm on the request.")
     if detail.get("choices"):
         parts.append("Arms chosen: " + ", ".join(
             f"{arm} {n}" for arm, n in sorted(detail["choices"].items(), key=lambda kv: -kv[1]))

@@ -32,7 +32,7 @@ from router.policy import (
     thompson_choice,
     ucb_quantile,
 )
-from router.simulate import ArmTruth, SimResult, decision_time_p99, simulate
+from router.simulate import ArmTruth, SimClock, SimResult, decision_time_p99, simulate
 from router.store import ArmStats, InProcessStatsStore, StatsKey
 from workers.arm import Arm
 from workers.stats import SpecDecodeStats
@@ -715,15 +715,19 @@ def test_choose_depth_only_for_drafters_paying_per_level() -> None:
 @pytest.mark.parametrize(("truth", "level_s", "expected"), [
     ([0.95, 0.9, 0.9, 0.85, 0.8, 0.8], 0.004, 6), ([0.95, 0.9, 0.9, 0.85, 0.8, 0.8], 0.02, 3),
     ([0.9, 0.85, 0.3, 0.2, 0.1, 0.1], 0.02, 2), ([0.3] * 6, 0.02, 1)])
+@pytest.mark.parametrize("follows", [False, True])
 def test_router_depth_converges_to_the_best_depth(truth: list[float], level_s: float,
-                                                  expected: int) -> None:
+                                                  expected: int, follows: bool) -> None:
     """Simulated layer-skip chain traffic with a known acceptance curve: the depths the router
-    picks end at the depth that maximises tokens per second."""
+    picks end at the depth that maximises tokens per second, whether it reads the store on each
+    request or follows it (the depth drawn from the record its prepared route keeps)."""
     rng = random.Random(7)
     store = InProcessStatsStore(half_life_s=1e9)
     key = StatsKey("m", "A", CHAIN.name)
     router = ArmRouter([CHAIN.name], CHAIN.name, estimates=store_estimates(store, "m"),
                        rng=rng, specs={CHAIN.name: CHAIN})
+    if follows:
+        router.follow(store, "m")
     depths = []
     for _ in range(300):
         route = router.route("A")
@@ -736,3 +740,136 @@ def test_router_depth_converges_to_the_best_depth(truth: list[float], level_s: f
     assert late[expected] >= 80
     pinned = router.route("A", pinned=CHAIN.name)
     assert pinned == Route(CHAIN.name, None)
+
+
+# --- routes prepared ahead of requests -----------------------------------------------------
+
+def test_every_context_bucket_is_one_of_all_buckets() -> None:
+    texts = [("def f(x):\n    return x + 1\n", False), ("Tell me a joke.", True),
+             ("Summarise this. " + "The report says a lot. " * 40, True),
+             ("Once upon a time there was a fox.", False)]
+    seen = {context_bucket(text, is_chat, temperature, tokens)
+            for text, is_chat in texts for temperature in (0.0, 0.5, 1.0)
+            for tokens in (10, 300, 2000)}
+    assert len(seen) == 36
+    assert seen == set(policy.all_buckets())
+
+
+def following_pair(exploration: str = "ucb", half_life_s: float = 3600.0):
+    """A router following an in-process store, and one reading the same store per request."""
+    clock = SimClock()
+    store = InProcessStatsStore(half_life_s=half_life_s, clock=clock)
+    priors = Priors.of(ARMS, "none", {"none": 60.0, "skip_chain": 66.0, "skip_tree": 63.0,
+                                      "ngram_tree": 64.0})
+    follower = ArmRouter(ARMS, "none", priors, rng=random.Random(0), exploration=exploration)
+    follower.follow(store, "m")
+    reader = ArmRouter(ARMS, "none", priors, estimates=store_estimates(store, "m"),
+                       rng=random.Random(0), exploration=exploration)
+    return store, clock, follower, reader
+
+
+def record_goodput(store: InProcessStatsStore, bucket: str, arm: str, goodput: float) -> None:
+    store.record(StatsKey("m", bucket, arm), SpecDecodeStats(num_output_tokens=100),
+                 100 / goodput)
+
+
+def test_prepared_routes_are_the_routes_chosen_per_request() -> None:
+    """A following router's routes are looked up, not chosen on the request, and are the arms
+    a router reading the store on each request picks on the same figures (decayed to the time
+    the route was prepared: a request a few seconds later may see another arm of a near-tie)."""
+    store, clock, follower, reader = following_pair()
+    buckets = ["code.t0.ps", "chat.tlo.ps", "prose.thi.pm"]
+    truth = {"code.t0.ps": {"none": 60, "skip_chain": 55, "skip_tree": 62, "ngram_tree": 90},
+             "chat.tlo.ps": {"none": 70, "skip_chain": 75, "skip_tree": 60, "ngram_tree": 65},
+             "prose.thi.pm": {"none": 50, "skip_chain": 50, "skip_tree": 58, "ngram_tree": 40}}
+    rng = random.Random(3)
+    estimates = follower.estimates
+    calls = []
+    follower.estimates = lambda bucket: calls.append(bucket) or estimates(bucket)
+    arms_seen = set()
+    prepared = {bucket: reader.choose(bucket) for bucket in buckets}  # by follow()
+    for _ in range(150):
+        bucket = rng.choice(buckets)
+        arm = follower.choose(bucket)
+        arms_seen.add(arm)
+        calls.clear()
+        record_goodput(store, bucket, arm, truth[bucket][arm] * rng.uniform(0.8, 1.2))
+        # The record prepared its bucket's route (and, every half maximum age, the older ones).
+        assert calls[0] == bucket
+        swept = list(calls)
+        prepared.update({other: reader.choose(other) for other in buckets if other in swept})
+        assert {other: follower.choose(other) for other in buckets} == prepared
+        assert calls == swept  # ...and the requests only looked routes up
+        clock.now += 1.0
+    assert follower.chosen_on_request == 0
+    assert follower.prepared_s > 0
+    assert arms_seen >= {"ngram_tree", "skip_chain", "skip_tree"}  # each bucket's best found
+
+
+def test_an_old_prepared_route_is_chosen_again() -> None:
+    """A route older than its maximum age is chosen again on the request (the bucket's
+    figures have decayed since); a store's notification first prepares again the routes past
+    half that age."""
+    store, clock, follower, reader = following_pair(half_life_s=1000.0)
+    assert follower.route_max_age_s == pytest.approx(50.0)
+    for _ in range(3):
+        record_goodput(store, "code.t0.ps", "ngram_tree", 64.0)
+    # Few requests after a long pause: the evidence has decayed, the prior counts again.
+    clock.now += 2000.0
+    before = follower.chosen_on_request
+    assert follower.choose("code.t0.ps") == reader.choose("code.t0.ps")
+    assert follower.chosen_on_request == before + 1
+    clock.now += 26.0  # past half the maximum age: another bucket's record refreshes it too
+    record_goodput(store, "chat.t0.ps", "none", 60.0)
+    clock.now += 26.0  # 52 s after the request's choice, 26 s after the refresh
+    assert follower.choose("code.t0.ps") == reader.choose("code.t0.ps")
+    assert follower.chosen_on_request == before + 1
+
+
+def test_a_route_prepared_on_old_figures_turns_when_they_decay() -> None:
+    """What a prepared route's maximum age is for: the arm observed best holds while the
+    figures are fresh; once they have faded the prior's favourite comes back, on the request
+    after the maximum age."""
+    store, clock, follower, reader = following_pair(half_life_s=100.0)
+    for _ in range(5):
+        for arm in ARMS:
+            record_goodput(store, "chat.t0.ps", arm, 70.0 if arm == "none" else 50.0)
+    assert follower.choose("chat.t0.ps") == "none"
+    clock.now += 1000.0  # ten half-lives: the 12 requests weigh 0.01
+    assert reader.choose("chat.t0.ps") == "skip_chain"  # the prior's favourite
+    assert follower.choose("chat.t0.ps") == "skip_chain"
+
+
+@pytest.mark.parametrize("mode", ["fixed", "thompson"])
+def test_only_bayes_ucb_routes_are_prepared(mode: str) -> None:
+    """Thompson sampling draws for each request, a fixed router has nothing to choose: following
+    a store prepares nothing for either."""
+    store, clock, follower, _ = following_pair("thompson" if mode == "thompson" else "ucb")
+    if mode == "fixed":
+        follower.mode = "fixed"
+    follower.prepare()
+    record_goodput(store, "code.t0.ps", "none", 60.0)
+    if mode == "fixed":
+        assert {follower.choose("code.t0.ps") for _ in range(20)} == {"none"}
+    else:
+        assert len({follower.choose("code.t0.ps") for _ in range(200)}) > 1
+    assert follower.chosen_on_request == 0
+
+
+def test_a_following_router_survives_a_failing_listener(caplog) -> None:
+    """A listener that raises is logged; the store keeps the record and tells the others."""
+    store, clock, follower, reader = following_pair()
+
+    def broken(buckets: list[str]) -> None:
+        raise RuntimeError("listener bug")
+
+    heard = []
+    store.subscribe("m", broken)
+    store.subscribe("m", heard.append)
+    store.subscribe("other-model", heard.append)
+    record_goodput(store, "code.t0.ps", "ngram_tree", 200.0)
+    assert "listener bug" in caplog.text
+    assert StatsKey("m", "code.t0.ps", "ngram_tree") in store.snapshot("m")
+    assert heard == [["code.t0.ps"]]
+    assert follower.choose("code.t0.ps") == reader.choose("code.t0.ps")
+    assert follower.chosen_on_request == 0

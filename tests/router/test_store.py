@@ -191,6 +191,46 @@ def test_two_clients_share_statistics(redis_server):
 
 
 @pytest.mark.redis
+def test_a_refresh_tells_listeners_which_buckets_changed(redis_server):
+    """A reader's refresh calls each listener of a model with the buckets whose figures
+    changed, and with none (a tick) when nothing did; a router following the reader prepares
+    the changed bucket's route from the new figures."""
+    from router.policy import ArmRouter
+
+    async def scenario():
+        prefix, clock = unique_prefix(), FakeClock()
+        writer = fast_store(redis_server.url, prefix, clock=clock)
+        reader = fast_store(redis_server.url, prefix, clock=clock)
+        heard, other = [], []
+        reader.subscribe("tiny-llama", heard.append)
+        reader.subscribe("another-model", other.append)
+        router = ArmRouter(["none", "s3d-k4"], "none")
+        router.follow(reader, "tiny-llama")
+        assert router.choose("code.t0.ps") == "none"  # no figures: the default, slightly ahead
+        writer.record(StatsKey("tiny-llama", "code.t0.ps", "s3d-k4"), spec_stats(output=100),
+                      decode_time_s=0.5)
+        writer.record(StatsKey("tiny-llama", "code.t0.ps", "none"), spec_stats(output=10),
+                      decode_time_s=0.5)
+        writer.record(StatsKey("tiny-llama", "chat.t0.ps", "none"), spec_stats(), decode_time_s=0.5)
+        assert await writer.flush()
+        assert await reader.refresh()
+        assert sorted(heard.pop()) == ["chat.t0.ps", "code.t0.ps"]
+        assert router.chosen_on_request == 0
+        assert router.choose("code.t0.ps") == "s3d-k4"  # prepared by the refresh, 200 vs 20 tok/s
+        assert await reader.refresh()
+        assert heard == [[]] and other == [[], []]  # nothing changed: ticks
+        writer.record(StatsKey("tiny-llama", "chat.t0.ps", "none"), spec_stats(), decode_time_s=0.5)
+        assert await writer.flush()
+        assert await reader.refresh()
+        assert heard == [[], ["chat.t0.ps"]]
+        assert router.chosen_on_request == 0
+        await writer.close()
+        await reader.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.redis
 def test_many_records_accumulate_atomically(redis_server):
     async def scenario():
         prefix, clock = unique_prefix(), FakeClock()

@@ -75,6 +75,13 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
         assert detail["decisions"] == 3 * (1 + REPEAT_DECISIONS)  # each request's, and repeats
         summary = router_summary(entries[router])
         assert f"over {detail['decisions']} decisions (3 requests'" in summary
+        if exploration == "ucb":
+            # Bayes-UCB's routes are prepared after each record: every decision looked one up.
+            assert detail["prepares"] == 3 and detail["prepare_ms_p99"] > 0
+            assert detail["chosen_on_request"] == 0
+            assert "0 decisions chose their arm on the request" in summary
+        else:
+            assert "prepares" not in detail and "ahead of requests" not in summary
         assert summary.startswith(f"{router}: {vs['ratio']:.2f}x the best static method "
                                   f"({vs['best']})") and summary in table
         assert vs["hindsight"]["ratio_to_best"] >= 1.0 and "picked in hindsight" in summary
