@@ -1,24 +1,23 @@
 """A pure, deterministic simulation of the router against an in-process statistics store.
 
-Owns the harness the router's tests and benchmark share: simulated requests drawn from a traffic
+The harness of the router's simulation tests: simulated requests drawn from a traffic
 mix of context buckets, each routed by ``ArmRouter``, served at a goodput sampled from a known
 truth per (bucket, arm), and recorded in an ``InProcessStatsStore`` the router follows (each
 record prepares its bucket's next route), as in the ingress. Time is an injected clock advanced
-per request, so the store's decay is deterministic; everything random flows from one seed. Also
-measures the router's per-decision cost.
+per request, so the store's decay is deterministic; everything random flows from one seed. (The
+router's decision time is measured where it is timed against real decoding: ``s3d bench``.)
 """
 
 from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from router.policy import ArmRouter, Priors, store_estimates
+from router.policy import ArmRouter, Priors
 from router.store import InProcessStatsStore, StatsKey
-from workers.stats import SpecDecodeStats, nearest_rank
+from workers.stats import SpecDecodeStats
 
 MODEL = "sim-model"
 
@@ -166,27 +165,3 @@ def simulate(truth: Truth, mix: Mapping[str, float], requests: int, seed: int, *
                                  current[bucket][arm].mean, current[bucket][best].mean))
         clock.now += interval_s
     return SimResult(records)
-
-
-def decision_time_p99(truth: Truth, decisions: int = 2000, seed: int = 0) -> float:
-    """The 99th percentile of one ``choose()`` (estimates from the store included), in seconds.
-
-    The store is first warmed with one recorded request per (bucket, arm) of ``truth``.
-    """
-    clock = SimClock()
-    store = InProcessStatsStore(clock=clock)
-    rng = random.Random(seed)
-    for bucket, arms in truth.items():
-        for arm, arm_truth in arms.items():
-            store.record(StatsKey(MODEL, bucket, arm), SpecDecodeStats(num_output_tokens=128),
-                         128 / arm_truth.sample(rng))
-    buckets = list(truth)
-    arms = list(truth[buckets[0]])
-    router = ArmRouter(arms, arms[0], estimates=store_estimates(store, MODEL), rng=rng)
-    timings = []
-    for i in range(decisions):
-        bucket = buckets[i % len(buckets)]
-        start = time.perf_counter()
-        router.choose(bucket)
-        timings.append(time.perf_counter() - start)
-    return nearest_rank(sorted(timings), 0.99)

@@ -32,7 +32,7 @@ from router.policy import (
     thompson_choice,
     ucb_quantile,
 )
-from router.simulate import ArmTruth, SimClock, SimResult, decision_time_p99, simulate
+from router.simulate import ArmTruth, SimClock, SimResult, simulate
 from router.store import ArmStats, InProcessStatsStore, StatsKey
 from workers.arm import Arm
 from workers.stats import SpecDecodeStats
@@ -652,10 +652,6 @@ def test_learning_the_spread_cuts_regret_when_goodput_is_steady(monkeypatch,
                for seed in SEEDS]
     assert (sum(r.cumulative_regret for r in learned)
             < 0.6 * sum(r.cumulative_regret for r in assumed))
-
-
-def test_decision_time_p99_is_measured() -> None:
-    assert decision_time_p99(TRUTH, decisions=500) > 0
 
 
 # --- draft depth from the acceptance curve -------------------------------------------------
