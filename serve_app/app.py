@@ -383,6 +383,7 @@ class IngressBase:
             raise APIError(400, f"this model's context is {self.context} tokens; the prompt has "
                                 f"{len(ids)} and max_tokens is {max_tokens}",
                            param="prompt", code="context_length_exceeded")
+        decided = time.perf_counter()
         bucket = context_bucket(text, is_chat, req.temperature, len(ids))
         # A seeded request must reproduce: its arm may not depend on the router's exploration.
         pinned = req.arm if req.arm is not None or req.seed is None else self.router.default_arm
@@ -391,6 +392,7 @@ class IngressBase:
         except KeyError:
             names = ", ".join(a.name for a in self.profile.arms)
             raise APIError(400, f"unknown arm {req.arm!r}; arms: {names}", param="arm") from None
+        self.metrics.observe_decision(time.perf_counter() - decided)
         self.metrics.observe_arm(route.arm, pinned=req.arm is not None)
         payload = {"prompt_ids": ids, "max_tokens": max_tokens, "arm": route.arm,
                    "depth": route.depth, "n": req.n,

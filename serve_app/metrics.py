@@ -14,6 +14,8 @@ def _inc(counter: metrics.Counter, value: float, tags: dict) -> None:
 
 
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
+# The router's decision is sub-millisecond: its buckets, in seconds, bracket the 1 ms target.
+DECISION_BUCKETS = [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2]
 
 
 class DecoderMetrics:
@@ -73,6 +75,13 @@ class IngressMetrics:
         self.latency = metrics.Histogram(
             "s3d_request_latency_s", "End-to-end request latency at the ingress.",
             boundaries=LATENCY_BUCKETS)
+
+        self.decision = metrics.Histogram(
+            "s3d_router_decision_s", "The router's decision per request (the prompt's context "
+            "bucket and its arm).", boundaries=DECISION_BUCKETS)
+
+    def observe_decision(self, seconds: float) -> None:
+        self.decision.observe(seconds)
 
     def observe_arm(self, arm: str, pinned: bool) -> None:
         self.arm_chosen.inc(1, {"arm": arm, "pinned": str(pinned).lower()})

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import re
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -303,6 +305,38 @@ def test_statistics_reach_redis(served):
         if client.type(key) == b"hash":
             for value in client.hgetall(key).values():
                 float(value)  # numbers only: no prompt text in the store
+
+
+def test_every_documented_metric_is_exported(served):
+    """The README's Metrics section names what Ray exports: after a pinned request on an n-gram
+    arm and a routed one, every name is in the Prometheus export (Ray's ``ray_`` prefix;
+    counters end in ``_total``, histograms have ``_count``), the replicas' statistics store is
+    up, and both requests' router decisions were timed."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    names = [name for name in re.findall(r"`([a-z0-9_]+)`", section) if name != "ray_"]
+    assert "s3d_router_decision_s" in names and len(names) >= 13
+    before = served.metrics().get("ray_s3d_router_decision_s_count", [])
+    oai(served).completions.create(model=MODEL, prompt="1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3,",
+                                   max_tokens=16, temperature=0,
+                                   extra_body={"arm": "ngram_tree"})
+    oai(served).completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=4,
+                                   temperature=0)
+
+    def missing(samples: dict) -> list[str]:
+        return [name for name in names if not {f"ray_{name}", f"ray_{name}_total",
+                                               f"ray_{name}_count"} & samples.keys()]
+
+    def decided(samples: dict) -> float:
+        return sum(v for _, v in samples.get("ray_s3d_router_decision_s_count", []))
+
+    samples = served.eventually_metrics(
+        lambda samples: not missing(samples) and decided(samples) >= sum(
+            v for _, v in before) + 2)
+    assert [v for _, v in samples["ray_s3d_stats_store_available"]] == [1.0] * len(
+        samples["ray_s3d_stats_store_available"])
+    assert any('arm="ngram_tree"' in labels and 'pinned="true"' in labels
+               for labels, _ in samples["ray_s3d_arm_chosen_total"])
 
 
 def test_router_sets_a_layer_skip_arms_depth_from_fleet_statistics(served):

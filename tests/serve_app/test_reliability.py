@@ -31,6 +31,8 @@ def _stats_total(served) -> float:
 
 
 def test_redis_outage_fails_no_request_and_writing_resumes(served, redis_server):
+    """Redis stopped under load: every request is served, the replicas' store-availability
+    gauge drops to 0 and comes back to 1, and statistics land again by themselves."""
     results: list[int] = []
     stop = threading.Event()
 
@@ -44,12 +46,20 @@ def test_redis_outage_fails_no_request_and_writing_resumes(served, redis_server)
     try:
         time.sleep(3)
         redis_server.stop()
-        time.sleep(8)
+        down = time.time()
+        # The replicas say so in their metrics while Redis is down...
+        served.eventually_metrics(lambda samples: any(
+            v == 0.0 for _, v in samples.get("ray_s3d_stats_store_available", [])))
+        time.sleep(max(0.0, 8 - (time.time() - down)))
         redis_server.start()  # same port, empty: writes must land again by themselves
         deadline = time.time() + 60
         while _stats_total(served) == 0:
             assert time.time() < deadline, "statistics writing did not resume after Redis came back"
             time.sleep(1)
+        # ...and again when it is back.
+        served.eventually_metrics(lambda samples: samples.get(
+            "ray_s3d_stats_store_available") and all(
+            v == 1.0 for _, v in samples["ray_s3d_stats_store_available"]))
     finally:
         stop.set()
         for w in workers:
