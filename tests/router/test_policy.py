@@ -840,16 +840,18 @@ def test_a_route_prepared_on_old_figures_turns_when_they_decay() -> None:
 def test_only_bayes_ucb_routes_are_prepared(mode: str) -> None:
     """Thompson sampling draws for each request, a fixed router has nothing to choose: following
     a store prepares nothing for either."""
-    store, clock, follower, _ = following_pair("thompson" if mode == "thompson" else "ucb")
-    if mode == "fixed":
-        follower.mode = "fixed"
+    store = InProcessStatsStore(clock=SimClock())
+    follower = ArmRouter(ARMS, "none", mode="fixed" if mode == "fixed" else "adaptive",
+                         rng=random.Random(0), exploration="thompson" if mode == "thompson"
+                         else "ucb")
+    follower.follow(store, "m")
     follower.prepare()
     record_goodput(store, "code.t0.ps", "none", 60.0)
     if mode == "fixed":
         assert {follower.choose("code.t0.ps") for _ in range(20)} == {"none"}
     else:
         assert len({follower.choose("code.t0.ps") for _ in range(200)}) > 1
-    assert follower.chosen_on_request == 0
+    assert follower.prepared_s == 0 and follower.chosen_on_request == 0
 
 
 def test_a_following_router_survives_a_failing_listener(caplog) -> None:
