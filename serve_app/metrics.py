@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
 from ray.serve import metrics
 
 from workers.stats import SpecDecodeStats
@@ -12,6 +16,11 @@ def _inc(counter: metrics.Counter, value: float, tags: dict) -> None:
     if value > 0:
         counter.inc(value, tags)
 
+
+log = logging.getLogger(__name__)
+
+# How often a decoder replica sets its gauges again (see ``DecoderMetrics``).
+GAUGE_REFRESH_S = 5.0
 
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 # The router's decision is sub-millisecond: its buckets, in seconds, bracket the 1 ms target.
@@ -43,14 +52,33 @@ class DecoderMetrics:
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500], tag_keys=tags)
         self.store_available = metrics.Gauge(
             "s3d_stats_store_available", "1 when the statistics store (Redis) is reachable.")
-        self.store_available.set(1)
         self.pool_tokens = metrics.Gauge(
             "s3d_pool_tokens", "Tokens in the replica's pool of earlier outputs (n-gram drafts).")
+        # The gauges' last values, set again every ``GAUGE_REFRESH_S`` by a daemon thread: Ray
+        # drops a gauge from its Prometheus export about 20 s after its last ``set()`` (seen with
+        # Ray 2.60), so a steady value (Redis up for hours, a full pool) would vanish, and an
+        # alert on ``s3d_stats_store_available == 0`` would stop firing 20 s into an outage.
+        self._gauges: dict[metrics.Gauge, float] = {}
+        self._set(self.store_available, 1)
+        threading.Thread(target=self._keep_gauges, name="s3d-gauges", daemon=True).start()
+
+    def _set(self, gauge: metrics.Gauge, value: float) -> None:
+        self._gauges[gauge] = value
+        gauge.set(value)
+
+    def _keep_gauges(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            for gauge, value in list(self._gauges.items()):
+                try:
+                    gauge.set(value)
+                except Exception:  # a metric is a sink: never let it end the thread
+                    log.exception("setting a gauge failed")
 
     def observe_request(self, stats: SpecDecodeStats, arm: str, seconds: float,
                         ttft: float, pool_tokens: int) -> None:
         tags = {"arm": arm}
-        self.pool_tokens.set(pool_tokens)
+        self._set(self.pool_tokens, pool_tokens)
         _inc(self.num_drafts, stats.num_drafts, tags)
         _inc(self.num_draft_tokens, stats.num_draft_tokens, tags)
         _inc(self.num_accepted_tokens, stats.num_accepted_tokens, tags)
@@ -64,7 +92,7 @@ class DecoderMetrics:
             self.tokens_per_s.observe((stats.num_output_tokens - 1) / decode, tags)
 
     def set_store_available(self, available: bool) -> None:
-        self.store_available.set(1 if available else 0)
+        self._set(self.store_available, 1 if available else 0)
 
 
 class IngressMetrics:
