@@ -103,7 +103,6 @@ class IngressMetrics:
         self.latency = metrics.Histogram(
             "s3d_request_latency_s", "End-to-end request latency at the ingress.",
             boundaries=LATENCY_BUCKETS)
-
         self.decision = metrics.Histogram(
             "s3d_router_decision_s", "The router's decision per request (the prompt's context "
             "bucket and its arm).", boundaries=DECISION_BUCKETS)

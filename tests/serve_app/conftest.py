@@ -33,7 +33,8 @@ class ServedApp:
         return samples
 
     def eventually_metrics(self, condition, timeout_s: float = 30.0) -> dict:
-        """Scrape until ``condition(samples)`` holds (Ray exports every half second here)."""
+        """Scrape until ``condition(samples)`` holds (Ray exports every second here: the
+        fixture asks for half a second, Ray's floor is one)."""
         deadline = time.time() + timeout_s
         while True:
             samples = self.metrics()
