@@ -440,13 +440,17 @@ class ArmRouter:
                 self.chosen_on_request += 1
             arm, stats = prepared.arm, prepared.stats
         else:
-            estimates = self.estimates(bucket)
-            arm = self._choose(bucket, estimates)
-            stats = estimates[arm].stats if arm in estimates else None
+            arm, stats = self._decide(bucket)
         depth = None
         if arm in self.specs:
             depth = choose_depth(self.specs[arm], stats, self.rng)
         return Route(arm, depth)
+
+    def _decide(self, bucket: str) -> tuple[str, ArmStats | None]:
+        """The bucket's arm from its estimates now, and the bucket's record of that arm."""
+        estimates = self.estimates(bucket)
+        arm = self._choose(bucket, estimates)
+        return arm, estimates[arm].stats if arm in estimates else None
 
     def _choose(self, bucket: str, estimates: dict[str, ArmEstimate]) -> str:
         fields = bucket.split(".")
@@ -468,10 +472,8 @@ class ArmRouter:
         return self._following and self.mode == "adaptive" and self.exploration == "ucb"
 
     def _prepare(self, bucket: str) -> PreparedRoute:
-        estimates = self.estimates(bucket)
-        arm = self._choose(bucket, estimates)
-        prepared = PreparedRoute(arm, self.clock(), estimates[arm].stats
-                                 if arm in estimates else None)
+        arm, stats = self._decide(bucket)
+        prepared = PreparedRoute(arm, self.clock(), stats)
         self._routes[bucket] = prepared
         return prepared
 
