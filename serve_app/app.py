@@ -302,7 +302,9 @@ class IngressBase:
                                        model_config.num_hidden_layers)
         default = self.config.default_arm or self.profile.default_arm
         self.profile.arm(default)
-        self.store = make_store(self.config.redis_url, prefix=self.config.stats_prefix)
+        self.metrics = IngressMetrics()
+        self.store = make_store(self.config.redis_url, prefix=self.config.stats_prefix,
+                                on_availability_change=self.metrics.set_store_available)
         self._store_started = False
         self.router = ArmRouter.for_profile(self.profile, default, self.config.router,
                                             dtype=self.config.dtype,
@@ -310,7 +312,6 @@ class IngressBase:
         # Bayes-UCB routes are chosen when the store's refresh brings new figures (on the
         # event loop, between requests); a request classifies its prompt and looks one up.
         self.router.follow(self.store, self.config.served_model_name)
-        self.metrics = IngressMetrics()
         # One thread: a fast tokenizer used from two threads at once can fail ("Already
         # borrowed"), so requests take turns, off the event loop.
         self._tokenize = concurrent.futures.ThreadPoolExecutor(1, "tokenize")

@@ -27,8 +27,39 @@ LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 DECISION_BUCKETS = [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2]
 
 
-class DecoderMetrics:
+class _KeptGauges:
+    """Gauges set again every ``GAUGE_REFRESH_S`` by a daemon thread: Ray drops a gauge from its
+    Prometheus export about 20 s after its last ``set()`` (seen with Ray 2.60), so a steady value
+    (Redis up for hours, a full pool) would vanish, and an alert on
+    ``s3d_stats_store_available == 0`` would stop firing 20 s into an outage."""
+
     def __init__(self) -> None:
+        self._gauges: dict[metrics.Gauge, float] = {}
+        self.store_available = metrics.Gauge(
+            "s3d_stats_store_available", "1 when the statistics store (Redis) is reachable.")
+        self._set(self.store_available, 1)
+        threading.Thread(target=self._keep_gauges, name="s3d-gauges", daemon=True).start()
+
+    def _set(self, gauge: metrics.Gauge, value: float) -> None:
+        self._gauges[gauge] = value
+        gauge.set(value)
+
+    def _keep_gauges(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            for gauge, value in list(self._gauges.items()):
+                try:
+                    gauge.set(value)
+                except Exception:  # a metric is a sink: never let it end the thread
+                    log.exception("setting a gauge failed")
+
+    def set_store_available(self, available: bool) -> None:
+        self._set(self.store_available, 1 if available else 0)
+
+
+class DecoderMetrics(_KeptGauges):
+    def __init__(self) -> None:
+        super().__init__()
         tags = ("arm",)
         self.num_drafts = metrics.Counter(
             "spec_decode_num_drafts", "Verify steps that checked drafted tokens.", tag_keys=tags)
@@ -50,30 +81,8 @@ class DecoderMetrics:
         self.tokens_per_s = metrics.Histogram(
             "s3d_tokens_per_s", "Decode tokens per second per request.",
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500], tag_keys=tags)
-        self.store_available = metrics.Gauge(
-            "s3d_stats_store_available", "1 when the statistics store (Redis) is reachable.")
         self.pool_tokens = metrics.Gauge(
             "s3d_pool_tokens", "Tokens in the replica's pool of earlier outputs (n-gram drafts).")
-        # The gauges' last values, set again every ``GAUGE_REFRESH_S`` by a daemon thread: Ray
-        # drops a gauge from its Prometheus export about 20 s after its last ``set()`` (seen with
-        # Ray 2.60), so a steady value (Redis up for hours, a full pool) would vanish, and an
-        # alert on ``s3d_stats_store_available == 0`` would stop firing 20 s into an outage.
-        self._gauges: dict[metrics.Gauge, float] = {}
-        self._set(self.store_available, 1)
-        threading.Thread(target=self._keep_gauges, name="s3d-gauges", daemon=True).start()
-
-    def _set(self, gauge: metrics.Gauge, value: float) -> None:
-        self._gauges[gauge] = value
-        gauge.set(value)
-
-    def _keep_gauges(self) -> None:
-        while True:
-            time.sleep(GAUGE_REFRESH_S)
-            for gauge, value in list(self._gauges.items()):
-                try:
-                    gauge.set(value)
-                except Exception:  # a metric is a sink: never let it end the thread
-                    log.exception("setting a gauge failed")
 
     def observe_request(self, stats: SpecDecodeStats, arm: str, seconds: float,
                         ttft: float, pool_tokens: int) -> None:
@@ -91,12 +100,14 @@ class DecoderMetrics:
         if stats.num_output_tokens > 1 and decode > 0:
             self.tokens_per_s.observe((stats.num_output_tokens - 1) / decode, tags)
 
-    def set_store_available(self, available: bool) -> None:
-        self._set(self.store_available, 1 if available else 0)
 
 
-class IngressMetrics:
+class IngressMetrics(_KeptGauges):
+    """The ingress's store only reads (its refresh feeds the router), so its gauge says whether
+    routes come from the fleet's current figures or from its cache and the profile's priors."""
+
     def __init__(self) -> None:
+        super().__init__()
         self.arm_chosen = metrics.Counter(
             "s3d_arm_chosen", "Arms chosen by the router (or pinned by the request).",
             tag_keys=("arm", "pinned"))

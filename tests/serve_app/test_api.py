@@ -314,7 +314,8 @@ def test_every_documented_metric_is_exported(served):
     up, and both requests' router decisions were timed."""
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
-    names = [name for name in re.findall(r"`([a-z0-9_]+)`", section) if name != "ray_"]
+    names = [name for name in re.findall(r"`([a-z0-9_]+)`", section)
+             if name.startswith(("s3d_", "spec_decode_"))]
     assert "s3d_router_decision_s" in names and len(names) >= 13
     before = served.metrics().get("ray_s3d_router_decision_s_count", [])
     oai(served).completions.create(model=MODEL, prompt="1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3,",
@@ -333,8 +334,11 @@ def test_every_documented_metric_is_exported(served):
     samples = served.eventually_metrics(
         lambda samples: not missing(samples) and decided(samples) >= sum(
             v for _, v in before) + 2)
-    assert [v for _, v in samples["ray_s3d_stats_store_available"]] == [1.0] * len(
-        samples["ray_s3d_stats_store_available"])
+    # Both deployments say whether they reach Redis: the replicas write, the ingress reads.
+    available = samples["ray_s3d_stats_store_available"]
+    assert [v for _, v in available] == [1.0] * len(available)
+    assert all(any(f'deployment="{name}"' in labels for labels, _ in available)
+               for name in ("Ingress", "Decoder")), available
     assert any('arm="ngram_tree"' in labels and 'pinned="true"' in labels
                for labels, _ in samples["ray_s3d_arm_chosen_total"])
 

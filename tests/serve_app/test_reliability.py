@@ -31,8 +31,9 @@ def _stats_total(served) -> float:
 
 
 def test_redis_outage_fails_no_request_and_writing_resumes(served, redis_server):
-    """Redis stopped under load: every request is served, the replicas' store-availability
-    gauge drops to 0 and comes back to 1, and statistics land again by themselves."""
+    """Redis stopped under load: every request is served, the replicas' and the ingress's
+    store-availability gauges drop to 0 and come back to 1, and statistics land again by
+    themselves."""
     results: list[int] = []
     stop = threading.Event()
 
@@ -47,9 +48,11 @@ def test_redis_outage_fails_no_request_and_writing_resumes(served, redis_server)
         time.sleep(3)
         redis_server.stop()
         down = time.time()
-        # The replicas say so in their metrics while Redis is down...
-        served.eventually_metrics(lambda samples: any(
-            v == 0.0 for _, v in samples.get("ray_s3d_stats_store_available", [])))
+        # The replicas and the ingress say so in their metrics while Redis is down...
+        served.eventually_metrics(lambda samples: all(any(
+            f'deployment="{name}"' in labels and v == 0.0
+            for labels, v in samples.get("ray_s3d_stats_store_available", []))
+            for name in ("Ingress", "Decoder")))
         time.sleep(max(0.0, 8 - (time.time() - down)))
         redis_server.start()  # same port, empty: writes must land again by themselves
         deadline = time.time() + 60
