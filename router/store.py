@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
@@ -42,7 +41,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
+from redis.exceptions import (
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from workers.stats import (
@@ -54,14 +60,27 @@ from workers.stats import (
 
 log = logging.getLogger(__name__)
 
+# A request's record needs a decoding step after its first token (see ``StatsStore.record``).
+MIN_RECORDED_TOKENS = 2
+
 _COUNTERS = ("requests", "num_spec_steps", "num_drafts", "num_draft_tokens",
              "num_accepted_tokens", "draft_time_s", "verify_time_s", "num_output_tokens",
              "decode_time_s", "num_draft_levels", "goodput_sum", "goodput_sq_sum")
 # Per-position lists: attribute -> hash field prefix.
 _POS_FIELDS = {"accepted_per_pos": "acc_pos:", "tried_per_pos": "tried_pos:"}
 _OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError,
-                  OSError, asyncio.TimeoutError)
+                  NoScriptError, TryAgainError, OSError, asyncio.TimeoutError)
+# Replies of a server that cannot write for now (disk full for its snapshots, a script running
+# too long): the records wait for it like for an outage.
+_TRANSIENT_REPLIES = ("MISCONF", "BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN")
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+def _is_outage(error: object) -> bool:
+    """Whether ``error`` means Redis cannot take records now (buffer and retry) rather than
+    rejecting these ones (drop them)."""
+    return isinstance(error, _OUTAGE_ERRORS) or (
+        isinstance(error, ResponseError) and str(error).startswith(_TRANSIENT_REPLIES))
 
 _APPLY_RECORD_LUA = """
 local now, half_life, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -129,6 +148,7 @@ class ArmStats:
     @classmethod
     def from_spec_decode(cls, stats: SpecDecodeStats, decode_time_s: float,
                          now: float) -> ArmStats:
+        """One request's record; ``decode_time_s`` is its time after the first token."""
         goodput = stats.num_output_tokens / decode_time_s if decode_time_s > 0 else 0.0
         return cls(requests=1.0,
                    num_spec_steps=float(stats.num_spec_steps),
@@ -227,6 +247,7 @@ class StatsStore(abc.ABC):
         self.clock = clock
         self.on_availability_change = on_availability_change
         self.dropped_writes = 0
+        self.skipped_records = 0
         self.write_errors = 0
         self.read_errors = 0
         # The cached records by (model, bucket): a decision reads one bucket's, whatever else
@@ -268,9 +289,20 @@ class StatsStore(abc.ABC):
     async def close(self) -> None:
         """Stop background work, writing what is queued if the backend allows."""
 
-    @abc.abstractmethod
     def record(self, key: StatsKey, stats: SpecDecodeStats, decode_time_s: float) -> None:
-        """Queue one finished request's statistics; never blocks, never raises on outages."""
+        """Queue one finished request's statistics; never blocks, never raises on outages.
+
+        A request that ended with its first token (``max_tokens`` 1, a stop string in the
+        first token) ran no decoding step: its goodput would be a token over a few
+        microseconds, an outlier that would inflate the bucket's spread for hours. It says
+        nothing of the arm, so it is not recorded."""
+        if stats.num_output_tokens < MIN_RECORDED_TOKENS:
+            self.skipped_records += 1
+            return
+        self._record(key, ArmStats.from_spec_decode(stats, decode_time_s, self.clock()))
+
+    @abc.abstractmethod
+    def _record(self, key: StatsKey, stats: ArmStats) -> None: ...
 
     def snapshot(self, model: str | None = None,
                  bucket: str | None = None) -> dict[StatsKey, ArmStats]:
@@ -321,8 +353,7 @@ class InProcessStatsStore(StatsStore):
     async def close(self) -> None:
         pass
 
-    def record(self, key: StatsKey, stats: SpecDecodeStats, decode_time_s: float) -> None:
-        new = ArmStats.from_spec_decode(stats, decode_time_s, self.clock())
+    def _record(self, key: StatsKey, new: ArmStats) -> None:
         arms = self._buckets.setdefault((key.model, key.bucket), {})
         current = arms.get(key)
         arms[key] = new if current is None else current.combined(new, self.half_life_s)
@@ -339,19 +370,34 @@ def _redacted(url: str) -> str:
 
 
 class RedisStatsStore(StatsStore):
-    """Statistics shared through Redis, written in batches and read into a periodic cache."""
+    """Statistics shared through Redis, written in batches and read into a periodic cache.
+
+    Records waiting to be written are merged per key (decayed to the later one and added, as
+    the script does), so a long outage costs one record per key, not one per request;
+    ``max_buffer`` bounds the keys waiting. A batch is sent once: redis-py does not resend it
+    on a dropped connection, since the script adds and a batch the server partly applied
+    would count twice; what met an outage is queued again for the next flush.
+
+    ``reads=False`` (a decoder replica, which writes and never routes) pings Redis on the
+    refresh interval instead of reading every record: its availability stays current while
+    it is idle, at no parsing cost beside its decoding.
+    """
 
     def __init__(self, url: str, prefix: str = "s3d:stats:v1", half_life_s: float = 3600.0,
                  ttl_s: int = 7 * 24 * 3600, refresh_interval_s: float = 2.0,
                  flush_interval_s: float = 0.5, max_buffer: int = 10000,
                  socket_timeout_s: float = 0.5, password: str | None = None,
                  max_backoff_s: float = 5.0, clock: Callable[[], float] = time.time,
-                 on_availability_change: Callable[[bool], None] | None = None):
+                 on_availability_change: Callable[[bool], None] | None = None,
+                 reads: bool = True):
         """``password`` is used when the URL carries none; a password in the URL wins."""
         super().__init__(half_life_s, clock, on_availability_change)
         if max_buffer < 1:
             raise ValueError("max_buffer must be at least 1")
+        if ttl_s < 1:
+            raise ValueError("ttl_s must be at least one second")
         self.prefix = prefix
+        self.reads = reads
         self.ttl_s = int(ttl_s)
         self.refresh_interval_s = refresh_interval_s
         self.flush_interval_s = flush_interval_s
@@ -361,14 +407,19 @@ class RedisStatsStore(StatsStore):
         self._where = _redacted(url)
         self._redis = aioredis.Redis.from_url(
             url, password=password, decode_responses=True, socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 1))
+            socket_connect_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0))
         self._apply_record = self._redis.register_script(_APPLY_RECORD_LUA)
-        self._buffer: deque[tuple[StatsKey, ArmStats]] = deque()
+        # Waiting records by key, oldest key first: (merged record, requests in it).
+        self._buffer: dict[StatsKey, tuple[ArmStats, int]] = {}
         self._in_flight = 0
         self._flush_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self._closing = asyncio.Event()
+        # Reads and writes are judged apart (a demoted primary serves reads and refuses
+        # writes): the store is available when neither last failed.
+        self._reachable: dict[str, bool] = {}
         self._available: bool | None = None
+        self._drops_logged = False
 
     @property
     def available(self) -> bool:
@@ -376,7 +427,7 @@ class RedisStatsStore(StatsStore):
 
     @property
     def pending(self) -> int:
-        return len(self._buffer) + self._in_flight
+        return sum(n for _, n in self._buffer.values()) + self._in_flight
 
     @property
     def index_key(self) -> str:
@@ -390,7 +441,9 @@ class RedisStatsStore(StatsStore):
         return StatsKey(unquote(model), unquote(bucket), unquote(arm))
 
     async def start(self) -> None:
-        await self.refresh()
+        """One refresh (bounded by the socket timeout), then the background loops. Never
+        raises: a failure of the first refresh is the loops' to recover from."""
+        await self._guarded(self.refresh)
         self._tasks = [
             asyncio.create_task(self._every(self.flush_interval_s, self.flush)),
             asyncio.create_task(self._every(self.refresh_interval_s, self.refresh)),
@@ -407,24 +460,35 @@ class RedisStatsStore(StatsStore):
             log.warning("closing the statistics store with %d records unwritten", self.pending)
         await self._redis.aclose()
 
-    def record(self, key: StatsKey, stats: SpecDecodeStats, decode_time_s: float) -> None:
-        self._enqueue([(key, ArmStats.from_spec_decode(stats, decode_time_s, self.clock()))])
+    def _record(self, key: StatsKey, stats: ArmStats) -> None:
+        self._enqueue([(key, (stats, 1))])
 
-    def _enqueue(self, items: list[tuple[StatsKey, ArmStats]], front: bool = False) -> None:
+    def _enqueue(self, items: list[tuple[StatsKey, tuple[ArmStats, int]]],
+                 front: bool = False) -> None:
+        """Merge ``items`` into the waiting records (``front``: they are older than those, a
+        batch that met an outage); past ``max_buffer`` keys, the oldest keys' are dropped."""
         if front:
-            self._buffer.extendleft(reversed(items))
+            waiting, self._buffer = self._buffer, dict(items)
         else:
-            self._buffer.extend(items)
+            waiting = dict(items)
+        for key, (stats, n) in waiting.items():
+            held = self._buffer.get(key)
+            self._buffer[key] = (stats, n) if held is None else (
+                held[0].combined(stats, self.half_life_s), held[1] + n)
         while len(self._buffer) > self.max_buffer:
-            self._buffer.popleft()
-            self.dropped_writes += 1
+            _, n = self._buffer.pop(next(iter(self._buffer)))
+            self.dropped_writes += n
+            if not self._drops_logged:
+                self._drops_logged = True
+                log.warning("statistics buffer full (%d keys): dropping the oldest keys' "
+                            "records until %s takes writes again", self.max_buffer, self._where)
 
     async def flush(self) -> bool:
         async with self._flush_lock:
-            batch = [self._buffer.popleft() for _ in range(len(self._buffer))]
+            batch, self._buffer = list(self._buffer.items()), {}
             if not batch:
                 return True
-            self._in_flight = len(batch)
+            self._in_flight = sum(n for _, (_, n) in batch)
             try:
                 results = await self._write(batch)
             except asyncio.CancelledError:
@@ -434,11 +498,11 @@ class RedisStatsStore(StatsStore):
                 self._in_flight = 0
             return self._settle(batch, results)
 
-    async def _write(self, batch: list[tuple[StatsKey, ArmStats]]) -> list:
+    async def _write(self, batch: list[tuple[StatsKey, tuple[ArmStats, int]]]) -> list:
         """One result per record: the script's reply or the error it met."""
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for key, stats in batch:
+                for key, (stats, _) in batch:
                     args = [stats.updated_at, self.half_life_s, self.ttl_s]
                     for name, value in stats.counter_fields().items():
                         args += [name, value]
@@ -448,31 +512,39 @@ class RedisStatsStore(StatsStore):
         except _REDIS_ERRORS as exc:
             return [exc] * len(batch)
 
-    def _settle(self, batch: list[tuple[StatsKey, ArmStats]], results: list) -> bool:
+    def _settle(self, batch: list[tuple[StatsKey, tuple[ArmStats, int]]],
+                results: list) -> bool:
         """Requeue what met an outage, count and drop what the server rejected; False on outage."""
-        outages = [r for r in results if isinstance(r, _OUTAGE_ERRORS)]
-        rejected = [r for r in results
-                    if isinstance(r, Exception) and not isinstance(r, _OUTAGE_ERRORS)]
-        for error in rejected:
-            log.error("statistics store rejected a record: %r", error)
+        outages = [r for r in results if _is_outage(r)]
+        rejected = [(item, r) for item, r in zip(batch, results, strict=True)
+                    if isinstance(r, Exception) and not _is_outage(r)]
+        if rejected:
+            log.error("statistics store rejected %d records (%d requests), e.g. %r",
+                      len(rejected), sum(n for (_, (_, n)), _ in rejected), rejected[0][1])
+            self.dropped_writes += sum(n for (_, (_, n)), _ in rejected)
         self.write_errors += len(rejected) + bool(outages)
-        self._enqueue([item for item, r in zip(batch, results, strict=True)
-                       if isinstance(r, _OUTAGE_ERRORS)], front=True)
-        self._set_available(not outages, outages[0] if outages else None)
+        self._enqueue([item for item, r in zip(batch, results, strict=True) if _is_outage(r)],
+                      front=True)
+        self._set_available(not outages, outages[0] if outages else None, "write")
         return not outages
 
     async def refresh(self) -> bool:
+        """Reload the cache (``reads``), or ping: either says whether Redis is reachable."""
         try:
-            cache = await self._read()
+            if self.reads:
+                cache = await self._read()
+            else:
+                await self._redis.ping()
         except _REDIS_ERRORS as exc:
             self.read_errors += 1
-            if isinstance(exc, _OUTAGE_ERRORS):
-                self._set_available(False, exc)
+            if _is_outage(exc):
+                self._set_available(False, exc, "read")
             else:
                 log.error("reading statistics failed: %r", exc)
             return False
-        self._replace_cache(cache)
-        self._set_available(True)
+        if self.reads:
+            self._replace_cache(cache)
+        self._set_available(True, None, "read")
         return True
 
     async def _read(self) -> dict[StatsKey, ArmStats]:
@@ -480,9 +552,17 @@ class RedisStatsStore(StatsStore):
         async with self._redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(name)
-            hashes = await pipe.execute()
+            # One key of the wrong type (written by something else under the prefix) skips
+            # that key, not the refresh.
+            hashes = await pipe.execute(raise_on_error=False)
         cache = {}
         for name, fields in zip(names, hashes, strict=True):
+            if isinstance(fields, Exception):
+                if _is_outage(fields):
+                    raise fields
+                self.read_errors += 1
+                log.warning("skipping unreadable statistics key %s: %r", name, fields)
+                continue
             if not fields:
                 continue
             try:
@@ -495,22 +575,36 @@ class RedisStatsStore(StatsStore):
     async def _every(self, interval_s: float, operation: Callable[[], Awaitable[bool]]) -> None:
         delay = interval_s
         while not await self._closed_within(delay):
-            ok = await operation()
+            ok = await self._guarded(operation)
             delay = interval_s if ok else min(2 * delay, max(self.max_backoff_s, interval_s))
+
+    @staticmethod
+    async def _guarded(operation: Callable[[], Awaitable[bool]]) -> bool:
+        """``operation()``, with any error but cancellation logged and taken as a failure: a
+        background loop that ended on one bad reply would stop writing or reading for good."""
+        try:
+            return await operation()
+        except Exception:
+            log.exception("statistics store %s failed", getattr(operation, "__name__", "work"))
+            return False
 
     async def _closed_within(self, delay_s: float) -> bool:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._closing.wait(), delay_s)
         return self._closing.is_set()
 
-    def _set_available(self, available: bool, error: BaseException | None = None) -> None:
+    def _set_available(self, reachable: bool, error: BaseException | None,
+                       channel: str) -> None:
+        self._reachable[channel] = reachable
+        available = all(self._reachable.values())
         if available == self._available:
             return
         if not available:
-            log.warning("statistics store at %s unavailable, buffering writes: %r",
-                        self._where, error)
+            log.warning("statistics store at %s unavailable (%s failed), buffering writes: %r",
+                        self._where, channel, error)
         elif self._available is False:
             log.info("statistics store at %s available again", self._where)
+            self._drops_logged = False
         self._available = available
         if self.on_availability_change is not None:
             self.on_availability_change(available)

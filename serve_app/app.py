@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +41,9 @@ from serve_app.openai_api import (
 )
 from workers.stats import acceptance_rate, add_lists, mean_acceptance_length
 
+if TYPE_CHECKING:
+    from router.store import StatsStore
+
 log = logging.getLogger("s3d.serve")
 
 # A decoder replica that died or cannot be reached (not an error in decoding itself, which would
@@ -53,8 +57,30 @@ def retry_pause_s(attempt: int) -> float:
     return 2.0 ** attempt
 
 
+class _StoreUser:
+    """A deployment with a statistics store, started on the replica's event loop in the
+    background: no request waits on Redis for it, and a request cancelled meanwhile (a client
+    gone while Redis is slow) cannot leave it unstarted. Closed on a graceful shutdown, so a
+    replica scaled down writes what it still holds."""
+
+    store: "StatsStore"
+    _store_task: asyncio.Task | None = None
+
+    def _ensure_store(self) -> None:
+        if self._store_task is None:
+            self._store_task = asyncio.get_running_loop().create_task(self.store.start())
+
+    async def __del__(self) -> None:  # Serve awaits an async destructor on shutdown
+        task, self._store_task = self._store_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self.store.close()
+
+
 @serve.deployment(name="Decoder")
-class Decoder:
+class Decoder(_StoreUser):
     """One replica: the model, its step scheduler and the statistics it records."""
 
     def __init__(self, config: dict):
@@ -73,14 +99,11 @@ class Decoder:
                                   self.config.pool_tokens, self.config.pool_record)
         self.scheduler = StepScheduler()
         self.metrics = DecoderMetrics()
+        # A replica writes its requests' records and never routes: it pings, reads nothing.
         self.store = make_store(self.config.redis_url, prefix=self.config.stats_prefix,
-                                on_availability_change=self.metrics.set_store_available)
-        self._store_started = False
-
-    async def _ensure_store(self) -> None:
-        if not self._store_started:
-            self._store_started = True
-            await self.store.start()
+                                on_availability_change=self.metrics.set_store_available,
+                                reads=False)
+        self.metrics.watch_store(self.store)
 
     async def check_health(self) -> None:
         if not self.scheduler.healthy:
@@ -93,7 +116,7 @@ class Decoder:
         """Stream ``{"index", "text", "token_ids", "finish_reason"}`` deltas of the request's
         ``n`` choices (decoded side by side, seeds ``seed + i``); each choice's last delta adds
         ``usage`` and ``spec_decode``."""
-        await self._ensure_store()
+        self._ensure_store()
         n = payload.get("n", 1)
         if n == 1:
             async for item in self._choice(payload, 0):
@@ -280,7 +303,7 @@ def create_api(config: ServeConfig) -> FastAPI:
     return api
 
 
-class IngressBase:
+class IngressBase(_StoreUser):
     """Request handling; wrapped by ``@serve.ingress`` in ``build_app`` with the config's API."""
 
     def __init__(self, decoder: DeploymentHandle, config: dict):
@@ -305,7 +328,10 @@ class IngressBase:
         self.metrics = IngressMetrics()
         self.store = make_store(self.config.redis_url, prefix=self.config.stats_prefix,
                                 on_availability_change=self.metrics.set_store_available)
-        self._store_started = False
+        if self.config.redis_url is None and self.config.router == "adaptive":
+            log.warning("no redis_url: the ingress's statistics store is its own, which no "
+                        "decoder replica writes to, so the adaptive router keeps to the "
+                        "profile's priors; set redis_url to route by measured goodput")
         self.router = ArmRouter.for_profile(self.profile, default, self.config.router,
                                             dtype=self.config.dtype,
                                             exploration=self.config.router_exploration)
@@ -327,11 +353,6 @@ class IngressBase:
             raise APIError(404, f"model {model!r} does not exist; this server serves "
                                 f"{cfg.served_model_name!r}", param="model",
                            code="model_not_found")
-
-    async def _ensure_store(self) -> None:
-        if not self._store_started:
-            self._store_started = True
-            await self.store.start()
 
     # --- request preparation ---------------------------------------------------------------
 
@@ -452,7 +473,7 @@ class IngressBase:
         raise RuntimeError("unreachable: the last attempt returns or raises")
 
     async def complete(self, req: SamplingFields, is_chat: bool):
-        await self._ensure_store()
+        self._ensure_store()
         started = time.perf_counter()
         payload, prompt_tokens = await self._prepare(req, is_chat)
         rid = new_id("chatcmpl" if is_chat else "cmpl")

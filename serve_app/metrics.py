@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from ray.serve import metrics
 
@@ -35,6 +36,7 @@ class _KeptGauges:
 
     def __init__(self) -> None:
         self._gauges: dict[metrics.Gauge, float] = {}
+        self._watch: Callable[[], None] | None = None
         self.store_available = metrics.Gauge(
             "s3d_stats_store_available", "1 when the statistics store (Redis) is reachable.")
         self._set(self.store_available, 1)
@@ -47,6 +49,11 @@ class _KeptGauges:
     def _keep_gauges(self) -> None:
         while True:
             time.sleep(GAUGE_REFRESH_S)
+            if self._watch is not None:
+                try:
+                    self._watch()
+                except Exception:
+                    log.exception("reading the statistics store's figures failed")
             for gauge, value in list(self._gauges.items()):
                 try:
                     gauge.set(value)
@@ -83,6 +90,21 @@ class DecoderMetrics(_KeptGauges):
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500], tag_keys=tags)
         self.pool_tokens = metrics.Gauge(
             "s3d_pool_tokens", "Tokens in the replica's pool of earlier outputs (n-gram drafts).")
+        self.stats_pending = metrics.Gauge(
+            "s3d_stats_pending_writes", "Requests' statistics waiting to be written to Redis.")
+        self.stats_dropped = metrics.Counter(
+            "s3d_stats_dropped_writes", "Requests' statistics dropped: buffer full during an "
+            "outage, or refused by Redis.")
+        self._dropped_seen = 0
+
+    def watch_store(self, store) -> None:
+        """Export the store's waiting and dropped records with the gauges' refresh."""
+        self._watch = lambda: self._store_figures(store)
+
+    def _store_figures(self, store) -> None:
+        self._set(self.stats_pending, store.pending)
+        _inc(self.stats_dropped, store.dropped_writes - self._dropped_seen, {})
+        self._dropped_seen = store.dropped_writes
 
     def observe_request(self, stats: SpecDecodeStats, arm: str, seconds: float,
                         ttft: float, pool_tokens: int) -> None:

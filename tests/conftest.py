@@ -23,9 +23,10 @@ def free_port() -> int:
 class RedisServer:
     """A real ``redis-server`` on 127.0.0.1 that tests can stop and start again."""
 
-    def __init__(self, password: str | None = None):
+    def __init__(self, password: str | None = None, extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.password = password
+        self.extra_args = extra_args
         self.dir = tempfile.mkdtemp(prefix="s3d-redis-")
         self.proc: subprocess.Popen | None = None
 
@@ -39,7 +40,8 @@ class RedisServer:
                 "--appendonly", "no", "--dir", self.dir]
         if self.password:
             args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([*args, *self.extra_args], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         deadline = time.time() + 10
         while time.time() < deadline:
             try:

@@ -325,7 +325,10 @@ def test_decay_at_half_life_halves_the_values(redis_server):
 
 @pytest.mark.redis
 def test_outage_buffers_boundedly_and_recovers_by_itself(redis_server):
+    """During an outage records wait merged per key; past ``max_buffer`` keys the oldest keys'
+    are dropped and counted; all that waited lands once Redis is back."""
     flips = []
+    arms = [StatsKey(KEY.model, KEY.bucket, f"arm{i}") for i in range(8)]
 
     async def scenario():
         prefix, clock = unique_prefix(), FakeClock()
@@ -338,14 +341,16 @@ def test_outage_buffers_boundedly_and_recovers_by_itself(redis_server):
         cached = store.snapshot()[KEY]
         redis_server.stop()
         try:
-            for _ in range(8):
-                store.record(KEY, spec_stats(), decode_time_s=0.5)
+            for key in arms:
+                store.record(key, spec_stats(), decode_time_s=0.5)
+            for _ in range(3):  # merged into the waiting record of its key: nothing dropped
+                store.record(arms[-1], spec_stats(), decode_time_s=0.5)
 
             async def outage_seen():
                 return not store.available and store.write_errors >= 1
 
             await eventually(outage_seen)
-            assert store.pending == 5
+            assert store.pending == 8
             assert store.dropped_writes == 3
             assert store.snapshot()[KEY] == cached
         finally:
@@ -356,12 +361,186 @@ def test_outage_buffers_boundedly_and_recovers_by_itself(redis_server):
 
         await eventually(buffered_writes_landed)
         assert await store.refresh()
-        # the test server keeps nothing across restarts: only the five buffered records remain
-        assert store.snapshot()[KEY].requests == pytest.approx(5.0)
+        # the test server keeps nothing across restarts: only the buffered records remain
+        landed = {key.arm: stats.requests for key, stats in store.snapshot().items()}
+        assert landed == pytest.approx({"arm3": 1.0, "arm4": 1.0, "arm5": 1.0, "arm6": 1.0,
+                                        "arm7": 4.0})
         await store.close()
 
     asyncio.run(scenario())
     assert flips == [True, False, True]
+
+
+@pytest.mark.redis
+def test_records_merged_while_waiting_equal_records_written_one_by_one(redis_server):
+    """A key's waiting records are merged as the script would apply them one after another."""
+    async def scenario():
+        clock = FakeClock()
+        one_by_one = fast_store(redis_server.url, unique_prefix(), half_life_s=HALF_LIFE,
+                                clock=clock, flush_interval_s=60.0)
+        merged = fast_store(redis_server.url, unique_prefix(), half_life_s=HALF_LIFE,
+                            clock=clock, flush_interval_s=60.0)
+        for store in (one_by_one, merged):
+            await store.start()
+        for steps, output, dt in ((4, 10, 0.5), (2, 30, 1.5), (6, 5, 0.2)):
+            for store in (one_by_one, merged):
+                store.record(KEY, spec_stats(steps=steps, output=output), decode_time_s=dt)
+            assert await one_by_one.flush()
+            clock.now += HALF_LIFE / 3
+        assert merged.pending == 3
+        assert await merged.flush()
+        for store in (one_by_one, merged):
+            assert await store.refresh()
+        a, b = one_by_one.snapshot()[KEY], merged.snapshot()[KEY]
+        assert a.counter_fields() == pytest.approx(b.counter_fields())
+        assert a.updated_at == b.updated_at
+        for store in (one_by_one, merged):
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_requests_that_decoded_nothing_are_not_recorded():
+    """A request that ended with its first token ran no decoding step: its goodput (a token
+    over microseconds) would swamp the bucket's spread, so it is counted and skipped."""
+    store = InProcessStatsStore(half_life_s=HALF_LIFE, clock=FakeClock())
+    store.record(KEY, spec_stats(steps=0, accepted=0, output=1), decode_time_s=1e-6)
+    assert store.snapshot() == {} and store.skipped_records == 1
+    store.record(KEY, spec_stats(output=2), decode_time_s=0.1)
+    assert store.snapshot()[KEY].requests == 1.0
+
+
+def test_transient_server_replies_count_as_outages():
+    from redis.exceptions import NoScriptError, ResponseError
+
+    from router.store import _is_outage
+
+    for reply in ("MISCONF Redis is configured to save RDB snapshots, but it's currently "
+                  "unable to persist to disk", "BUSY Redis is busy running a script",
+                  "LOADING Redis is loading the dataset in memory"):
+        assert _is_outage(ResponseError(reply))
+    assert _is_outage(NoScriptError("NOSCRIPT No matching script"))
+    assert not _is_outage(ResponseError("WRONGTYPE Operation against a key holding the "
+                                        "wrong kind of value"))
+    assert not _is_outage(ValueError("not a Redis error"))
+
+
+@pytest.mark.redis
+def test_a_key_of_another_type_in_the_index_skips_that_key_only(redis_server):
+    async def scenario():
+        prefix, clock = unique_prefix(), FakeClock()
+        store = fast_store(redis_server.url, prefix, clock=clock)
+        await store.start()
+        store.record(KEY, spec_stats(), decode_time_s=0.5)
+        assert await store.flush()
+        raw = redis.Redis.from_url(redis_server.url)
+        stray = f"{prefix}:tiny-llama:short:stray"
+        raw.set(stray, "not a hash")
+        raw.zadd(f"{prefix}:index", {stray: clock.now})
+        raw.close()
+        assert await store.refresh()
+        assert list(store.snapshot()) == [KEY] and store.read_errors == 1
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.redis
+def test_a_background_loop_survives_an_unexpected_error(redis_server, caplog):
+    """An error no Redis outage explains (a bug, a reply that cannot be parsed) is logged and
+    the loop goes on: it must not stop the replica's writing or reading for good."""
+    async def scenario():
+        prefix = unique_prefix()
+        store = fast_store(redis_server.url, prefix)
+        real_read, failures = store._read, []
+
+        async def read_once_broken():
+            if not failures:
+                failures.append(1)
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+            return await real_read()
+
+        store._read = read_once_broken
+        await store.start()  # the first refresh fails: start() still starts the loops
+        writer = fast_store(redis_server.url, prefix)
+        await writer.start()
+        writer.record(KEY, spec_stats(), decode_time_s=0.5)
+        assert await writer.flush()
+
+        async def read_again():
+            return KEY in store.snapshot()
+
+        await eventually(read_again)
+        for s in (store, writer):
+            await s.close()
+
+    asyncio.run(scenario())
+    assert "statistics store refresh failed" in caplog.text
+
+
+@pytest.mark.redis
+def test_a_write_only_store_pings_and_reads_nothing(redis_server):
+    flips = []
+
+    async def scenario():
+        prefix = unique_prefix()
+        reader = fast_store(redis_server.url, prefix)
+        await reader.start()
+        reader.record(KEY, spec_stats(), decode_time_s=0.5)
+        assert await reader.flush()
+        writer = fast_store(redis_server.url, prefix, reads=False,
+                            on_availability_change=flips.append)
+        await writer.start()
+        assert await writer.refresh() and writer.available
+        assert writer.snapshot() == {}  # it writes; the ingress reads
+        writer.record(KEY, spec_stats(), decode_time_s=0.5)
+        assert await writer.flush()
+        assert await reader.refresh()
+        assert reader.snapshot()[KEY].requests == pytest.approx(2.0, rel=1e-3)
+        for store in (reader, writer):
+            await store.close()
+
+    asyncio.run(scenario())
+    assert flips == [True]
+
+
+def another_server(redis_server, **options):
+    """A second ``redis-server`` beside the shared one, for one module's tests."""
+    server = type(redis_server)(**options)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def read_only_replica(redis_server):
+    """A replica of the shared server: it serves reads and refuses writes (READONLY), as the
+    old primary does after a failover."""
+    yield from another_server(redis_server,
+                              extra_args=("--replicaof", "127.0.0.1", str(redis_server.port)))
+
+
+@pytest.mark.redis
+def test_writes_refused_while_reads_succeed_keep_the_store_unavailable(read_only_replica):
+    """Reads and writes are judged apart: a server that reads but refuses writes leaves the
+    store unavailable, without flapping back on every successful read."""
+    flips = []
+
+    async def scenario():
+        store = fast_store(read_only_replica.url, unique_prefix(),
+                           on_availability_change=flips.append)
+        await store.start()
+        store.record(KEY, spec_stats(), decode_time_s=0.5)
+        assert not await store.flush()
+        for _ in range(3):
+            assert await store.refresh()
+            assert not store.available
+        assert store.pending == 1  # kept for when a primary takes it
+        await asyncio.wait_for(store.close(), timeout=5)
+
+    asyncio.run(scenario())
+    assert flips == [True, False]
 
 
 @pytest.mark.redis
@@ -383,11 +562,7 @@ def test_unreachable_redis_does_not_break_start_record_or_close(redis_server):
 
 @pytest.fixture(scope="module")
 def password_server(redis_server):
-    server = type(redis_server)(password="s3cret")
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(server.dir, ignore_errors=True)
+    yield from another_server(redis_server, password="s3cret")
 
 
 @pytest.mark.redis
