@@ -20,15 +20,18 @@ import itertools
 import json
 import os
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar, overload
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "DEFAULT_TIMEOUT",
     "S3DClient",
     "AsyncS3DClient",
     "Completions",
@@ -65,17 +68,23 @@ __all__ = [
     "RateLimitError",
     "InternalServerError",
     "ServiceUnavailableError",
+    "APIResponseValidationError",
     "APIConnectionError",
     "APITimeoutError",
 ]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+# A non-streamed completion's answer comes only once generation ends, so reads wait long.
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 _RETRY_STATUSES = frozenset({429, 503})
+# Codes of the server's error events when it cannot take the request now: a 503 over HTTP.
+_UNAVAILABLE_CODES = frozenset({"overloaded", "replica_unavailable"})
 _MAX_RETRY_AFTER_S = 60.0
 _MAX_BACKOFF_S = 8.0
 _MAX_MESSAGE_CHARS = 1000
 
 _Prompt = str | list[str] | list[int]  # one prompt per request, as the server takes
+_Timeout = float | httpx.Timeout | None  # seconds for every phase, or httpx's per phase
 _ResponseT = TypeVar("_ResponseT", bound=BaseModel)
 _ChunkT = TypeVar("_ChunkT", bound=BaseModel)
 
@@ -206,13 +215,19 @@ class APIError(S3DError):
     """The server answered with an error: an HTTP error status, or an error event in a stream.
 
     ``status_code`` is the HTTP status; for an error event inside a stream (whose HTTP status was
-    200) it is the event's integer ``code``, or 500 when the event has none.
+    200) it is the event's ``code`` when that is an HTTP status, 503 for the codes the server
+    sends when it cannot take the request now (``overloaded``, ``replica_unavailable``), else 500.
     """
 
     def __init__(self, message: str, *, status_code: int, type: str | None = None,
-                 param: str | None = None, code: str | int | None = None, body: Any = None):
+                 param: str | None = None, code: str | int | None = None, body: Any = None,
+                 event: bool = False):
         kind = f" ({type})" if type else ""
-        super().__init__(f"HTTP {status_code}{kind}: {message}")
+        if event:
+            origin = "stream error event" if code is None else f"stream error event {code}"
+        else:
+            origin = f"HTTP {status_code}"
+        super().__init__(f"{origin}{kind}: {message}")
         self.status_code = status_code
         self.message = message
         self.type = type
@@ -291,33 +306,48 @@ def _error_message(body: Any, default: str) -> str:
     return default if body is None else json.dumps(body)[:_MAX_MESSAGE_CHARS]
 
 
-def _api_error(status_code: int, body: Any, default_message: str) -> APIError:
+def _api_error(status_code: int, body: Any, default_message: str, *,
+               event: bool = False) -> APIError:
     error = body.get("error") if isinstance(body, dict) else None
     fields = error if isinstance(error, dict) else {}
     cls = _STATUS_ERRORS.get(status_code) or (
         InternalServerError if status_code >= 500 else APIError)
     return cls(_error_message(body, default_message), status_code=status_code,
                type=fields.get("type"), param=fields.get("param"), code=fields.get("code"),
-               body=body)
+               body=body, event=event)
+
+
+def _usable(response: httpx.Response, stream: bool) -> bool:
+    """A success and, asked for a stream, an event stream (not a proxy's page or a JSON body)."""
+    media_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return response.is_success and (not stream or media_type == "text/event-stream")
 
 
 def _status_error(response: httpx.Response) -> APIError:
-    if response.status_code < 400:  # a redirect (not followed) or other status outside the API
-        return APIResponseValidationError(
-            f"unexpected HTTP status {response.status_code} {response.reason_phrase}".strip(),
-            status_code=response.status_code, body=response.text[:_MAX_MESSAGE_CHARS])
-    try:
-        body = response.json()
-    except ValueError:
-        body = response.text
-    return _api_error(response.status_code, body, response.reason_phrase or "no error message")
+    """The error for a read response that ``_usable`` refused."""
+    if response.is_success:  # a stream asked for, and something else answered
+        what = (f"the content-type is {response.headers.get('content-type')!r}, not the "
+                "text/event-stream of a stream")
+    elif response.status_code < 400:  # a redirect (not followed) or other status outside the API
+        what = f"unexpected HTTP status {response.status_code} {response.reason_phrase}".strip()
+    else:
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text
+        return _api_error(response.status_code, body, response.reason_phrase or "no error message")
+    return APIResponseValidationError(what, status_code=response.status_code,
+                                      body=response.text[:_MAX_MESSAGE_CHARS])
 
 
 def _event_error(payload: dict[str, Any]) -> APIError:
     error = payload["error"]
     code = error.get("code") if isinstance(error, dict) else None
-    status = code if isinstance(code, int) and 400 <= code < 600 else 500
-    return _api_error(status, payload, "error event in the stream")
+    if isinstance(code, int) and 400 <= code < 600:
+        status = code
+    else:
+        status = 503 if isinstance(code, str) and code in _UNAVAILABLE_CODES else 500
+    return _api_error(status, payload, "no error message", event=True)
 
 
 def _transport_error(exc: Exception) -> APIConnectionError:
@@ -336,17 +366,18 @@ def _retryable(exc: Exception) -> bool:
     return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
 
 
-def _invalid(response: httpx.Response, what: str, exc: Exception) -> APIResponseValidationError:
+def _invalid(what: str, exc: Exception, status_code: int,
+             body: str) -> APIResponseValidationError:
+    """``body`` is the read answer's text, or a stream event's data (a stream's text is unread)."""
     return APIResponseValidationError(f"{what}: {exc}"[:_MAX_MESSAGE_CHARS],
-                                      status_code=response.status_code,
-                                      body=response.text[:_MAX_MESSAGE_CHARS])
+                                      status_code=status_code, body=body[:_MAX_MESSAGE_CHARS])
 
 
 def _json(response: httpx.Response) -> Any:
     try:
         return response.json()
     except ValueError as exc:
-        raise _invalid(response, "the answer is not JSON", exc) from exc
+        raise _invalid("the answer is not JSON", exc, response.status_code, response.text) from exc
 
 
 def _parse(response: httpx.Response, model: type[_ResponseT]) -> _ResponseT:
@@ -354,7 +385,8 @@ def _parse(response: httpx.Response, model: type[_ResponseT]) -> _ResponseT:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        raise _invalid(response, f"the answer is not a {model.__name__}", exc) from exc
+        raise _invalid(f"the answer is not a {model.__name__}", exc, response.status_code,
+                       response.text) from exc
 
 
 def _retry_delay(response: httpx.Response | None, attempt: int) -> float:
@@ -386,14 +418,34 @@ def _normalise_base_url(base_url: str) -> str:
     return base_url.rstrip("/").removesuffix("/v1")
 
 
-def _http_options(base_url: str, api_key: str | None, timeout: float | None) -> dict[str, Any]:
+def _http_options(base_url: str, api_key: str | None, timeout: _Timeout) -> dict[str, Any]:
     key = api_key if api_key is not None else os.environ.get("S3D_API_KEY")
     return {"base_url": base_url, "timeout": httpx.Timeout(timeout),
             "headers": {"Authorization": f"Bearer {key}"} if key else {}}
 
 
+def _call_timeout(timeout: _Timeout) -> Any:
+    """A call's own timeout; None keeps the client's."""
+    return httpx.USE_CLIENT_DEFAULT if timeout is None else httpx.Timeout(timeout)
+
+
 def _body(**fields: Any) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
+
+
+def _model_path(model: str) -> str:
+    return f"/v1/models/{quote(model, safe='')}"
+
+
+def _shutdown(response: httpx.Response) -> None:
+    """Shuts down the socket under ``response``: a thread blocked reading it wakes up, and the
+    server sees the connection end (closing the socket from another thread does neither).
+    Transports without a socket (``httpx.MockTransport``) have nothing to shut down."""
+    network_stream = response.extensions.get("network_stream")
+    sock = network_stream.get_extra_info("socket") if network_stream is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):  # already shut down or closed
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class _SSEDecoder:
@@ -421,17 +473,18 @@ class _SSEDecoder:
         return self.feed("")
 
 
-def _decode_event(data: str, chunk_type: type[_ChunkT], response: httpx.Response) -> _ChunkT:
+def _decode_event(data: str, chunk_type: type[_ChunkT], status_code: int) -> _ChunkT:
     try:
         payload = json.loads(data)
     except ValueError as exc:
-        raise _invalid(response, "a stream event is not JSON", exc) from exc
+        raise _invalid("a stream event is not JSON", exc, status_code, data) from exc
     if isinstance(payload, dict) and "error" in payload:
         raise _event_error(payload)
     try:
         return chunk_type.model_validate(payload)
     except ValidationError as exc:
-        raise _invalid(response, f"a stream event is not a {chunk_type.__name__}", exc) from exc
+        raise _invalid(f"a stream event is not a {chunk_type.__name__}", exc, status_code,
+                       data) from exc
 
 
 _NO_DONE = "the stream ended without data: [DONE]"
@@ -457,7 +510,7 @@ class Stream(Generic[_ChunkT]):
                 if data == "[DONE]":
                     return
                 if data:
-                    yield _decode_event(data, self._chunk_type, self.response)
+                    yield _decode_event(data, self._chunk_type, self.response.status_code)
             raise APIConnectionError(_NO_DONE)
         except _HTTPX_ERRORS as exc:
             raise _transport_error(exc) from exc
@@ -471,8 +524,11 @@ class Stream(Generic[_ChunkT]):
         return next(self._iterator)
 
     def close(self) -> None:
-        """Closes the response first: from another thread, the reader then stops with an
-        ``APIConnectionError`` (closing its generator while it runs would fail)."""
+        """Shuts the connection down and closes the response first: from another thread, the
+        reader then stops with an ``APIConnectionError`` (closing its generator while it runs
+        would fail)."""
+        if not self.response.is_closed:  # a finished response's connection may serve another
+            _shutdown(self.response)
         self.response.close()
         with contextlib.suppress(ValueError):  # "generator already executing" elsewhere
             self._iterator.close()
@@ -504,12 +560,12 @@ class AsyncStream(Generic[_ChunkT]):
                 if data == "[DONE]":
                     return
                 if data:
-                    yield _decode_event(data, self._chunk_type, self.response)
+                    yield _decode_event(data, self._chunk_type, self.response.status_code)
             data = events.end()
             if data == "[DONE]":
                 return
             if data:
-                yield _decode_event(data, self._chunk_type, self.response)
+                yield _decode_event(data, self._chunk_type, self.response.status_code)
             raise APIConnectionError(_NO_DONE)
         except _HTTPX_ERRORS as exc:
             raise _transport_error(exc) from exc
@@ -541,10 +597,11 @@ class S3DClient:
 
     ``api_key`` defaults to the ``S3D_API_KEY`` environment variable. ``transport`` replaces the
     network (tests pass ``httpx.MockTransport``); ``sleep`` is what waits between retries.
+    ``timeout`` is seconds or an ``httpx.Timeout``; ``create()`` takes its own per call.
     """
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, api_key: str | None = None,
-                 timeout: float | None = 60.0, max_retries: int = 3, *,
+                 timeout: _Timeout = DEFAULT_TIMEOUT, max_retries: int = 3, *,
                  transport: httpx.BaseTransport | None = None,
                  sleep: Callable[[float], None] = time.sleep):
         self.base_url = _normalise_base_url(base_url)
@@ -557,31 +614,32 @@ class S3DClient:
         self.models = Models(self)
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
-                 stream: bool = False) -> httpx.Response:
+                 stream: bool = False, timeout: _Timeout = None) -> httpx.Response:
         """Send with retries; only the initial response is retried, never a started stream."""
-        request = self._http.build_request(method, path, json=body)
+        request = self._http.build_request(method, path, json=body,
+                                           timeout=_call_timeout(timeout))
         attempt = 0
         while True:
             try:
                 response = self._http.send(request, stream=stream)
-                if not response.is_success:
-                    response.read()  # a stream's error body is still unread
+                if not _usable(response, stream):
+                    response.read()  # a stream's body is still unread
             except httpx.RequestError as exc:
                 if not _retryable(exc) or attempt >= self.max_retries:
                     raise _transport_error(exc) from exc
                 response = None
             else:
-                if response.is_success:
+                if _usable(response, stream):
                     return response
                 if response.status_code not in _RETRY_STATUSES or attempt >= self.max_retries:
                     raise _status_error(response)
             self._sleep(_retry_delay(response, attempt))
             attempt += 1
 
-    def _post(self, path: str, body: dict[str, Any], stream: bool,
+    def _post(self, path: str, body: dict[str, Any], stream: bool, timeout: _Timeout,
               response_type: type[_ResponseT],
               chunk_type: type[_ChunkT]) -> _ResponseT | Stream[_ChunkT]:
-        response = self._request("POST", path, body, stream=stream)
+        response = self._request("POST", path, body, stream=stream, timeout=timeout)
         if stream:
             return Stream(response, chunk_type)
         return _parse(response, response_type)
@@ -605,10 +663,11 @@ class AsyncS3DClient:
 
     ``api_key`` defaults to the ``S3D_API_KEY`` environment variable. ``transport`` replaces the
     network (tests pass ``httpx.MockTransport``); ``sleep`` is what waits between retries.
+    ``timeout`` is seconds or an ``httpx.Timeout``; ``create()`` takes its own per call.
     """
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, api_key: str | None = None,
-                 timeout: float | None = 60.0, max_retries: int = 3, *,
+                 timeout: _Timeout = DEFAULT_TIMEOUT, max_retries: int = 3, *,
                  transport: httpx.AsyncBaseTransport | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.base_url = _normalise_base_url(base_url)
@@ -621,31 +680,32 @@ class AsyncS3DClient:
         self.models = AsyncModels(self)
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
-                       stream: bool = False) -> httpx.Response:
+                       stream: bool = False, timeout: _Timeout = None) -> httpx.Response:
         """Send with retries; only the initial response is retried, never a started stream."""
-        request = self._http.build_request(method, path, json=body)
+        request = self._http.build_request(method, path, json=body,
+                                           timeout=_call_timeout(timeout))
         attempt = 0
         while True:
             try:
                 response = await self._http.send(request, stream=stream)
-                if not response.is_success:
-                    await response.aread()  # a stream's error body is still unread
+                if not _usable(response, stream):
+                    await response.aread()  # a stream's body is still unread
             except httpx.RequestError as exc:
                 if not _retryable(exc) or attempt >= self.max_retries:
                     raise _transport_error(exc) from exc
                 response = None
             else:
-                if response.is_success:
+                if _usable(response, stream):
                     return response
                 if response.status_code not in _RETRY_STATUSES or attempt >= self.max_retries:
                     raise _status_error(response)
             await self._sleep(_retry_delay(response, attempt))
             attempt += 1
 
-    async def _post(self, path: str, body: dict[str, Any], stream: bool,
+    async def _post(self, path: str, body: dict[str, Any], stream: bool, timeout: _Timeout,
                     response_type: type[_ResponseT],
                     chunk_type: type[_ChunkT]) -> _ResponseT | AsyncStream[_ChunkT]:
-        response = await self._request("POST", path, body, stream=stream)
+        response = await self._request("POST", path, body, stream=stream, timeout=timeout)
         if stream:
             return AsyncStream(response, chunk_type)
         return _parse(response, response_type)
@@ -668,33 +728,89 @@ class Completions:
     def __init__(self, client: S3DClient):
         self._client = client
 
+    @overload
+    def create(self, *, prompt: _Prompt, model: str | None = None, max_tokens: int | None = None,
+               temperature: float | None = None, top_p: float | None = None,
+               seed: int | None = None, stop: str | list[str] | None = None, n: int | None = None,
+               stream: Literal[False] = False, stream_options: dict[str, Any] | None = None,
+               arm: str | None = None, timeout: _Timeout = None,
+               **extra: Any) -> Completion: ...
+
+    @overload
+    def create(self, *, prompt: _Prompt, model: str | None = None, max_tokens: int | None = None,
+               temperature: float | None = None, top_p: float | None = None,
+               seed: int | None = None, stop: str | list[str] | None = None, n: int | None = None,
+               stream: Literal[True], stream_options: dict[str, Any] | None = None,
+               arm: str | None = None, timeout: _Timeout = None,
+               **extra: Any) -> Stream[CompletionChunk]: ...
+
+    @overload
+    def create(self, *, prompt: _Prompt, model: str | None = None, max_tokens: int | None = None,
+               temperature: float | None = None, top_p: float | None = None,
+               seed: int | None = None, stop: str | list[str] | None = None, n: int | None = None,
+               stream: bool, stream_options: dict[str, Any] | None = None,
+               arm: str | None = None, timeout: _Timeout = None,
+               **extra: Any) -> Completion | Stream[CompletionChunk]: ...
+
     def create(self, *, prompt: _Prompt, model: str | None = None, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None,
                seed: int | None = None, stop: str | list[str] | None = None, n: int | None = None,
                stream: bool = False, stream_options: dict[str, Any] | None = None,
-               arm: str | None = None, **extra: Any) -> Completion | Stream[CompletionChunk]:
-        """POST /v1/completions; ``arm`` pins the speculative arm, ``extra`` adds body fields."""
+               arm: str | None = None, timeout: _Timeout = None,
+               **extra: Any) -> Completion | Stream[CompletionChunk]:
+        """POST /v1/completions; ``arm`` pins the speculative arm, ``extra`` adds body fields,
+        ``timeout`` replaces the client's for this call."""
         body = _body(model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
                      top_p=top_p, seed=seed, stop=stop, n=n, stream=stream,
                      stream_options=stream_options, arm=arm, **extra)
-        return self._client._post("/v1/completions", body, stream, Completion, CompletionChunk)
+        return self._client._post("/v1/completions", body, stream, timeout, Completion,
+                                  CompletionChunk)
 
 
 class ChatCompletions:
     def __init__(self, client: S3DClient):
         self._client = client
 
+    @overload
     def create(self, *, messages: list[dict[str, Any]], model: str | None = None,
                max_tokens: int | None = None, temperature: float | None = None,
                top_p: float | None = None, seed: int | None = None,
-               stop: str | list[str] | None = None, n: int | None = None, stream: bool = False,
-               stream_options: dict[str, Any] | None = None, arm: str | None = None,
+               stop: str | list[str] | None = None, n: int | None = None,
+               stream: Literal[False] = False, stream_options: dict[str, Any] | None = None,
+               arm: str | None = None, timeout: _Timeout = None,
+               **extra: Any) -> ChatCompletion: ...
+
+    @overload
+    def create(self, *, messages: list[dict[str, Any]], model: str | None = None,
+               max_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None,
+               stop: str | list[str] | None = None, n: int | None = None,
+               stream: Literal[True], stream_options: dict[str, Any] | None = None,
+               arm: str | None = None, timeout: _Timeout = None,
+               **extra: Any) -> Stream[ChatCompletionChunk]: ...
+
+    @overload
+    def create(self, *, messages: list[dict[str, Any]], model: str | None = None,
+               max_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None,
+               stop: str | list[str] | None = None, n: int | None = None,
+               stream: bool, stream_options: dict[str, Any] | None = None,
+               arm: str | None = None, timeout: _Timeout = None,
+               **extra: Any) -> ChatCompletion | Stream[ChatCompletionChunk]: ...
+
+    def create(self, *, messages: list[dict[str, Any]], model: str | None = None,
+               max_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None,
+               stop: str | list[str] | None = None, n: int | None = None,
+               stream: bool = False, stream_options: dict[str, Any] | None = None,
+               arm: str | None = None, timeout: _Timeout = None,
                **extra: Any) -> ChatCompletion | Stream[ChatCompletionChunk]:
-        """POST /v1/chat/completions; ``arm`` pins the speculative arm, ``extra`` adds fields."""
+        """POST /v1/chat/completions; ``arm`` pins the speculative arm, ``extra`` adds fields,
+        ``timeout`` replaces the client's for this call."""
         body = _body(model=model, messages=messages, max_tokens=max_tokens,
                      temperature=temperature, top_p=top_p, seed=seed, stop=stop, n=n,
                      stream=stream, stream_options=stream_options, arm=arm, **extra)
-        return self._client._post("/v1/chat/completions", body, stream, ChatCompletion,
+        return self._client._post("/v1/chat/completions", body, stream, timeout, ChatCompletion,
                                   ChatCompletionChunk)
 
 
@@ -713,25 +829,53 @@ class Models:
 
     def retrieve(self, model: str) -> Model:
         """GET /v1/models/{model}."""
-        return _parse(self._client._request("GET", f"/v1/models/{model}"), Model)
+        return _parse(self._client._request("GET", _model_path(model)), Model)
 
 
 class AsyncCompletions:
     def __init__(self, client: AsyncS3DClient):
         self._client = client
 
+    @overload
+    async def create(self, *, prompt: _Prompt, model: str | None = None,
+                     max_tokens: int | None = None, temperature: float | None = None,
+                     top_p: float | None = None, seed: int | None = None,
+                     stop: str | list[str] | None = None, n: int | None = None,
+                     stream: Literal[False] = False, stream_options: dict[str, Any] | None = None,
+                     arm: str | None = None, timeout: _Timeout = None,
+                     **extra: Any) -> Completion: ...
+
+    @overload
+    async def create(self, *, prompt: _Prompt, model: str | None = None,
+                     max_tokens: int | None = None, temperature: float | None = None,
+                     top_p: float | None = None, seed: int | None = None,
+                     stop: str | list[str] | None = None, n: int | None = None,
+                     stream: Literal[True], stream_options: dict[str, Any] | None = None,
+                     arm: str | None = None, timeout: _Timeout = None,
+                     **extra: Any) -> AsyncStream[CompletionChunk]: ...
+
+    @overload
+    async def create(self, *, prompt: _Prompt, model: str | None = None,
+                     max_tokens: int | None = None, temperature: float | None = None,
+                     top_p: float | None = None, seed: int | None = None,
+                     stop: str | list[str] | None = None, n: int | None = None,
+                     stream: bool, stream_options: dict[str, Any] | None = None,
+                     arm: str | None = None, timeout: _Timeout = None,
+                     **extra: Any) -> Completion | AsyncStream[CompletionChunk]: ...
+
     async def create(self, *, prompt: _Prompt, model: str | None = None,
                      max_tokens: int | None = None, temperature: float | None = None,
                      top_p: float | None = None, seed: int | None = None,
                      stop: str | list[str] | None = None, n: int | None = None,
                      stream: bool = False, stream_options: dict[str, Any] | None = None,
-                     arm: str | None = None,
+                     arm: str | None = None, timeout: _Timeout = None,
                      **extra: Any) -> Completion | AsyncStream[CompletionChunk]:
-        """POST /v1/completions; ``arm`` pins the speculative arm, ``extra`` adds body fields."""
+        """POST /v1/completions; ``arm`` pins the speculative arm, ``extra`` adds body fields,
+        ``timeout`` replaces the client's for this call."""
         body = _body(model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
                      top_p=top_p, seed=seed, stop=stop, n=n, stream=stream,
                      stream_options=stream_options, arm=arm, **extra)
-        return await self._client._post("/v1/completions", body, stream, Completion,
+        return await self._client._post("/v1/completions", body, stream, timeout, Completion,
                                          CompletionChunk)
 
 
@@ -739,19 +883,47 @@ class AsyncChatCompletions:
     def __init__(self, client: AsyncS3DClient):
         self._client = client
 
+    @overload
+    async def create(self, *, messages: list[dict[str, Any]], model: str | None = None,
+                     max_tokens: int | None = None, temperature: float | None = None,
+                     top_p: float | None = None, seed: int | None = None,
+                     stop: str | list[str] | None = None, n: int | None = None,
+                     stream: Literal[False] = False, stream_options: dict[str, Any] | None = None,
+                     arm: str | None = None, timeout: _Timeout = None,
+                     **extra: Any) -> ChatCompletion: ...
+
+    @overload
+    async def create(self, *, messages: list[dict[str, Any]], model: str | None = None,
+                     max_tokens: int | None = None, temperature: float | None = None,
+                     top_p: float | None = None, seed: int | None = None,
+                     stop: str | list[str] | None = None, n: int | None = None,
+                     stream: Literal[True], stream_options: dict[str, Any] | None = None,
+                     arm: str | None = None, timeout: _Timeout = None,
+                     **extra: Any) -> AsyncStream[ChatCompletionChunk]: ...
+
+    @overload
+    async def create(self, *, messages: list[dict[str, Any]], model: str | None = None,
+                     max_tokens: int | None = None, temperature: float | None = None,
+                     top_p: float | None = None, seed: int | None = None,
+                     stop: str | list[str] | None = None, n: int | None = None,
+                     stream: bool, stream_options: dict[str, Any] | None = None,
+                     arm: str | None = None, timeout: _Timeout = None,
+                     **extra: Any) -> ChatCompletion | AsyncStream[ChatCompletionChunk]: ...
+
     async def create(self, *, messages: list[dict[str, Any]], model: str | None = None,
                      max_tokens: int | None = None, temperature: float | None = None,
                      top_p: float | None = None, seed: int | None = None,
                      stop: str | list[str] | None = None, n: int | None = None,
                      stream: bool = False, stream_options: dict[str, Any] | None = None,
-                     arm: str | None = None,
+                     arm: str | None = None, timeout: _Timeout = None,
                      **extra: Any) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
-        """POST /v1/chat/completions; ``arm`` pins the speculative arm, ``extra`` adds fields."""
+        """POST /v1/chat/completions; ``arm`` pins the speculative arm, ``extra`` adds fields,
+        ``timeout`` replaces the client's for this call."""
         body = _body(model=model, messages=messages, max_tokens=max_tokens,
                      temperature=temperature, top_p=top_p, seed=seed, stop=stop, n=n,
                      stream=stream, stream_options=stream_options, arm=arm, **extra)
-        return await self._client._post("/v1/chat/completions", body, stream, ChatCompletion,
-                                         ChatCompletionChunk)
+        return await self._client._post("/v1/chat/completions", body, stream, timeout,
+                                         ChatCompletion, ChatCompletionChunk)
 
 
 class AsyncChat:
@@ -769,4 +941,4 @@ class AsyncModels:
 
     async def retrieve(self, model: str) -> Model:
         """GET /v1/models/{model}."""
-        return _parse(await self._client._request("GET", f"/v1/models/{model}"), Model)
+        return _parse(await self._client._request("GET", _model_path(model)), Model)

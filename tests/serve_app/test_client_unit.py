@@ -1,23 +1,33 @@
-"""Unit tests of the client SDK over httpx.MockTransport: bodies, parsing, SSE, errors, retries."""
+"""Unit tests of the client SDK over httpx.MockTransport (and a one-connection server on
+127.0.0.1 where the socket matters): bodies, parsing, SSE, errors, retries, timeouts."""
 
 import asyncio
+import contextlib
 import datetime
 import email.utils
+import inspect
 import json
+import re
+import socket
 import subprocess
 import sys
 import threading
+import time
+import typing
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
 
+import serve_app.client as sdk
 from serve_app.client import (
     APIConnectionError,
     APIError,
     APIResponseValidationError,
     APITimeoutError,
     AsyncS3DClient,
+    AsyncStream,
     AuthenticationError,
     BadRequestError,
     ChatCompletion,
@@ -29,7 +39,9 @@ from serve_app.client import (
     PermissionDeniedError,
     RateLimitError,
     S3DClient,
+    S3DError,
     ServiceUnavailableError,
+    Stream,
     UnprocessableEntityError,
 )
 
@@ -73,10 +85,31 @@ def usage_chunk(obj):
             "usage": USAGE, "spec_decode": SPEC}
 
 
+class Chunks(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A body that arrives in pieces and is still unread when the client gets the response
+    (``httpx.Response(content=...)`` is read up front, unlike a network body)."""
+
+    def __init__(self, *chunks):
+        self.chunks = [c.encode() if isinstance(c, str) else c for c in chunks]
+
+    def __iter__(self):
+        yield from self.chunks
+
+    async def __aiter__(self):
+        for chunk in self.chunks:
+            yield chunk
+
+
+EVENT_STREAM = {"content-type": "text/event-stream; charset=utf-8"}  # as the server sends it
+
+
+def event_stream(*chunks):
+    return httpx.Response(200, headers=EVENT_STREAM, stream=Chunks(*chunks))
+
+
 def sse(*events):
-    lines = [f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events]
-    return httpx.Response(200, content="".join(lines).encode(),
-                          headers={"content-type": "text/event-stream"})
+    return event_stream(*[f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n"
+                          for e in events])
 
 
 def error(status, message="nope", type_="invalid_request_error", headers=None):
@@ -193,7 +226,7 @@ def test_sync_completion_stream_with_usage_and_done():
 def test_sse_ignores_comments_and_other_fields():
     body = (": keep-alive\n\nevent: message\ndata:" + json.dumps(chat_chunk({"content": "a"}))
             + "\n\ndata: [DONE]\n\n")
-    server = Server(httpx.Response(200, content=body.encode()))
+    server = Server(event_stream(body))
     chunks = list(client_for(server)[0].chat.completions.create(messages=[], stream=True))
     assert [c.choices[0].delta.content for c in chunks] == ["a"]
 
@@ -485,13 +518,13 @@ def test_sse_events_span_lines_and_end_at_blank_lines():
     chunk = json.dumps(completion_chunk("a"), indent=1).splitlines()
     body = ("\ufeff: comment\r\n" + "".join(f"data: {line}\r\n" for line in chunk) + "\r\n"
             + "data: [DONE]\n\n")
-    server = Server(httpx.Response(200, content=body.encode()))
+    server = Server(event_stream(body[:11], body[11:40], body[40:]))  # pieces split a CRLF, a line
     client, _ = client_for(server)
     assert [c.choices[0].text for c in client.completions.create(prompt="x", stream=True)] == [
         "a"]
     # the last event without its blank line still counts
-    server = Server(httpx.Response(200, content=f"data: {json.dumps(completion_chunk('b'))}\n\n"
-                                                "data: [DONE]".encode()))
+    server = Server(event_stream(f"data: {json.dumps(completion_chunk('b'))}\n\n",
+                                 "data: [DONE]"))
     client, _ = client_for(server)
     assert [c.choices[0].text for c in client.completions.create(prompt="x", stream=True)] == [
         "b"]
@@ -522,7 +555,7 @@ class _SlowBody(httpx.SyncByteStream):
 
 def test_stream_closed_from_another_thread_stops_its_reader():
     body = _SlowBody()
-    server = Server(httpx.Response(200, stream=body))
+    server = Server(httpx.Response(200, headers=EVENT_STREAM, stream=body))
     client, _ = client_for(server)
     stream = client.completions.create(prompt="x", stream=True)
     assert next(stream).choices[0].text == "a"
@@ -558,7 +591,8 @@ class _SlowAsyncBody(httpx.AsyncByteStream):
 def test_async_stream_closed_from_another_task_stops_its_reader():
     async def main():
         body = _SlowAsyncBody()
-        client, _ = async_client_for(Server(httpx.Response(200, stream=body)))
+        answer = httpx.Response(200, headers=EVENT_STREAM, stream=body)
+        client, _ = async_client_for(Server(answer))
         stream = await client.completions.create(prompt="x", stream=True)
         assert (await anext(stream)).choices[0].text == "a"
         reader = asyncio.create_task(anext(stream))
@@ -578,3 +612,215 @@ def test_importable_without_torch_or_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[2])
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    ("{not json", "not JSON"), ('{"id": "c"}', "not a CompletionChunk"),
+    ("[1, 2]", "not a CompletionChunk")])
+def test_malformed_stream_events_are_validation_errors(data, match):
+    """The body of a stream is unread when an event fails to decode: the error carries the
+    event's data as its body."""
+    stream = client_for(Server(sse(completion_chunk("a"), data, "[DONE]")))[0].completions.create(
+        prompt="x", stream=True)
+    assert next(stream).choices[0].text == "a"
+    with pytest.raises(APIResponseValidationError, match=match) as info:
+        next(stream)
+    assert (info.value.status_code, info.value.body) == (200, data)
+    assert stream.response.is_closed
+
+    async def main():
+        client, _ = async_client_for(Server(sse(completion_chunk("a"), data, "[DONE]")))
+        async with client:
+            stream = await client.completions.create(prompt="x", stream=True)
+            assert (await anext(stream)).choices[0].text == "a"
+            with pytest.raises(APIResponseValidationError, match=match) as info:
+                await anext(stream)
+        return info.value, stream
+
+    err, stream = asyncio.run(main())
+    assert (err.status_code, err.body) == (200, data)
+    assert stream.response.is_closed
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/html", None])
+def test_stream_answered_without_an_event_stream_is_a_validation_error(content_type):
+    def answer():
+        headers = {"content-type": content_type} if content_type else {}
+        return httpx.Response(200, headers=headers, stream=Chunks("<html>gateway</html>"))
+
+    server = Server(answer(), answer())
+    with pytest.raises(APIResponseValidationError, match="text/event-stream") as info:
+        client_for(server)[0].completions.create(prompt="x", stream=True)
+    assert (info.value.status_code, info.value.body) == (200, "<html>gateway</html>")
+
+    async def main():
+        client, _ = async_client_for(server)
+        async with client:
+            with pytest.raises(APIResponseValidationError, match="text/event-stream") as info:
+                await client.chat.completions.create(messages=[], stream=True)
+        return info.value
+
+    assert asyncio.run(main()).body == "<html>gateway</html>"
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize(("code", "cls", "status"), [
+    ("overloaded", ServiceUnavailableError, 503),
+    ("replica_unavailable", ServiceUnavailableError, 503),
+    ("decoder_failed", InternalServerError, 500),
+    ("internal_error", InternalServerError, 500),
+    (None, InternalServerError, 500),
+    (429, RateLimitError, 429),
+    (["odd"], InternalServerError, 500),
+])
+def test_error_event_codes_map_to_error_classes(code, cls, status):
+    event = {"error": {"message": "at capacity", "type": "server_error", "param": None,
+                       "code": code}}
+    stream = client_for(Server(sse(event, "[DONE]")))[0].completions.create(prompt="x",
+                                                                             stream=True)
+    with pytest.raises(APIError) as info:
+        next(stream)
+    err = info.value
+    assert (type(err), err.status_code, err.code, err.message) == (cls, status, code,
+                                                                  "at capacity")
+    assert str(err).startswith("stream error event") and "HTTP" not in str(err), str(err)
+    assert str(err).endswith("(server_error): at capacity")
+
+
+def test_timeouts_default_constructor_and_per_call():
+    server = Server(*[httpx.Response(200, json=COMPLETION) for _ in range(4)],
+                    httpx.Response(200, json=CHAT), sse(completion_chunk("a"), "[DONE]"))
+    client_for(server)[0].completions.create(prompt="x")
+    client_for(server, timeout=httpx.Timeout(30.0, read=None))[0].completions.create(prompt="x")
+    client, _ = client_for(server, timeout=5.0)
+    client.completions.create(prompt="x", timeout=120.0)
+    client.completions.create(prompt="x")
+
+    async def main():
+        client, _ = async_client_for(server)
+        async with client:
+            await client.chat.completions.create(messages=[], timeout=httpx.Timeout(1.0, read=9))
+            async with await client.completions.create(prompt="x", stream=True,
+                                                       timeout=None) as stream:
+                return [c async for c in stream]
+
+    assert len(asyncio.run(main())) == 1
+    assert [r.extensions["timeout"] for r in server.requests] == [
+        httpx.Timeout(600.0, connect=10.0).as_dict(), httpx.Timeout(30.0, read=None).as_dict(),
+        httpx.Timeout(120.0).as_dict(), httpx.Timeout(5.0).as_dict(),
+        httpx.Timeout(1.0, read=9).as_dict(), httpx.Timeout(600.0, connect=10.0).as_dict()]
+    assert all("timeout" not in server.body(i) for i in range(len(server.requests)))
+
+
+@pytest.mark.parametrize(("method", "result", "streamed"), [
+    (sdk.Completions.create, Completion, Stream[CompletionChunk]),
+    (sdk.ChatCompletions.create, ChatCompletion, Stream[ChatCompletionChunk]),
+    (sdk.AsyncCompletions.create, Completion, AsyncStream[CompletionChunk]),
+    (sdk.AsyncChatCompletions.create, ChatCompletion, AsyncStream[ChatCompletionChunk]),
+])
+def test_create_overloads_type_the_result_by_stream(method, result, streamed):
+    overloads = {(typing.get_type_hints(o)["stream"], typing.get_type_hints(o)["return"],
+                  inspect.signature(o).parameters["stream"].default)
+                 for o in typing.get_overloads(method)}
+    assert overloads == {(Literal[False], result, False),
+                         (Literal[True], streamed, inspect.Parameter.empty),
+                         (bool, result | streamed, inspect.Parameter.empty)}
+
+
+def test_model_names_are_quoted_in_the_path():
+    name = "org/tiny v2?#"
+    server = Server(*[httpx.Response(200, json={"id": name}) for _ in range(2)])
+    assert client_for(server)[0].models.retrieve(name).id == name
+
+    async def main():
+        client, _ = async_client_for(server)
+        async with client:
+            return await client.models.retrieve(name)
+
+    assert asyncio.run(main()).id == name
+    assert [r.url.raw_path for r in server.requests] == [b"/v1/models/org%2Ftiny%20v2%3F%23"] * 2
+
+
+def test_every_error_class_is_exported_and_every_named_one_exists():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("\n## Python client SDK\n")[1].split("\n## ")[0]
+    named = set(re.findall(r"`(\w+Error)`", section))
+    errors = {name for name, value in vars(sdk).items()
+              if isinstance(value, type) and issubclass(value, S3DError)}
+    assert {"S3DError", "APIResponseValidationError"} <= named <= errors <= set(sdk.__all__)
+    assert all(hasattr(sdk, name) for name in sdk.__all__)
+
+
+class _OneEventServer(threading.Thread):
+    """A real HTTP server on 127.0.0.1 for one connection: it answers with one event, then waits
+    (up to 5 s) for the client to close the connection; ``eof`` is set if it sees it do so."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.eof = threading.Event()
+
+    def run(self):
+        conn, _ = self.listener.accept()
+        with self.listener, conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(65536)
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
+            while len(body) < length:
+                body += conn.recv(65536)
+            event = f"data: {json.dumps(completion_chunk('a'))}\n\n".encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n"
+                         + f"{len(event):x}\r\n".encode() + event + b"\r\n")
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                if conn.recv(1) == b"":
+                    self.eof.set()
+
+
+def test_stream_closed_from_another_thread_closes_a_real_connection():
+    """Closing the socket under a thread blocked in recv neither wakes it nor tells the server;
+    the stream shuts the socket down first."""
+    server = _OneEventServer()
+    server.start()
+    with S3DClient(server.url, max_retries=0) as client:
+        stream = client.completions.create(prompt="x", stream=True)
+        assert next(stream).choices[0].text == "a"
+        outcome = []
+
+        def read():
+            try:
+                outcome.append(next(stream))
+            except Exception as exc:  # noqa: BLE001 - what the reader meets is the point
+                outcome.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        time.sleep(0.2)  # the reader now waits in recv
+        stream.close()
+        reader.join(2)
+        assert not reader.is_alive(), "the reader is still blocked"
+        assert server.eof.wait(2), "the server did not see the connection close"
+        assert isinstance(outcome[0], (APIConnectionError, StopIteration)), outcome
+    server.join(5)
+
+
+def test_async_stream_closed_from_another_task_closes_a_real_connection():
+    async def main():
+        server = _OneEventServer()
+        server.start()
+        async with AsyncS3DClient(server.url, max_retries=0) as client:
+            stream = await client.completions.create(prompt="x", stream=True)
+            assert (await anext(stream)).choices[0].text == "a"
+            reader = asyncio.create_task(anext(stream))
+            await asyncio.sleep(0.2)  # the reader now waits for data
+            await stream.aclose()
+            done, _ = await asyncio.wait([reader], timeout=2)
+            assert done, "the reader is still waiting"
+            assert isinstance(reader.exception(), (APIConnectionError, StopAsyncIteration))
+        assert await asyncio.to_thread(server.eof.wait, 2), "the server saw no close"
+
+    asyncio.run(main())
