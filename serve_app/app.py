@@ -23,7 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError, WorkerCrashedError
-from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -35,10 +39,12 @@ from serve_app.openai_api import (
     CompletionRequest,
     SamplingFields,
     error_body,
+    generation_limit,
     new_id,
     now,
     usage,
 )
+from workers.errors import EngineDeadError
 from workers.stats import acceptance_rate, add_lists, mean_acceptance_length
 
 if TYPE_CHECKING:
@@ -46,9 +52,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("s3d.serve")
 
-# A decoder replica that died or cannot be reached (not an error in decoding itself, which would
-# fail again): the request can be sent to another replica.
-REPLICA_FAILURES = (RayActorError, WorkerCrashedError, ReplicaUnavailableError)
+# A decoder replica that died, cannot be reached or whose decode loop stopped (not an error in
+# decoding itself, which would fail again): the request can be sent to another replica, and
+# when none answers, the client is told to retry (503 with Retry-After).
+REPLICA_FAILURES = (RayActorError, WorkerCrashedError, ReplicaUnavailableError,
+                    DeploymentUnavailableError, EngineDeadError)
 
 
 def retry_pause_s(attempt: int) -> float:
@@ -321,6 +329,9 @@ class IngressBase(_StoreUser):
         model_config = AutoConfig.from_pretrained(path)
         check_architecture(model_config)
         self.context = int(getattr(model_config, "max_position_embeddings", 2048))
+        # Token ids a prompt may hold: in the tokenizer and in the embedding table.
+        self.vocab_size = min(len(self.tokenizer),
+                              int(getattr(model_config, "vocab_size", len(self.tokenizer))))
         self.profile = resolve_profile(self.config.profile, fingerprint(model_config),
                                        model_config.num_hidden_layers)
         default = self.config.default_arm or self.profile.default_arm
@@ -361,7 +372,9 @@ class IngressBase(_StoreUser):
         from router.policy import conversation_text
 
         if isinstance(req, ChatCompletionRequest):
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            # OpenAI's ``developer`` role is its ``system`` role under a newer name.
+            messages = [{"role": "system" if m.role == "developer" else m.role,
+                         "content": m.text()} for m in req.messages]
             try:
                 out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                          tokenize=True)
@@ -371,7 +384,7 @@ class IngressBase(_StoreUser):
             ids = out["input_ids"] if hasattr(out, "keys") else out
             return list(ids), conversation_text(messages)
         if isinstance(req.prompt, list):
-            bad = [t for t in req.prompt if not 0 <= t < len(self.tokenizer)]
+            bad = [t for t in req.prompt if not 0 <= t < self.vocab_size]
             if bad:
                 raise APIError(400, f"token ids out of range: {bad[:5]}", param="prompt")
             return list(req.prompt), self.tokenizer.decode(req.prompt)
@@ -391,8 +404,8 @@ class IngressBase(_StoreUser):
         if any(len(s) > cfg.max_stop_length for s in stops):
             raise APIError(400, f"stop strings must be at most {cfg.max_stop_length} characters",
                            param="stop")
-        max_tokens = req.requested_max_tokens() or cfg.default_max_tokens
-        if max_tokens > cfg.max_tokens_limit:
+        max_tokens = req.requested_max_tokens()
+        if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
             raise APIError(400, f"{req.max_tokens_param()} must be at most "
                                 f"{cfg.max_tokens_limit}", param=req.max_tokens_param())
         # Off the event loop: a long prompt's template and tokenisation would stall every
@@ -400,15 +413,15 @@ class IngressBase(_StoreUser):
         ids, text = await asyncio.get_running_loop().run_in_executor(
             self._tokenize, self._prompt_ids, req)
         if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        if len(ids) + max_tokens > self.context:
-            raise APIError(400, f"this model's context is {self.context} tokens; the prompt has "
-                                f"{len(ids)} and max_tokens is {max_tokens}",
-                           param="prompt", code="context_length_exceeded")
+            raise APIError(400, "the prompt is empty", param="messages" if is_chat else "prompt")
+        max_tokens = generation_limit(req, is_chat, len(ids), self.context,
+                                      cfg.default_max_tokens)
         decided = time.perf_counter()
         bucket = context_bucket(text, is_chat, req.temperature, len(ids))
-        # A seeded request must reproduce: its arm may not depend on the router's exploration.
-        pinned = req.arm if req.arm is not None or req.seed is None else self.router.default_arm
+        # A seeded sampled request must reproduce: its arm may not depend on the router's
+        # exploration (greedy output is the same on every arm, so greedy requests are routed).
+        reproducible = req.seed is not None and req.temperature > 0
+        pinned = req.arm if req.arm is not None or not reproducible else self.router.default_arm
         try:
             route = self.router.route(bucket, pinned)
         except KeyError:
@@ -506,10 +519,13 @@ class IngressBase(_StoreUser):
         created = now()
         model = self.config.served_model_name
         finals: dict[int, dict] = {}
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        # With usage asked for, every chunk says ``"usage": null`` but the last, as OpenAI's do.
+        no_usage = {"usage": None} if include_usage else {}
 
         def chunk(choices: list[dict], **extra) -> str:
             body = {"id": rid, "object": obj, "created": created, "model": model,
-                    "choices": choices, **extra}
+                    "choices": choices, **no_usage, **extra}
             return f"data: {json.dumps(body)}\n\n"
 
         try:
@@ -531,7 +547,6 @@ class IngressBase(_StoreUser):
                               "finish_reason": item["finish_reason"] if final else None}
                 extra = {"spec_decode": item["spec_decode"]} if final else {}
                 yield chunk([choice], **extra)
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
             if include_usage:
                 completion_tokens = sum(f["usage"]["completion_tokens"] for f in finals.values())
                 yield chunk([], usage=usage(prompt_tokens, completion_tokens),

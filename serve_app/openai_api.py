@@ -34,12 +34,24 @@ class StreamOptions(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """A message's role and text; ``name`` and other fields are not rendered. Tool calls are
+    refused (tools are), rather than dropped from the conversation."""
+
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = Field(
         None, description="Text, or OpenAI content parts of type text (null: no text, as an "
                           "assistant turn may have).")
+    tool_calls: list | None = None
+    function_call: dict | None = None
+
+    @field_validator("tool_calls", "function_call")
+    @classmethod
+    def _no_tool_calls(cls, v):
+        if v:
+            raise ValueError("tool calls are not supported by this server")
+        return None
 
     def text(self) -> str:
         if self.content is None:
@@ -62,14 +74,19 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "functions": (None, []),
     "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
-    "suffix": (None, ""), "echo": (None, False),
+    "suffix": (None, ""), "echo": (None, False), "modalities": (None, ["text"]),
 }
+# OpenAI request fields that change nothing in the answer (bookkeeping, caching and latency
+# hints): accepted and ignored. Any other field this server does not know is a 400, as OpenAI
+# answers one: a misspelt ``max_token`` would otherwise give 256 tokens, silently.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
+                            "prompt_cache_key", "safety_identifier", "prediction"})
 
 
 class SamplingFields(BaseModel):
-    """Fields common to both endpoints. Unknown fields are ignored (clients send many that do
-    not change the answer: ``user``, ``metadata``, ``store``); the OpenAI fields that would
-    change it and are not implemented are refused by ``check_supported``; ``null`` means the
+    """Fields common to both endpoints. Of the fields not declared here, ``check_supported``
+    accepts those that change nothing (``IGNORED_FIELDS``) and the unimplemented OpenAI ones at
+    their neutral values (``UNSUPPORTED_FIELDS``), and refuses the rest; ``null`` means the
     default, as the OpenAI API treats it."""
 
     model_config = ConfigDict(extra="allow")
@@ -78,9 +95,9 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0, description="0 keeps the most likely token.")
     top_k: int = Field(0, ge=0, description="Extension: keep the k most likely tokens.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
@@ -101,6 +118,10 @@ class SamplingFields(BaseModel):
     def check_supported(self) -> None:
         """400 for a field that asks for something this server does not do."""
         extra = self.model_extra or {}
+        for name in extra:
+            if name not in UNSUPPORTED_FIELDS and name not in IGNORED_FIELDS:
+                raise APIError(400, f"unrecognized request argument supplied: {name}",
+                               param=name, code="unknown_parameter")
         for name, neutral in UNSUPPORTED_FIELDS.items():
             # Compared with their types: ``logprobs: 0`` asks for the chosen tokens' logprobs.
             if name in extra and not any(extra[name] == v and type(extra[name]) is type(v)
@@ -141,6 +162,24 @@ class CompletionRequest(SamplingFields):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+
+
+def generation_limit(req: SamplingFields, is_chat: bool, prompt_tokens: int, context: int,
+                     default: int) -> int:
+    """The request's token limit: as asked, or the default cut to what the context leaves
+    after the prompt (a request that asked for nothing gets what fits, as OpenAI's do); a 400
+    when the prompt leaves no room for what was asked."""
+    room = context - prompt_tokens
+    asked = req.requested_max_tokens()
+    if asked is None and room >= 1:
+        return min(default, room)
+    what = (f"{req.max_tokens_param()} is {asked}" if asked is not None
+            else "that leaves none to generate")
+    if asked is None or asked > room:
+        raise APIError(400, f"this model's context is {context} tokens; the prompt has "
+                            f"{prompt_tokens} and {what}",
+                       param="messages" if is_chat else "prompt", code="context_length_exceeded")
+    return asked
 
 
 def new_id(prefix: str) -> str:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from workers.engine import Generation
+from workers.errors import EngineDeadError
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +25,6 @@ class Slot:
     generation: Generation
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
-
-
-class EngineDeadError(RuntimeError):
-    """The scheduler's loop stopped; the replica must be replaced."""
 
 
 class StepScheduler:

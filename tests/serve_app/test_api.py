@@ -43,6 +43,8 @@ def test_openai_chat_stream_with_usage(served):
         max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True})
     text, finish, usage, spec = "", None, None, None
     for chunk in stream:
+        # Asked for usage, every chunk carries the field (null until the last), as OpenAI's do.
+        assert "usage" in chunk.model_fields_set, chunk
         if chunk.choices:
             text += chunk.choices[0].delta.content or ""
             finish = chunk.choices[0].finish_reason or finish
@@ -140,6 +142,11 @@ def _error(resp: httpx.Response) -> dict:
     ({"prompt": "hi", "best_of": 3}, "best_of"),
     ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    # Unknown fields too: a misspelt limit would otherwise decode the default, silently.
+    ({"prompt": "hi", "max_token": 5}, "max_token"),
+    ({"prompt": "hi", "repetition_penalty": 1.2}, "repetition_penalty"),
+    # No limit asked and a prompt that fills the context: nothing left to generate.
+    ({"prompt": [100 + i % 900 for i in range(8192)]}, "prompt"),
 ])
 def test_bad_requests_get_400_in_openai_shape(served, body, param):
     resp = httpx.post(served.base_url + "/v1/completions", json=body, headers=served.headers,
@@ -192,6 +199,26 @@ def test_nulls_neutral_values_and_unknown_fields_are_accepted(served):
         messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
                   {"role": "user", "content": "Hi again"}])
     assert chat.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_roles_developer_is_system_and_tool_calls_are_refused(served):
+    def chat(messages: list[dict]) -> httpx.Response:
+        return httpx.post(served.base_url + "/v1/chat/completions", headers=served.headers,
+                          timeout=120, json={"messages": messages, "max_tokens": 4,
+                                             "temperature": 0})
+
+    question = {"role": "user", "content": "Name a colour."}
+    as_system = chat([{"role": "system", "content": "Answer in French."}, question])
+    as_developer = chat([{"role": "developer", "content": "Answer in French."}, question])
+    assert as_system.status_code == as_developer.status_code == 200, as_developer.text
+    assert (as_developer.json()["choices"][0]["message"]["content"]
+            == as_system.json()["choices"][0]["message"]["content"])
+    assert (as_developer.json()["usage"]["prompt_tokens"]
+            == as_system.json()["usage"]["prompt_tokens"])
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    refused = chat([question, {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "content": "blue", "tool_call_id": "c1"}])
+    assert refused.status_code == 400 and _error(refused)["param"] == "messages", refused.text
 
 
 def test_model_retrieve(served):

@@ -177,9 +177,9 @@ text = st.one_of(
 short_stop = text.map(lambda s: s[:MAX_STOP_LENGTH])
 GOOD = {
     "temperature": st.sampled_from([0.0, 5e-324, 1e-6, 1.0, 2.0]),
-    "top_p": st.sampled_from([5e-324, 1e-6, 0.5, 1.0]),
+    "top_p": st.sampled_from([0.0, 5e-324, 1e-6, 0.5, 1.0]),
     "top_k": st.sampled_from([0, 1, 50, 10**9]),
-    "seed": st.sampled_from([None, 0, 1, 2**63 - 1]),
+    "seed": st.sampled_from([None, -(2**63), -1, 0, 1, 2**63 - 1]),
     "max_tokens": st.sampled_from([None, 1, CHEAP_MAX_TOKENS]),
     "n": st.sampled_from([1, CHEAP_N, MAX_N]),
     "stop": st.one_of(st.none(), short_stop, st.just("x" * MAX_STOP_LENGTH),
@@ -187,8 +187,8 @@ GOOD = {
 }
 BAD = {  # well-typed, just past a bound
     "temperature": st.sampled_from([-5e-324, 2.0000001]),
-    "top_p": st.sampled_from([0.0, 1.0000001]),
-    "seed": st.sampled_from([-1, 2**63]),
+    "top_p": st.sampled_from([-5e-324, 1.0000001]),
+    "seed": st.sampled_from([-(2**63) - 1, 2**63]),
     "max_tokens": st.sampled_from([MAX_TOKENS_LIMIT + 1, 2**31, 2**63]),
     "n": st.just(MAX_N + 1),
     "stop": st.one_of(st.just("x" * (MAX_STOP_LENGTH + 1)), st.just(["🙂" * 1000]),
@@ -233,9 +233,9 @@ def violations(path: str, body: dict) -> set[str]:
     bad = set()
     if not 0.0 <= body["temperature"] <= 2.0:
         bad.add("temperature")
-    if not 0.0 < body["top_p"] <= 1.0:
+    if not 0.0 <= body["top_p"] <= 1.0:
         bad.add("top_p")
-    if "seed" in body and not 0 <= body["seed"] <= 2**63 - 1:
+    if "seed" in body and not -(2**63) <= body["seed"] <= 2**63 - 1:
         bad.add("seed")
     if body["n"] > MAX_N:
         bad.add("n")
