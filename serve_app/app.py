@@ -176,19 +176,19 @@ class Decoder(_StoreUser):
         finish_reason = None
         # aclosing: a stop string ends the choice before the generation does; free its slot now.
         async with contextlib.aclosing(self.scheduler.stream(gen)) as steps:
-            async for tokens in steps:
+            async for step in steps:
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
-                delta = stops.push(text.push(tokens))
-                if not stops.stopped and gen.finished:
+                delta = stops.push(text.push(step.tokens))
+                if not stops.stopped and step.finished:
                     delta += stops.push(text.flush()) + stops.flush()
-                    finish_reason = gen.finish_reason
+                    finish_reason = step.finish_reason
                 if stops.stopped:
                     finish_reason = "stop"
                     # A step may commit tokens past the stop string: they are not output.
                     completion_tokens = text.tokens_through(stops.stop_end)
                 if delta or finish_reason:
-                    yield {"index": index, "text": delta, "token_ids": tokens,
+                    yield {"index": index, "text": delta, "token_ids": step.tokens,
                            "finish_reason": finish_reason}
                 if finish_reason:
                     break

@@ -19,6 +19,17 @@ from workers.errors import EngineDeadError
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Step:
+    """One step's committed tokens and whether the generation ended with them, as they were
+    when the step returned: the decode thread may already be running the next step while a
+    consumer handles this one, so ``Generation.finished`` may speak of a step not yet read."""
+
+    tokens: list[int]
+    finished: bool
+    finish_reason: str | None
+
+
 @dataclass
 class Slot:
     id: int
@@ -48,8 +59,8 @@ class StepScheduler:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def stream(self, generation: Generation) -> AsyncIterator[list[int]]:
-        """Yield each step's committed tokens until the generation finishes."""
+    async def stream(self, generation: Generation) -> AsyncIterator[Step]:
+        """Yield each step until the one that finishes the generation."""
         if not self.healthy:
             raise EngineDeadError(f"decoder loop stopped: {self.error!r}")
         self._ensure_started()
@@ -62,7 +73,7 @@ class StepScheduler:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if generation.finished:
+                if item.finished:
                     return
         finally:
             slot.cancelled = True
@@ -91,7 +102,8 @@ class StepScheduler:
                     continue
                 self.steps += 1
                 if not slot.cancelled:
-                    slot.queue.put_nowait(tokens)
+                    slot.queue.put_nowait(Step(tokens, slot.generation.finished,
+                                               slot.generation.finish_reason))
                 if slot.generation.finished:
                     self.slots.pop(slot.id, None)
         except BaseException as exc:

@@ -1,0 +1,62 @@
+"""The step scheduler, with stand-in generations (the engine's own are tested beside it)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from workers.scheduler import StepScheduler
+
+
+class CountingGeneration:
+    """Commits one token per step, taking ``step_s`` in the decode thread, for ``steps``."""
+
+    def __init__(self, steps: int, step_s: float = 0.02):
+        self.steps, self.step_s = steps, step_s
+        self.output: list[int] = []
+        self.finished = False
+        self.finish_reason: str | None = None
+
+    def step(self) -> list[int]:
+        time.sleep(self.step_s)
+        self.output.append(len(self.output))
+        if len(self.output) == self.steps:
+            self.finished, self.finish_reason = True, "length"
+        return [self.output[-1]]
+
+
+def test_a_slow_consumer_reads_every_step_through_the_last():
+    """While a consumer handles a step (sending it to a slow client), the decode thread runs
+    the next ones and may finish the generation: the consumer must still read every step,
+    and learn of the end from the step that ended it."""
+    async def scenario():
+        scheduler = StepScheduler()
+        gen = CountingGeneration(steps=4)
+        read, ends = [], []
+        async for step in scheduler.stream(gen):
+            read += step.tokens
+            ends.append((step.finished, step.finish_reason))
+            await asyncio.sleep(0.15)  # the next steps finish meanwhile
+        return gen, read, ends
+
+    gen, read, ends = asyncio.run(scenario())
+    assert read == gen.output == [0, 1, 2, 3]
+    assert ends == [(False, None)] * 3 + [(True, "length")]
+
+
+def test_requests_take_turns():
+    async def scenario():
+        scheduler = StepScheduler()
+        order: list[str] = []
+
+        async def consume(name: str, gen: CountingGeneration):
+            async for _ in scheduler.stream(gen):
+                order.append(name)
+
+        await asyncio.gather(consume("a", CountingGeneration(3)),
+                             consume("b", CountingGeneration(3)))
+        return order
+
+    order = asyncio.run(scenario())
+    assert sorted(order) == ["a"] * 3 + ["b"] * 3
+    assert order[:4] in (["a", "b", "a", "b"], ["b", "a", "b", "a"]), order
