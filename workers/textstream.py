@@ -49,7 +49,8 @@ class TextStream:
 
 
 class StopStrings:
-    """Holds back text that may be the start of a stop string; cuts the text at the first stop."""
+    """Holds back text that may be the start of a stop string; cuts the text at the first stop
+    to complete."""
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
@@ -67,7 +68,10 @@ class StopStrings:
         found = [(i, len(s)) for i, s in ((self.pending.find(s), s) for s in self.stops)
                  if i >= 0]
         if found:
-            cut, length = min(found)  # the earliest stop; of those starting there, the shortest
+            # The stop completed first (the earliest end; of those, the longest): what a
+            # token-by-token stream meets first, so a step committing several tokens at once
+            # cuts the text where one committing them one at a time would.
+            cut, length = min(found, key=lambda f: (f[0] + f[1], f[0]))
             self.stop_end = self.fed - len(self.pending) + cut + length
             out, self.pending, self.stopped = self.pending[:cut], "", True
             return out

@@ -24,10 +24,17 @@ def test_stop_string_split_across_pushes_is_held_back_then_cut():
     assert stops.push("later") == "" and stops.flush() == ""
 
 
-def test_earliest_stop_wins_and_of_equal_starts_the_shortest():
+def test_the_stop_completed_first_wins():
     stops = StopStrings(["cd", "bcd", "bc"])
     assert stops.push("abcde") == "a"
     assert stops.stop_end == len("abc")  # "bc" and "bcd" start at 1; "bc" ends first
+    # "abcd" starts first but "bc" completes first: one character at a time meets "bc".
+    for chunks in (["abcde"], list("abcde"), ["ab", "cde"], ["a", "bcd", "e"]):
+        stops = StopStrings(["abcd", "bc"])
+        out = "".join(stops.push(c) for c in chunks) + stops.flush()
+        assert (out, stops.stop_end) == ("a", 3), chunks
+    stops = StopStrings(["xbc", "bc"])  # both end at 3: the longer one, starting earlier
+    assert stops.push("xbcd") == "" and stops.stop_end == 3
 
 
 def test_a_false_start_is_released():
