@@ -31,7 +31,7 @@ import torch
 
 from workers.arm import NONE_ARM, Arm, DrafterKind, Profile
 from workers.bench import rotated
-from workers.drafters.s3d import BUNDLED_ADAPTER
+from workers.drafters.s3d import BUNDLED_ADAPTER, AdapterMismatchError, MaskAdapter
 from workers.engine import Engine
 from workers.model import dtype_name
 from workers.pool import TokenPool
@@ -333,11 +333,32 @@ ARM_NAMES = {"s3d": "s3d_fused"}
 MERGED_HYBRID = "hybrid_merged"
 
 
+def s3d_adapter_fits(adapter_path: str | None, fingerprint: str, log=print) -> bool:
+    """Whether the S3D kinds can be searched: with the adapter given (refused at once, before
+    the long stages, when it was trained for another model) or the bundled one when it was
+    trained for this model (for another model, the S3D kinds are left out: train one with
+    ``s3d train`` and give it)."""
+    adapter = Path(adapter_path) if adapter_path else BUNDLED_ADAPTER
+    if not adapter.exists():
+        if adapter_path:
+            raise FileNotFoundError(f"no adapter at {adapter_path}")
+        return False
+    trained_for = MaskAdapter.read_metadata(adapter).get("model_fingerprint")
+    if trained_for == fingerprint:
+        return True
+    if adapter_path:
+        raise AdapterMismatchError(f"adapter {adapter_path} was trained for model "
+                                   f"{trained_for}, not for this model ({fingerprint})")
+    log(f"the bundled S3D adapter is for another model ({trained_for}): searching without the "
+        "S3D drafters; train one for this model with `s3d train` and pass --adapter")
+    return False
+
+
 def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None,
-                   pool: bool = False) -> dict[str, list[Arm]]:
-    """Stage 3's candidate arms per drafter kind (S3D kinds only when the adapter exists).
-    With ``pool`` (the engine has a pool of earlier outputs) the n-gram trees are tried with and
-    without it, and the hybrids draw on it."""
+                   pool: bool = False, s3d: bool = True) -> dict[str, list[Arm]]:
+    """Stage 3's candidate arms per drafter kind (S3D kinds with ``s3d``, when the adapter
+    exists: see ``s3d_adapter_fits``). With ``pool`` (the engine has a pool of earlier outputs)
+    the n-gram trees are tried with and without it, and the hybrids draw on it."""
     kinds: dict[str, list[Arm]] = {
         "skip_chain": [Arm(name="skip_chain", drafter="skip_chain", skip_layers=skip, depth=d)
                        for skip in skips for d in SKIP_CHAIN_DEPTHS],
@@ -349,7 +370,7 @@ def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None,
                        for d, k, t in NGRAM_VARIANTS],
     }
     adapter = Path(adapter_path) if adapter_path else BUNDLED_ADAPTER
-    if adapter.exists():
+    if s3d and adapter.exists():
         kinds["s3d"] = [Arm(name=ARM_NAMES["s3d"], drafter="s3d", adapter=adapter_path, **v)
                         for v in S3D_VARIANTS]
         kinds["hybrid"] = [Arm(name=MERGED_HYBRID, drafter="hybrid", adapter=adapter_path,
@@ -467,6 +488,7 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
     those drafter kinds' settings are searched again (after a change to one drafter); that
     profile's arms of the other kinds are kept as they are and measured again beside them."""
     check_kinds(kinds, skip_sets_from is not None)
+    with_s3d = s3d_adapter_fits(adapter_path, engine.loaded.fingerprint, log)
     prompts = calibration_prompts(engine.tokenizer)[:max_prompts]
     if skip_sets_from is None:
         skips, notes = skip_stage(engine, prompts, max_tokens, finalists, lengths, trials,
@@ -491,7 +513,7 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
     # kinds together: every comparison the profile rests on is paired in time.
     arms: list[Arm] = [NONE_ARM]
     specialists: dict[Arm, str] = {}
-    candidates = arm_candidates(skips, adapter_path, pool=len(engine.pool) > 0)
+    candidates = arm_candidates(skips, adapter_path, pool=len(engine.pool) > 0, s3d=with_s3d)
     if kinds is not None:
         missing = [kind for kind in kinds if kind not in candidates]
         if missing:

@@ -679,3 +679,23 @@ def test_interleaved_measurement_pairs_arms_prompt_by_prompt():
     assert [f["mean_accepted_length"] for f in figs] == [1.5, 3.0, 4.5]
     assert all(len(f["per_prompt"]) == 4 and set(f["by_class"]) == {"code", "chat"}
                for f in figs)
+
+
+def test_search_takes_the_s3d_drafters_only_with_an_adapter_for_its_model(tmp_path):
+    """A search for another model leaves the S3D kinds out rather than failing on the bundled
+    adapter after its long stages; an adapter given for another model is refused at once."""
+    from workers.drafters.s3d import BUNDLED_ADAPTER, AdapterMismatchError, MaskAdapter
+    from workers.search import arm_candidates, s3d_adapter_fits
+
+    bundled_model = MaskAdapter.read_metadata(BUNDLED_ADAPTER)["model_fingerprint"]
+    said: list[str] = []
+    assert s3d_adapter_fits(None, bundled_model, said.append) and not said
+    assert not s3d_adapter_fits(None, "another-model", said.append)
+    assert "s3d train" in said[0]
+    with pytest.raises(AdapterMismatchError):
+        s3d_adapter_fits(str(BUNDLED_ADAPTER), "another-model", said.append)
+    with pytest.raises(FileNotFoundError):
+        s3d_adapter_fits(str(tmp_path / "missing.safetensors"), bundled_model, said.append)
+    kinds = set(arm_candidates([(3, 4)], None, s3d=False))
+    assert kinds == {"skip_chain", "skip_tree", "ngram_tree"}
+    assert {"s3d", "hybrid", "s3d_skip"} <= set(arm_candidates([(3, 4)], None))
