@@ -629,6 +629,7 @@ def build_app(args: dict | None = None):
         "ray_actor_options": {"num_cpus": config.replica_num_cpus,
                               "num_gpus": config.replica_num_gpus},
         "health_check_period_s": 5,
+        "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s,
     }
     if config.min_replicas == config.max_replicas:
         decoder_options["num_replicas"] = config.max_replicas
@@ -639,5 +640,6 @@ def build_app(args: dict | None = None):
     decoder = Decoder.options(**decoder_options).bind(config.model_dump())
     ingress = make_ingress(config).options(
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
         max_ongoing_requests=max(100, 4 * config.max_ongoing_requests * config.max_replicas))
     return ingress.bind(decoder, config.model_dump())

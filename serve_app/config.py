@@ -72,6 +72,10 @@ class ServeConfig(BaseModel):
     replica_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per decoder.")
     replica_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per decoder.")
     ingress_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs reserved by the ingress.")
+    graceful_shutdown_timeout_s: float = Field(
+        300.0, gt=0, description="How long a replica being scaled down or replaced may finish "
+                                 "its requests before it is stopped (Serve's own default, 20 s, "
+                                 "is shorter than a long generation).")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request has none.")
     max_n: int = Field(4, ge=1, description="Largest n (choices per request).")

@@ -57,7 +57,7 @@ OVERLAY_ARG_CHANGES: dict[str, dict] = {
     "base": {},
     "quantized-8bit": {"quantization": "8bit", "dtype": "bfloat16"},
     "cpu-only": {"device": "cpu", "dtype": "float32", "replica_num_gpus": 0,
-                 "replica_num_cpus": 4, "torch_threads": 4},
+                 "replica_num_cpus": 6, "torch_threads": 6},
     "gcs-fault-tolerance": {},
 }
 GPU_VARIANTS = ("base", "quantized-8bit", "gcs-fault-tolerance")
@@ -706,6 +706,14 @@ def test_application_builds_in_the_pods_environment(variant, monkeypatch):
     assert autoscaling is not None, "the decoder pool should autoscale"
     per_pod = min(pod_cpus // decoder_opts["num_cpus"],
                   pod_gpus // decoder_opts["num_gpus"] if decoder_opts.get("num_gpus") else 1e9)
+    # Replicas scaled down or replaced finish their streams, and so does an old cluster after
+    # an upgrade moved traffic away from it.
+    grace = decoder._deployment_config.graceful_shutdown_timeout_s
+    assert grace == ingress._deployment_config.graceful_shutdown_timeout_s >= 60
+    assert rs["spec"]["rayClusterDeletionDelaySeconds"] >= grace
+    # A worker Pod's memory is sized for one model: Ray places replicas by CPU and GPU only, so
+    # those must keep a second decoder out of a Pod.
+    assert per_pod == 1, f"{per_pod:g} decoders fit in one worker Pod"
     assert autoscaling.max_replicas <= per_pod * group["maxReplicas"]
 
 
