@@ -81,7 +81,7 @@ class TokenPool:
         to hold a continuation, or longer than the whole pool may hold, is not kept."""
         if not self.ngram_min < len(sequence) <= self.capacity:
             return
-        if len(self) + len(sequence) > self.capacity:
+        while len(self) + len(sequence) > self.capacity:  # the newer half may be the longer
             self._drop_older_half()
         start = len(self.tokens)
         self._starts.append(start)

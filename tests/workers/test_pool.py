@@ -52,6 +52,15 @@ def test_a_full_pool_drops_its_older_half():
     assert pool.continuations([1, 100], 2, 4) == []  # the oldest went
 
 
+def test_a_full_pool_stays_within_its_capacity_when_its_newer_half_is_the_longer():
+    pool = TokenPool(capacity=100)
+    pool.add(list(range(1, 11)))
+    pool.add(list(range(200, 290)))  # 100 tokens: full
+    pool.add(list(range(400, 450)))  # dropping the first (10) would leave 140
+    assert len(pool) <= 100
+    assert pool.continuations([400, 401], 1, 4) == [[402]]
+
+
 def test_copies_are_independent_and_frozen_pools_record_nothing(bundled):
     pool = TokenPool()
     pool.add([1, 2, 3, 4])
