@@ -22,9 +22,11 @@ request path, and a request only classifies its prompt and looks its bucket's ro
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import random
 import re
+import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from router.store import ArmStats, StatsStore
     from workers.arm import Arm, Profile
+
+log = logging.getLogger(__name__)
 
 # Drafters that run one draft forward per level of depth: their depth trades draft time against
 # accepted tokens. The others draft every level at once (S3D's masks) or for free (n-gram).
@@ -65,13 +69,18 @@ DOCUMENT_CHARS = 500
 CODE_SHARE = 0.3
 # A line that looks like source: a statement (a keyword with the shape Python gives it), an
 # assignment, a bare call, a comment, a brace or semicolon at the end, or an operator prose rarely
-# has. Prose about code (a colon at the end, "with", "for", "heappop()", indentation) is not.
+# has (not in a sentence: "What does a == b return?"). Prose about code (a colon at the end,
+# "with", "for", "heappop()", indentation) is not.
 CODE_PATTERN = re.compile(
     r"(^\s*(def|class)\s+\w+\s*[(:]|^\s*import\s+[\w.]+|^\s*from\s+[\w.]+\s+import\b"
     r"|^\s*(return|yield|raise)\b|^\s*(if|elif|while|for|with|except)\b.*:\s*$"
     r"|^\s*(else|try|finally)\s*:\s*$|^\s*(continue|break|pass)\s*$"
     r"|^\s*[A-Za-z_][\w.]*(\[[^\]]*\])?\s*[-+*/%|&]?=\s*\S"
-    r"|^\s*[A-Za-z_][\w.]*\(.*\)\s*(#.*)?$|^\s*(#|//)|[{};]\s*$|==|->)", re.MULTILINE)
+    r"|^\s*[A-Za-z_][\w.]*\(.*\)\s*(#.*)?$|^\s*//|[{};]\s*$|(==|->)(?!.*[.?!]\s*$))",
+    re.MULTILINE)
+# A line opening with "#": a comment in source, or a markdown heading (or "#1 tip ..."). It counts
+# as source only beside other source lines.
+HASH_LINE = re.compile(r"^\s*#")
 
 
 def conversation_text(messages: list[Mapping[str, str]]) -> str:
@@ -87,10 +96,13 @@ def classify_prompt(text: str, is_chat: bool) -> str:
     ``prose``. Drafters fare differently by class: answers about a document copy from it (n-gram
     drafts pay), short chat answers do not."""
     lines = [line for line in text.splitlines() if line.strip()][-40:]
-    # Code when at least 30% of them look like source; the count stops once that is settled.
-    needed = math.ceil(CODE_SHARE * len(lines) - 1e-9)
-    spare = len(lines) - needed  # lines that may fail the pattern before code is out of reach
-    for line in lines:
+    # Code when at least 30% of them look like source, "#" lines among them once another line
+    # does; the count stops once that is settled.
+    others = [line for line in lines if not HASH_LINE.match(line)]
+    hashes = len(lines) - len(others)
+    needed = math.ceil(CODE_SHARE * len(lines) - 1e-9) - hashes
+    spare = len(others) - max(needed, 1)  # lines that may fail before code is out of reach
+    for line in others:
         if CODE_PATTERN.search(line):
             needed -= 1
             if needed <= 0:
@@ -317,7 +329,8 @@ def choose_depth(arm: Arm, stats: ArmStats | None, rng: random.Random | None = N
     chance of being tried; the draft time per level and the verify time per step are measured.
     """
     if (arm.drafter not in PER_LEVEL_DRAFTERS or stats is None or arm.depth <= 1
-            or stats.num_spec_steps < min_steps or stats.num_draft_levels <= 0):
+            or stats.num_spec_steps < min_steps or stats.num_draft_levels <= 0
+            or stats.verify_time_s + stats.draft_time_s <= 0):
         return None
     rng = rng or random
     accepted, tried = stats.accepted_per_pos, stats.tried_per_pos
@@ -347,9 +360,15 @@ class Priors:
            by_class: dict[str, dict[str, float]] | None = None, weight: float = 2.0,
            class_weights: dict[str, dict[str, float]] | None = None) -> Priors:
         """Every arm given a figure: without measured ones every arm starts equal, the default
-        slightly ahead; a class's missing arms take their overall figure. Paired weights are
-        never below ``weight``."""
-        base = {a: (overall or {}).get(a, 1.0 if a == default_arm else 0.9) for a in arms}
+        slightly ahead; an arm the measurement left out starts so beside the measured ones (at
+        the measured default's figure, or their median, not at a bare 1.0 among tokens per
+        second); a class's missing arms take their overall figure (plain decoding's speed hardly
+        depends on the class; a drafting arm's would only be guessed). Paired weights are never
+        below ``weight``."""
+        overall = overall or {}
+        known = [overall[a] for a in arms if a in overall]
+        scale = overall.get(default_arm, statistics.median(known)) if known else 1.0
+        base = {a: overall.get(a, scale * (1.0 if a == default_arm else 0.9)) for a in arms}
         return cls(base,
                    {c: {a: values.get(a, base[a]) for a in arms}
                     for c, values in (by_class or {}).items()},
@@ -447,10 +466,17 @@ class ArmRouter:
         return Route(arm, depth)
 
     def _decide(self, bucket: str) -> tuple[str, ArmStats | None]:
-        """The bucket's arm from its estimates now, and the bucket's record of that arm."""
-        estimates = self.estimates(bucket)
-        arm = self._choose(bucket, estimates)
-        return arm, estimates[arm].stats if arm in estimates else None
+        """The bucket's arm from its estimates now, and the bucket's record of that arm; the
+        default arm, logged, if choosing fails (figures no one foresaw must not fail requests
+        that the default arm serves)."""
+        try:
+            estimates = self.estimates(bucket)
+            arm = self._choose(bucket, estimates)
+            return arm, estimates[arm].stats if arm in estimates else None
+        except Exception:
+            log.exception("choosing an arm for bucket %s failed; routing it to %s", bucket,
+                          self.default_arm)
+            return self.default_arm, None
 
     def _choose(self, bucket: str, estimates: dict[str, ArmEstimate]) -> str:
         fields = bucket.split(".")

@@ -32,6 +32,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -226,6 +227,10 @@ class ArmStats:
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, str | float]) -> ArmStats:
+        """The record a hash holds; ValueError for a field that is not a finite number."""
+        bad = [k for k, v in fields.items() if not math.isfinite(float(v))]
+        if bad:
+            raise ValueError(f"fields that are not finite numbers: {bad}")
         counters = {name: float(fields.get(name, 0.0)) for name in _COUNTERS}
         lists = {}
         for name, prefix in _POS_FIELDS.items():

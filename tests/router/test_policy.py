@@ -157,12 +157,26 @@ def test_classify_prompt_stops_counting_only_once_the_share_is_settled() -> None
     # all of the last 40 lines does.
     rng = random.Random(0)
     for _ in range(2000):
-        lines = [rng.choice(["return x", "x = y + 1", "The heap keeps its order.", "", "  "])
+        lines = [rng.choice(["return x", "x = y + 1", "The heap keeps its order.", "", "  ",
+                             "# a comment, or a heading"])
                  for _ in range(rng.randint(0, 50))]
         kept = [line for line in lines if line.strip()][-40:]
-        share = sum(line != "The heap keeps its order." for line in kept) / max(len(kept), 1)
+        source = sum(line in ("return x", "x = y + 1") for line in kept)
+        hashes = sum(line.startswith("#") for line in kept)
+        share = (source + (hashes if source else 0)) / max(len(kept), 1)
         expected = "code" if kept and share >= policy.CODE_SHARE else "prose"
         assert classify_prompt("\n".join(lines), False) == expected, lines
+
+
+def test_markdown_and_sentences_about_operators_are_not_code() -> None:
+    report = ("# Quarterly report\n## Summary\nRevenue grew 4% this quarter.\n## Risks\n"
+              "Supply costs rose.\nPlease summarise.")
+    for text in (report, "What does a == b return in JavaScript?", "#1 tip for new managers?",
+                 "parse -> plan -> execute: what is this pipeline?"):
+        assert classify_prompt(text, True) == "chat", text
+    # Comments still count beside source, as in a commented script.
+    assert classify_prompt("# setup\n# the inputs\n# and the outputs\nx = 1\n", False) == "code"
+    assert classify_prompt("if a == b and c -> d\n", False) == "code"
 
 
 def test_classify_prompt_looks_at_the_last_forty_lines() -> None:
@@ -373,6 +387,15 @@ def test_adaptive_router_prefers_the_measured_best_arm() -> None:
     assert picks(lambda: router.choose("A"))["ngram_tree"] >= 0.99
 
 
+def test_an_arm_the_measurement_left_out_starts_beside_the_measured_ones() -> None:
+    """Not at a bare 0.9 among tokens per second (a prior it could never climb out of)."""
+    priors = Priors.of(["none", "a", "b"], "a", {"none": 40.0, "a": 50.0})
+    assert priors.overall == {"none": 40.0, "a": 50.0, "b": 45.0}
+    # the default unmeasured as well: the measured arms' median
+    assert Priors.of(["a", "b", "c"], "c", {"a": 30.0, "b": 50.0}).overall["c"] == 40.0
+    assert Priors.of(["x", "y"], "x").overall == {"x": 1.0, "y": 0.9}  # nothing measured
+
+
 def test_class_priors_steer_each_prompt_class_to_its_own_best_arm() -> None:
     arms = ["none", "ngram"]
     priors = Priors.of(arms, "ngram", {"none": 20.0, "ngram": 21.0},
@@ -480,11 +503,15 @@ def test_router_takes_sampled_figures_for_the_temperature_bucket_measured_sample
     from workers.arm import NONE_ARM, Arm, Profile
 
     classes = ["chat", "chat", "chat", "chat"]
-    greedy = {"ngram_tree": {"tokens_per_s": 40.0, "by_class": {"chat": 40.0},
+    greedy = {"none": {"tokens_per_s": 25.0, "by_class": {"chat": 25.0},
+                       "per_prompt": [25.0, 20.0, 30.0, 25.0]},
+              "ngram_tree": {"tokens_per_s": 40.0, "by_class": {"chat": 40.0},
                              "per_prompt": [40.0, 30.0, 50.0, 40.0]},
               "hybrid": {"tokens_per_s": 48.0, "by_class": {"chat": 48.0},
                          "per_prompt": [48.0, 36.0, 60.0, 48.0]}}
-    sampled = {"ngram_tree": {"tokens_per_s": 33.0, "by_class": {"chat": 33.0},
+    sampled = {"none": {"tokens_per_s": 24.0, "by_class": {"chat": 24.0},
+                        "per_prompt": [24.0, 19.0, 29.0, 24.0]},
+               "ngram_tree": {"tokens_per_s": 33.0, "by_class": {"chat": 33.0},
                               "per_prompt": [33.0, 22.0, 44.0, 33.0]},
                "hybrid": {"tokens_per_s": 30.0, "by_class": {"chat": 30.0},
                           "per_prompt": [30.0, 20.0, 40.0, 30.0]}}
@@ -871,3 +898,30 @@ def test_a_following_router_survives_a_failing_listener(caplog) -> None:
     assert heard == [["code.t0.ps"]]
     assert follower.choose("code.t0.ps") == reader.choose("code.t0.ps")
     assert follower.chosen_on_request == 0
+
+
+def test_a_failing_choice_routes_to_the_default_arm(caplog) -> None:
+    """Figures no one foresaw (a bug, a record past any bound) must not fail a request that
+    the default arm serves: the choice is logged and the bucket goes to the default arm."""
+    router = ArmRouter(["none", "ngram"], "ngram", rng=random.Random(0))
+
+    def broken(bucket: str):
+        raise ZeroDivisionError("a figure no one foresaw")
+
+    router.estimates = broken
+    assert router.route("chat.t0.ps") == Route("ngram")
+    assert "choosing an arm for bucket chat.t0.ps failed" in caplog.text
+
+
+def test_records_with_figures_that_are_not_finite_are_refused() -> None:
+    with pytest.raises(ValueError, match="not finite"):
+        ArmStats.from_fields({"requests": "inf", "decode_time_s": "1.0"})
+    with pytest.raises(ValueError, match="not finite"):
+        ArmStats.from_fields({"requests": "2", "acc_pos:0": "nan"})
+
+
+def test_depth_is_the_arms_own_when_nothing_was_timed() -> None:
+    arm = Arm(name="skip_chain", drafter="skip_chain", skip_layers=[3, 4], depth=4)
+    untimed = ArmStats(requests=10, num_spec_steps=50, num_drafts=50, num_draft_levels=100,
+                       accepted_per_pos=[40, 30], tried_per_pos=[50, 40])
+    assert choose_depth(arm, untimed, random.Random(0)) is None
