@@ -2,15 +2,24 @@
 # Creates the virtual environment and installs everything s3d-serve needs, system packages included.
 set -euo pipefail
 VENV="${1:-.venv}"
-if ! command -v redis-server >/dev/null 2>&1; then
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || { echo "error: s3d-serve needs Python 3.10 or newer (python3 is $(python3 -V 2>&1))" >&2; exit 1; }
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+    apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
   elif command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-    sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null
+    # -n: never wait for a password that no one will type (CI, no terminal).
+    { sudo -n apt-get update -qq && sudo -n apt-get install -y -qq "${need[@]}" >/dev/null; } \
+      || echo "warning: could not install ${need[*]} with sudo; install them and run again" >&2
   else
-    echo "warning: redis-server is not installed and cannot be; s3d serve will use the in-process store" >&2
+    echo "warning: ${need[*]} not installed and no apt-get to install them with" >&2
   fi
 fi
+command -v redis-server >/dev/null 2>&1 \
+  || echo "warning: without redis-server, s3d serve uses the in-process statistics store and the tests that need Redis fail" >&2
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
 # torch first and pinned: a plain `torch` would pull a several-GB CUDA build on machines without one.

@@ -154,10 +154,6 @@ def main() -> None:  # pragma: no cover - console entry
     app()
 
 
-if __name__ == "__main__":  # pragma: no cover
-    app()
-
-
 @app.command("search")
 def search_cmd(
     out: Path = typer.Option(..., help="Where to write the profile JSON."),
@@ -225,13 +221,23 @@ def serve(
     max_replicas: int = typer.Option(None, help="Override the decoder pool's maximum size."),
 ) -> None:
     """Serve the OpenAI-compatible API on this machine (local Ray and Redis); Ctrl-C stops it."""
-    from serve_app.config import load_config
-    from serve_app.local import serve_locally
+    from pydantic import ValidationError
 
-    cfg = load_config(config, overrides={"model": model, "dtype": dtype,
-                                         "quantization": quantization, "redis_url": redis_url,
-                                         "max_replicas": max_replicas})
-    serve_locally(cfg, host, port, lambda m: typer.echo(m, err=True), num_cpus)
+    from serve_app.config import load_config
+    from serve_app.local import LocalServeError, serve_locally
+
+    try:
+        cfg = load_config(config, overrides={"model": model, "dtype": dtype,
+                                             "quantization": quantization,
+                                             "redis_url": redis_url,
+                                             "max_replicas": max_replicas})
+    except (ValidationError, OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        serve_locally(cfg, host, port, lambda m: typer.echo(m, err=True), num_cpus)
+    except LocalServeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -249,18 +255,27 @@ def loadtest(
     out: Path = typer.Option(None, help="Also write the JSON report here."),
 ) -> None:
     """Drive a running service with concurrent clients; report throughput, latency and errors."""
+    from pydantic import ValidationError
+
     from serve_app.loadtest import LoadConfig, report_table, run_load_sync
 
     if duration is None and requests is None:
         raise typer.BadParameter("give --duration or --requests (or both)")
-    report = run_load_sync(LoadConfig(
-        base_url=url, api_key=api_key, clients=clients, duration_s=duration, requests=requests,
-        stream_fraction=stream_fraction, chat_fraction=chat_fraction, max_tokens=max_tokens,
-        temperature=temperature, arm=arm))
+    try:
+        config = LoadConfig(
+            base_url=url, api_key=api_key, clients=clients, duration_s=duration,
+            requests=requests, stream_fraction=stream_fraction, chat_fraction=chat_fraction,
+            max_tokens=max_tokens, temperature=temperature, arm=arm)
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    report = run_load_sync(config)
     typer.echo(report_table(report))
     if out:
         out.write_text(report.model_dump_json(indent=2) + "\n")
         typer.echo(f"wrote {out}")
+    if report.requests_sent and not report.requests_ok:
+        typer.echo("error: no request succeeded", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("pool")
@@ -341,3 +356,7 @@ def train_cmd(
           rollouts={"chat": chat, "code": code, "summary": summary},
           rollout_tokens=rollout_tokens, rollout_share=rollout_share, warmup=warmup,
           log=lambda m: typer.echo(m, err=True))
+
+
+if __name__ == "__main__":  # pragma: no cover - after every command is defined
+    app()

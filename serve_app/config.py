@@ -100,18 +100,24 @@ class ServeConfig(BaseModel):
         return self
 
 
+# Fields for which ``none`` is a value of its own (an empty pool, the arm that drafts nothing, no
+# quantization), not the field's default.
+_NONE_IS_A_VALUE = ("pool", "default_arm", "quantization")
+
+
 def env_overrides(environ: dict[str, str] | None = None) -> dict:
-    """``S3D_<FIELD>`` variables; lists and numbers as JSON, strings as they are."""
+    """``S3D_<FIELD>`` variables; lists and numbers as JSON, strings as they are. An empty
+    variable is unset; ``null`` (and ``none``, but for ``_NONE_IS_A_VALUE``) is the default."""
     environ = os.environ if environ is None else environ
     out = {}
     for name, field in ServeConfig.model_fields.items():
-        raw = environ.get(ENV_PREFIX + name.upper())
-        if raw is None:
+        raw = environ.get(ENV_PREFIX + name.upper(), "").strip()
+        if not raw:
             continue
         if get_origin(field.annotation) is list:
-            out[name] = [k for k in raw.split(",") if k] if not raw.startswith("[") \
-                else json.loads(raw)
-        elif raw.lower() in ("none", "null", ""):
+            out[name] = [k.strip() for k in raw.split(",") if k.strip()] \
+                if not raw.startswith("[") else json.loads(raw)
+        elif raw.lower() == "null" or (raw.lower() == "none" and name not in _NONE_IS_A_VALUE):
             out[name] = None
         else:
             out[name] = raw

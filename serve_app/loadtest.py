@@ -340,9 +340,17 @@ class _Run:
         return self.sent - 1
 
 
+# A client whose request found no server waits this long before its next one: a run against a
+# service that is down reports its connection errors, at a pace that is not a busy loop.
+CONNECTION_ERROR_PAUSE_S = 0.5
+
+
 async def _client_loop(client: httpx.AsyncClient, run: _Run) -> None:
     while (slot := run.next_slot()) is not None:
-        run.outcomes.append(await _send(client, run.config, slot))
+        outcome = await _send(client, run.config, slot)
+        run.outcomes.append(outcome)
+        if outcome.error == "connection":
+            await asyncio.sleep(CONNECTION_ERROR_PAUSE_S)
 
 
 def _round(value: float | None) -> float | None:

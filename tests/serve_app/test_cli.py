@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from typer.testing import CliRunner
 
 from serve_app.cli import app
@@ -46,3 +48,34 @@ def test_bench_refuses_bad_temperatures_before_loading_anything(tmp_path):
     said = " ".join(both.output.replace("│", " ").split())  # the error box wraps its lines
     assert both.exit_code == 2 and "either --temperature or --temperatures" in said
     assert not any(tmp_path.iterdir())
+
+
+def test_serve_refuses_a_bad_config_and_a_port_in_use_before_starting_anything():
+    import socket
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["serve", "--quantization", "8bit"])  # float32 compute
+    assert bad.exit_code == 2 and "bfloat16" in bad.output
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        busy = runner.invoke(app, ["serve", "--port", str(port)])
+    assert busy.exit_code == 2, busy.output
+    assert f"port {port} on 127.0.0.1 is in use" in busy.output
+    assert busy.exception is None or isinstance(busy.exception, SystemExit)
+
+
+def test_loadtest_fails_when_no_request_succeeds():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = CliRunner().invoke(app, ["loadtest", "--url", f"http://127.0.0.1:{port}",
+                                      "--clients", "2", "--duration", "1"])
+    assert result.exit_code == 1, result.output
+    assert "no request succeeded" in result.output
+    # two clients, pausing after each connection error: a handful of requests, not thousands
+    sent = int(re.search(r"\| requests sent \| (\d+) \|", result.output).group(1))
+    assert 2 <= sent <= 12 and f"connection: {sent}" in result.output
