@@ -432,7 +432,8 @@ class RedisStatsStore(StatsStore):
 
     @property
     def pending(self) -> int:
-        return sum(n for _, n in self._buffer.values()) + self._in_flight
+        # list() copies in one step: the metrics thread reads this while the loop adds keys.
+        return sum(n for _, n in list(self._buffer.values())) + self._in_flight
 
     @property
     def index_key(self) -> str:

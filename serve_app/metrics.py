@@ -123,7 +123,6 @@ class DecoderMetrics(_KeptGauges):
             self.tokens_per_s.observe((stats.num_output_tokens - 1) / decode, tags)
 
 
-
 class IngressMetrics(_KeptGauges):
     """The ingress's store only reads (its refresh feeds the router), so its gauge says whether
     routes come from the fleet's current figures or from its cache and the profile's priors."""

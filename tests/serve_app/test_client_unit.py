@@ -712,6 +712,7 @@ def test_timeouts_default_constructor_and_per_call():
     assert all("timeout" not in server.body(i) for i in range(len(server.requests)))
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="typing.get_overloads is Python 3.11+")
 @pytest.mark.parametrize(("method", "result", "streamed"), [
     (sdk.Completions.create, Completion, Stream[CompletionChunk]),
     (sdk.ChatCompletions.create, ChatCompletion, Stream[ChatCompletionChunk]),
