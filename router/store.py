@@ -525,9 +525,10 @@ class RedisStatsStore(StatsStore):
         rejected = [(item, r) for item, r in zip(batch, results, strict=True)
                     if isinstance(r, Exception) and not _is_outage(r)]
         if rejected:
+            requests = sum(n for (_, (_, n)), _ in rejected)
             log.error("statistics store rejected %d records (%d requests), e.g. %r",
-                      len(rejected), sum(n for (_, (_, n)), _ in rejected), rejected[0][1])
-            self.dropped_writes += sum(n for (_, (_, n)), _ in rejected)
+                      len(rejected), requests, rejected[0][1])
+            self.dropped_writes += requests
         self.write_errors += len(rejected) + bool(outages)
         self._enqueue([item for item, r in zip(batch, results, strict=True) if _is_outage(r)],
                       front=True)

@@ -356,9 +356,9 @@ def s3d_adapter_fits(adapter_path: str | None, fingerprint: str, log=print) -> b
 
 def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None,
                    pool: bool = False, s3d: bool = True) -> dict[str, list[Arm]]:
-    """Stage 3's candidate arms per drafter kind (S3D kinds with ``s3d``, when the adapter
-    exists: see ``s3d_adapter_fits``). With ``pool`` (the engine has a pool of earlier outputs)
-    the n-gram trees are tried with and without it, and the hybrids draw on it."""
+    """Stage 3's candidate arms per drafter kind (S3D kinds with ``s3d``: whether the adapter
+    fits the model, ``s3d_adapter_fits``). With ``pool`` (the engine has a pool of earlier
+    outputs) the n-gram trees are tried with and without it, and the hybrids draw on it."""
     kinds: dict[str, list[Arm]] = {
         "skip_chain": [Arm(name="skip_chain", drafter="skip_chain", skip_layers=skip, depth=d)
                        for skip in skips for d in SKIP_CHAIN_DEPTHS],
@@ -369,8 +369,7 @@ def arm_candidates(skips: list[tuple[int, ...]], adapter_path: str | None,
                        for p in ((False, True) if pool else (False,))
                        for d, k, t in NGRAM_VARIANTS],
     }
-    adapter = Path(adapter_path) if adapter_path else BUNDLED_ADAPTER
-    if s3d and adapter.exists():
+    if s3d:
         kinds["s3d"] = [Arm(name=ARM_NAMES["s3d"], drafter="s3d", adapter=adapter_path, **v)
                         for v in S3D_VARIANTS]
         kinds["hybrid"] = [Arm(name=MERGED_HYBRID, drafter="hybrid", adapter=adapter_path,
