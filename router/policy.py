@@ -153,6 +153,11 @@ class ArmEstimate:
     goodput: float  # tokens / s
     requests: float  # decayed count of requests behind the figure
     stats: ArmStats | None = None  # the record behind it (acceptance curve, draft/verify time)
+    lifetime_requests: float | None = None  # requests ever on the arm, undecayed (None: requests)
+
+    @property
+    def traffic(self) -> float:
+        return self.requests if self.lifetime_requests is None else self.lifetime_requests
 
 
 @dataclass(frozen=True)
@@ -215,8 +220,14 @@ def thompson_choice(estimates: dict[str, ArmEstimate], prior: dict[str, float],
 
 
 def ucb_quantile(requests: float) -> float:
-    """Bayes-UCB's quantile after ``requests`` (decayed) requests in a bucket: ``1 - 1 / (t + 1)``
-    with ``t = requests + 1``, the median (the posterior mean) for a bucket's first request."""
+    """Bayes-UCB's quantile after ``requests`` requests in a bucket: ``1 - 1 / (t + 1)`` with
+    ``t = requests + 1``, the median (the posterior mean) for a bucket's first request.
+
+    ``requests`` counts the bucket's whole traffic, undecayed: the posteriors forget old
+    requests, but the quantile must keep rising with the traffic that rides on the choice. A
+    decayed count levels off (at rate x half-life / ln 2: 8.7 requests for one every 10 minutes
+    with an hour's half-life), and so would the optimism: an arm the prior puts behind would
+    never be tried however far ahead it really is."""
     return 1.0 - 1.0 / (max(requests, 0.0) + 2.0)
 
 
@@ -229,7 +240,7 @@ def bayes_ucb_choice(estimates: dict[str, ArmEstimate], prior: dict[str, float],
     traffic, so an arm whose posterior still allows it to lead gets tried once enough requests
     ride on the answer. Deterministic given the figures; ties go to the earlier arm of
     ``prior``."""
-    seen = sum(est.requests for arm, est in estimates.items() if arm in prior)
+    seen = sum(est.traffic for arm, est in estimates.items() if arm in prior)
     z = _STANDARD_NORMAL.inv_cdf(ucb_quantile(seen))
     best, best_value = None, -math.inf
     for arm, mean, spread in posteriors(estimates, prior, prior_weight, rel_noise, obs_noise):
@@ -554,7 +565,8 @@ def store_estimates(store: StatsStore, model: str) -> Callable[[str], dict[str, 
     """The router's view of a store: per-arm estimates of one bucket from ``snapshot()``."""
 
     def estimates(bucket: str) -> dict[str, ArmEstimate]:
-        return {key.arm: ArmEstimate(stats.goodput_tokens_per_s, stats.requests, stats)
+        return {key.arm: ArmEstimate(stats.goodput_tokens_per_s, stats.requests, stats,
+                                     stats.lifetime_requests)
                 for key, stats in store.snapshot(model, bucket).items() if stats.requests > 0}
 
     return estimates

@@ -4,8 +4,9 @@ Decoder replicas ``record()`` one ``SpecDecodeStats`` per finished request; the 
 ``snapshot()``, which only ever touches the in-process cache. Two backends:
 ``InProcessStatsStore`` (single machine) and ``RedisStatsStore`` (shared by all replicas).
 
-Every record is decayed with a half-life: before new values are added, both the stored and the
-new figures are scaled by ``0.5 ** (age / half_life_s)`` to the later of the two timestamps.
+Every record is decayed with a half-life (except its ``lifetime_requests`` count): before new
+values are added, both the stored and the new figures are scaled by ``0.5 ** (age /
+half_life_s)`` to the later of the two timestamps.
 ``snapshot()`` returns the figures decayed to the time of the call; ``updated_at`` stays the time
 of the last write.
 
@@ -18,7 +19,9 @@ Redis key schema (numbers only: no prompt text, nothing pickled; values are pars
   per second and of its square: how widely goodput spreads), ``acc_pos:0``, ``acc_pos:1``, ...
   (steps that accepted the draft at that position), ``tried_pos:0``, ``tried_pos:1``, ...
   (steps whose draft reached that position with the earlier ones accepted) and ``updated_at``
-  (unix seconds). Components are percent-encoded (``%`` -> ``%25``, ``:`` -> ``%3A``) so a
+  (unix seconds), and ``lifetime_requests``: the requests ever recorded under the key, the one
+  field never decayed (how much traffic has ridden on the bucket's choice). Components are
+  percent-encoded (``%`` -> ``%25``, ``:`` -> ``%3A``) so a
   ``:`` in a name cannot collide. Each write refreshes the hash's TTL.
 * ``{prefix}:index`` -- a sorted set of the hash keys scored by ``updated_at``, so reads need no
   SCAN; members older than the TTL are pruned on write, and the index shares the TTL.
@@ -67,6 +70,8 @@ MIN_RECORDED_TOKENS = 2
 _COUNTERS = ("requests", "num_spec_steps", "num_drafts", "num_draft_tokens",
              "num_accepted_tokens", "draft_time_s", "verify_time_s", "num_output_tokens",
              "decode_time_s", "num_draft_levels", "goodput_sum", "goodput_sq_sum")
+# Counted and never decayed.
+_LASTING = ("lifetime_requests",)
 # Per-position lists: attribute -> hash field prefix.
 _POS_FIELDS = {"accepted_per_pos": "acc_pos:", "tried_per_pos": "tried_pos:"}
 _OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError,
@@ -95,11 +100,15 @@ fields['updated_at'] = nil
 local stamp = math.max(old, now)
 local keep = 0.5 ^ ((stamp - old) / half_life)
 local add = 0.5 ^ ((stamp - now) / half_life)
+local lasting = {lifetime_requests = true}
 for name, value in pairs(fields) do
-  fields[name] = value * keep
+  if not lasting[name] then
+    fields[name] = value * keep
+  end
 end
 for i = 4, #ARGV, 2 do
-  fields[ARGV[i]] = (fields[ARGV[i]] or 0) + tonumber(ARGV[i + 1]) * add
+  local name = ARGV[i]
+  fields[name] = (fields[name] or 0) + tonumber(ARGV[i + 1]) * (lasting[name] and 1 or add)
 end
 local flat = {'updated_at', stamp}
 for name, value in pairs(fields) do
@@ -144,6 +153,8 @@ class ArmStats:
     tried_per_pos: list[float] = field(default_factory=list)
     goodput_sum: float = 0.0  # of the requests' own tokens per second
     goodput_sq_sum: float = 0.0
+    # Requests ever recorded under the key, never decayed.
+    lifetime_requests: float = 0.0
     updated_at: float = 0.0
 
     @classmethod
@@ -151,7 +162,7 @@ class ArmStats:
                          now: float) -> ArmStats:
         """One request's record; ``decode_time_s`` is its time after the first token."""
         goodput = stats.num_output_tokens / decode_time_s if decode_time_s > 0 else 0.0
-        return cls(requests=1.0,
+        return cls(requests=1.0, lifetime_requests=1.0,
                    num_spec_steps=float(stats.num_spec_steps),
                    num_drafts=float(stats.num_drafts),
                    num_draft_tokens=float(stats.num_draft_tokens),
@@ -213,14 +224,15 @@ class ArmStats:
         """Both decayed to the later timestamp, then added (what the Lua script does)."""
         stamp = max(self.updated_at, other.updated_at)
         a, b = self.decayed(stamp, half_life_s), other.decayed(stamp, half_life_s)
-        return ArmStats(**{name: getattr(a, name) + getattr(b, name) for name in _COUNTERS},
+        return ArmStats(**{name: getattr(a, name) + getattr(b, name)
+                           for name in _COUNTERS + _LASTING},
                         **{name: add_lists(getattr(a, name), getattr(b, name))
                            for name in _POS_FIELDS},
                         updated_at=stamp)
 
     def counter_fields(self) -> dict[str, float]:
         """The numeric hash fields except ``updated_at``."""
-        fields = {name: float(getattr(self, name)) for name in _COUNTERS}
+        fields = {name: float(getattr(self, name)) for name in _COUNTERS + _LASTING}
         for name, prefix in _POS_FIELDS.items():
             fields.update({f"{prefix}{i}": float(n) for i, n in enumerate(getattr(self, name))})
         return fields
@@ -232,6 +244,9 @@ class ArmStats:
         if bad:
             raise ValueError(f"fields that are not finite numbers: {bad}")
         counters = {name: float(fields.get(name, 0.0)) for name in _COUNTERS}
+        # A record written before the field existed counts its decayed requests.
+        counters["lifetime_requests"] = float(fields.get("lifetime_requests",
+                                                         counters["requests"]))
         lists = {}
         for name, prefix in _POS_FIELDS.items():
             positions = {int(key[len(prefix):]): float(value)

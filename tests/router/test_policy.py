@@ -579,6 +579,33 @@ def test_paired_prior_weights_cut_exploration_of_greedy_buckets_only() -> None:
     assert ucb.choose("code.thi.ps") == "b" and ucb.choose("chat.t0.ps") == "b"
 
 
+def test_bayes_ucb_optimism_follows_the_bucket_s_whole_traffic() -> None:
+    # `a` well observed, `b` untried and put 20% behind by a prior of 2 requests. With the
+    # decayed counts of a quiet bucket (9 requests) the quantile stays low and `b` is never
+    # tried; the same figures after 2000 requests in the bucket's lifetime try it.
+    prior = {"a": 40.0, "b": 32.0}
+    quiet = {"a": ArmEstimate(40.0, 9.0)}
+    assert bayes_ucb_choice(quiet, prior, 2.0) == "a"
+    lived = {"a": ArmEstimate(40.0, 9.0, lifetime_requests=2000.0)}
+    assert bayes_ucb_choice(lived, prior, 2.0) == "b"
+    assert ArmEstimate(40.0, 9.0).traffic == 9.0
+
+
+def test_bayes_ucb_tries_an_arm_the_prior_underrates_in_a_quiet_bucket() -> None:
+    # One request every 10 minutes, an hour's half-life: the decayed counts level off at 8.7
+    # requests. `b` is really 25% ahead of the default `a`, the prior puts it 20% behind.
+    # (Regression: with the quantile on the decayed count Bayes-UCB never tried `b`.)
+    truth = {"A": {"a": ArmTruth(40.0), "b": ArmTruth(50.0), "c": ArmTruth(30.0)}}
+    prior = {"a": 40.0, "b": 32.0, "c": 30.0}
+    for seed in SEEDS:
+        result = simulate(truth, {"A": 1.0}, 600, seed, prior=prior, half_life_s=3600.0,
+                          interval_s=600.0)
+        first = next(r.index for r in result.records if r.arm == "b")
+        assert first < 100
+        assert result.summary(400).best_arm_share["A"] > 0.5
+        assert result.summary(400).goodput_ratio > 0.88
+
+
 def test_adaptive_router_without_a_prior_starts_near_the_default_arm() -> None:
     router = ArmRouter(ARMS, "skip_tree", rng=random.Random(0), exploration="thompson")
     shares = picks(lambda: router.choose("A"))

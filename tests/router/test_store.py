@@ -108,6 +108,19 @@ def test_combined_decays_both_sides_to_the_later_timestamp():
         assert merged.accepted_per_pos == pytest.approx([3.0, 1.0])
         assert merged.tried_per_pos == pytest.approx([3.0, 1.0])
         assert merged.updated_at == HALF_LIFE
+        assert merged.lifetime_requests == 0.0  # neither side counted any
+
+
+def test_lifetime_requests_are_counted_and_never_decayed():
+    one = ArmStats.from_spec_decode(spec_stats(), 0.5, now=0.0)
+    later = ArmStats.from_spec_decode(spec_stats(), 0.5, now=3 * HALF_LIFE)
+    merged = one.combined(later, HALF_LIFE)
+    assert merged.requests == pytest.approx(1.125)
+    assert merged.lifetime_requests == 2.0
+    assert merged.decayed(10 * HALF_LIFE, HALF_LIFE).lifetime_requests == 2.0
+    assert ArmStats.from_fields(merged.counter_fields()).lifetime_requests == 2.0
+    # A hash written before the field existed counts its decayed requests.
+    assert ArmStats.from_fields({"requests": "3.5"}).lifetime_requests == 3.5
 
 
 def test_in_process_store_records_and_snapshots_by_model():
@@ -147,6 +160,7 @@ def test_in_process_store_decays_with_the_half_life():
     assert decayed.requests == pytest.approx(0.75)
     assert decayed.num_spec_steps == pytest.approx(0.75 * 4)
     assert decayed.mean_acceptance_length == pytest.approx((6 + 4) / 4)
+    assert decayed.lifetime_requests == 2.0
 
 
 def test_make_store_chooses_the_backend():
@@ -312,6 +326,8 @@ def test_decay_at_half_life_halves_the_values(redis_server):
         assert store.snapshot()[KEY].num_output_tokens == pytest.approx(5.0)
         store.record(KEY, spec_stats(), decode_time_s=0.5)
         assert await store.flush()
+        assert await store.refresh()
+        assert store.snapshot()[KEY].lifetime_requests == 2.0
         await store.close()
         return prefix
 
@@ -320,6 +336,7 @@ def test_decay_at_half_life_halves_the_values(redis_server):
     stored = raw.hgetall(f"{prefix}:tiny-llama:short:s3d-k4")
     assert float(stored["requests"]) == pytest.approx(1.5)
     assert float(stored["acc_pos:0"]) == pytest.approx(4.5)
+    assert float(stored["lifetime_requests"]) == 2.0  # counted, not decayed
     raw.close()
 
 
