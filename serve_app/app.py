@@ -105,6 +105,7 @@ class Decoder(_StoreUser):
                                   self.config.quantization, self.config.profile,
                                   self.config.packed_weights, self.config.pool,
                                   self.config.pool_tokens, self.config.pool_record)
+        self.engine.prefill_chunk = self.config.prefill_chunk
         self.scheduler = StepScheduler()
         self.metrics = DecoderMetrics()
         # A replica writes its requests' records and never routes: it pings, reads nothing.

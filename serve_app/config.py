@@ -49,6 +49,10 @@ class ServeConfig(BaseModel):
                                                 "replica's pool (drafts only: output is "
                                                 "unchanged, but a request's speed then depends "
                                                 "on what the replica answered before).")
+    prefill_chunk: int = Field(512, ge=0, description="Prompt tokens a decoder prefills per "
+                                                      "step: a long prompt takes several, and "
+                                                      "the replica's other streams decode "
+                                                      "between them (0: a prompt in one step).")
     default_arm: str | None = Field(None, description="Arm used when the router has no better "
                                                       "choice; default: the profile's.")
     torch_threads: int = Field(0, ge=0, description="torch CPU threads per replica (0: default).")

@@ -101,10 +101,13 @@ class StepScheduler:
                     self.slots.pop(slot.id, None)
                     continue
                 self.steps += 1
+                finished = slot.generation.finished
+                if not tokens and not finished:
+                    continue  # a chunk of a long prompt's prefill: nothing to hand over yet
                 if not slot.cancelled:
-                    slot.queue.put_nowait(Step(tokens, slot.generation.finished,
+                    slot.queue.put_nowait(Step(tokens, finished,
                                                slot.generation.finish_reason))
-                if slot.generation.finished:
+                if finished:
                     self.slots.pop(slot.id, None)
         except BaseException as exc:
             self.error = exc

@@ -56,6 +56,20 @@ def test_openai_chat_stream_with_usage(served):
     assert SPEC_FIELDS <= set(spec)
 
 
+def test_a_prompt_of_several_prefill_chunks_streams_and_counts(served):
+    # 1,300 prompt tokens take three prefill steps on the decoder (512 per step), which hand
+    # nothing to the stream; the first chunk that reaches the client carries a token.
+    prompt = [100 + i % 900 for i in range(1300)]
+    stream = oai(served).completions.create(model=MODEL, prompt=prompt, max_tokens=3,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.prompt_tokens == 1300 and chunks[-1].usage.completion_tokens == 3
+
+
 def test_every_profile_arm_serves_identical_greedy_text(served):
     client = oai(served)
     arms = client.models.list().data[0].model_extra["arms"]

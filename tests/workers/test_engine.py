@@ -31,6 +31,28 @@ def test_vanilla_matches_hf_generate(bundled):
         assert bundled.vanilla(index, 32) == expected, f"prompt {index}"
 
 
+def test_chunked_prefill_decodes_as_one_step_prefill(bundled):
+    """A prompt prefilled a few tokens per step (as a replica does a long prompt, so its other
+    streams decode between the chunks) gives the same output; each chunk but the last commits
+    nothing, and the cache is allocated by the first step, not when the request is made."""
+    from workers.engine import Generation
+
+    arm = Arm(name="ngram", drafter="ngram_tree", depth=4, top_k=2, total_tokens=8)
+    for index in range(4):
+        prompt = bundled.prompts[index]
+        for chunk_arm in (NONE_ARM, arm):
+            gen = Generation(bundled.runner, prompt, 32, chunk_arm, stop_token_ids=bundled.stops,
+                             prefill_chunk=7)
+            assert gen.cache is None
+            empty = 0
+            while not gen.output:
+                empty += not gen.step()
+            assert empty == -(-len(prompt) // 7) - 1
+            assert gen.run() == bundled.vanilla(index, 32), f"prompt {index}, {chunk_arm.name}"
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Generation(bundled.runner, prompt, 4, prefill_chunk=-1)
+
+
 def test_skip_chain_identical_to_vanilla(bundled):
     arm = Arm(name="chain", drafter="skip_chain", skip_layers=SKIP, depth=4)
     # the drafter really drafted and was really verified

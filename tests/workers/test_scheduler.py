@@ -60,3 +60,40 @@ def test_requests_take_turns():
     order = asyncio.run(scenario())
     assert sorted(order) == ["a"] * 3 + ["b"] * 3
     assert order[:4] in (["a", "b", "a", "b"], ["b", "a", "b", "a"]), order
+
+
+class ChunkedPrefillGeneration(CountingGeneration):
+    """Spends its first ``chunks`` steps on its prompt (committing nothing), as a long prompt
+    does in the engine, then counts."""
+
+    def __init__(self, chunks: int, steps: int, step_s: float = 0.02):
+        super().__init__(steps, step_s)
+        self.chunks = chunks
+
+    def step(self) -> list[int]:
+        if self.chunks:
+            time.sleep(self.step_s)
+            self.chunks -= 1
+            return []
+        return super().step()
+
+
+def test_a_long_prompt_s_prefill_chunks_let_other_streams_decode():
+    async def scenario():
+        scheduler = StepScheduler()
+        events: list[tuple[str, list[int]]] = []
+
+        async def consume(name: str, gen: CountingGeneration, delay: float = 0.0):
+            await asyncio.sleep(delay)
+            async for step in scheduler.stream(gen):
+                events.append((name, step.tokens))
+
+        await asyncio.gather(consume("long", ChunkedPrefillGeneration(chunks=4, steps=2)),
+                             consume("short", CountingGeneration(2), delay=0.005))
+        return events
+
+    events = asyncio.run(scenario())
+    # Chunks hand nothing to the consumer; the short request decodes between them.
+    assert all(tokens for _, tokens in events)
+    assert [tokens for name, tokens in events if name == "long"] == [[0], [1]]
+    assert [name for name, _ in events][:2] == ["short", "short"]
