@@ -106,8 +106,11 @@ class Generation:
             return []
         t0 = time.perf_counter()
         forwards = self.runner.num_forwards  # a replica runs one step at a time
+        # A step commits its accepted drafts and one token more: drafts past what the request
+        # has left would be verified for nothing.
+        max_depth = self.max_tokens - len(self.output) - 1
         tree = self.drafter.propose(DraftContext(self.runner, self.cache, self.tokens,
-                                                 self.draft_pool))
+                                                 self.draft_pool, max_depth)).pruned(max_depth)
         t1 = time.perf_counter()
         path, next_token = self._verify(tree)
         t2 = time.perf_counter()

@@ -48,6 +48,17 @@ class DraftTree:
         """The deepest node's depth (0 for an empty tree)."""
         return int(self.depths().max()) if len(self) else 0
 
+    def pruned(self, max_depth: int) -> DraftTree:
+        """The nodes at most ``max_depth`` deep (a node keeps all its children or none: any
+        tree shape verifies losslessly)."""
+        keep = (self.depths() <= max_depth).nonzero().flatten().tolist()
+        if len(keep) == len(self):
+            return self
+        index = {old: new for new, old in enumerate(keep)}
+        parents = self.parents.tolist()
+        return DraftTree.from_nodes([(int(self.tokens[i]), index.get(parents[i], -1))
+                                     for i in keep])
+
     def children(self) -> list[list[int]]:
         """Children of each verify row: entry 0 is the root's, entry ``i + 1`` node ``i``'s."""
         out: list[list[int]] = [[] for _ in range(len(self) + 1)]

@@ -53,6 +53,32 @@ def test_chunked_prefill_decodes_as_one_step_prefill(bundled):
         Generation(bundled.runner, prompt, 4, prefill_chunk=-1)
 
 
+def test_drafts_stop_at_what_the_request_has_left(bundled, monkeypatch):
+    """A step commits its accepted drafts and one token more: near ``max_tokens`` deeper
+    drafts are cut (drafters that pay per level stop drafting), and the output is unchanged."""
+    from workers.engine import Generation
+
+    seen: list[tuple[int, int]] = []  # (tokens the request had left, verified draft depth)
+    verify = Generation._verify
+
+    def spy(self, tree):
+        seen.append((self.max_tokens - len(self.output), tree.depth))
+        return verify(self, tree)
+
+    monkeypatch.setattr(Generation, "_verify", spy)
+    arms = [Arm(name="chain", drafter="skip_chain", skip_layers=SKIP, depth=4),
+            Arm(name="tree", drafter="skip_tree", skip_layers=SKIP, depth=4, top_k=2,
+                total_tokens=8),
+            Arm(name="ngram", drafter="ngram_tree", depth=5, top_k=2, total_tokens=8)]
+    for arm in arms:
+        for max_tokens in (1, 2, 3, 5):
+            for index in range(3):
+                gen = bundled.generate(bundled.prompts[index], max_tokens, arm)
+                assert gen.output == bundled.vanilla(index, max_tokens), (arm.name, index)
+    assert all(depth <= left - 1 for left, depth in seen)
+    assert any(depth == left - 1 for left, depth in seen if 2 <= left <= 3)  # the cap bound
+
+
 def test_skip_chain_identical_to_vanilla(bundled):
     arm = Arm(name="chain", drafter="skip_chain", skip_layers=SKIP, depth=4)
     # the drafter really drafted and was really verified

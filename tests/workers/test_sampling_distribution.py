@@ -90,13 +90,15 @@ def empirical_marginals(model, prompt, arm: Arm) -> tuple[list[torch.Tensor], in
     accepted = 0
     for seed in range(DRAWS):
         params = SamplingParams(PARAMS.temperature, PARAMS.top_p, seed=seed)
-        gen = Generation(runner, prompt, STEPS, arm, params, adapter_for=lambda a: adapter,
-                         pool=pool)
+        # One token more than compared: drafts are cut to what a request has left, and the
+        # first steps must draft their full depth.
+        gen = Generation(runner, prompt, STEPS + 1, arm, params,
+                         adapter_for=lambda a: adapter, pool=pool)
         # A seeded request drafts without the pool (its text must not depend on it); the
         # distribution must hold with it too, so these seeded draws draft from it.
         gen.draft_pool = pool
         out = gen.run()
-        for pos, tok in enumerate(out):
+        for pos, tok in enumerate(out[:STEPS]):
             counts[pos, tok] += 1
         accepted += gen.stats.num_accepted_tokens
     return list(counts / DRAWS), accepted

@@ -39,6 +39,27 @@ def test_depths_children_and_mask():
     assert path_to(TREE.parents, 3) == [0, 3]
 
 
+def test_pruned_tree_keeps_the_shallow_nodes_and_their_links():
+    #      root
+    #     /    \
+    #   a(0)   b(1)
+    #   |  \     \
+    # c(2) d(3)  e(4)
+    #   |
+    #  f(5)
+    tree = DraftTree.from_nodes([(10, -1), (11, -1), (12, 0), (13, 0), (14, 1), (15, 2)])
+    assert tree.pruned(3) is tree
+    two = tree.pruned(2)
+    assert two.tokens.tolist() == [10, 11, 12, 13, 14]
+    assert two.parents.tolist() == [-1, -1, 0, 0, 1]
+    one = tree.pruned(1)
+    assert one.tokens.tolist() == [10, 11] and one.parents.tolist() == [-1, -1]
+    assert len(tree.pruned(0)) == 0
+    # Nodes listed by depth, then best first, as drafters give them, remap their parents.
+    mixed = DraftTree.from_nodes([(1, -1), (2, 0), (3, -1), (4, 1), (5, 2)])
+    assert mixed.pruned(2).parents.tolist() == [-1, 0, -1, 2]
+
+
 def test_chain_tree():
     chain = DraftTree.chain([3, 4, 5])
     assert chain.parents.tolist() == [-1, 0, 1]

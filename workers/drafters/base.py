@@ -23,6 +23,10 @@ class DraftContext:
     cache: KVCache
     tokens: list[int]  # prompt + generated so far, ending with the root
     pool: TokenPool | None = None  # earlier outputs (arms with ``pool``)
+    # The deepest draft worth verifying: a step commits the accepted drafts and one more token,
+    # and the request has ``max_depth + 1`` left. Deeper nodes are cut by the engine; drafters
+    # that pay per level stop there.
+    max_depth: int = 1 << 30
 
 
 class Drafter:

@@ -42,7 +42,7 @@ class SkipChainDrafter(Drafter):
         start = cache.length
         token = ctx.tokens[-1]
         drafted: list[int] = []
-        for i in range(self.max_depth):
+        for i in range(min(self.max_depth, ctx.max_depth)):
             slot = start + i
             logits = runner.forward(cache, torch.tensor([token]), torch.tensor([slot]),
                                     Attention.causal(slot), self.layers, vocab=self.vocab)
@@ -75,6 +75,8 @@ class SkipTreeDrafter(Drafter):
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         runner, cache = ctx.runner, ctx.cache
+        if ctx.max_depth < 1:
+            return DraftTree.empty()
         root_slot = cache.length
         # Candidate nodes: token, parent (-1 = root), cumulative log-prob, depth.
         tokens: list[int] = []
@@ -87,7 +89,7 @@ class SkipTreeDrafter(Drafter):
         frontier = self._add_children(logits.log_softmax(-1), [-1], [0.0], 1,
                                       tokens, parents, scores, depths)
         next_slot = root_slot + 1
-        for depth in range(2, self.depth + 1):
+        for depth in range(2, min(self.depth, ctx.max_depth) + 1):
             if math.exp(scores[frontier[0]]) < self.exit:
                 break  # even the likeliest path so far is unlikely: another pass would not pay
             num = len(frontier)
