@@ -158,8 +158,9 @@ def simulate(truth: Truth, mix: Mapping[str, float], requests: int, seed: int, *
         bucket = rng.choices(buckets, weights)[0]
         arm = router.choose(bucket)
         goodput = current[bucket][arm].sample(rng)
+        # The first token comes with the prompt; the others take the decode time.
         store.record(StatsKey(MODEL, bucket, arm), SpecDecodeStats(num_output_tokens=output_tokens),
-                     output_tokens / goodput)
+                     (output_tokens - 1) / goodput)
         best = best_arm(current[bucket])
         records.append(SimRecord(index, clock.now, bucket, arm, best, goodput,
                                  current[bucket][arm].mean, current[bucket][best].mean))

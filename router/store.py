@@ -160,8 +160,10 @@ class ArmStats:
     @classmethod
     def from_spec_decode(cls, stats: SpecDecodeStats, decode_time_s: float,
                          now: float) -> ArmStats:
-        """One request's record; ``decode_time_s`` is its time after the first token."""
-        goodput = stats.num_output_tokens / decode_time_s if decode_time_s > 0 else 0.0
+        """One request's record; ``decode_time_s`` is its time after the first token, which
+        came with the prompt: its goodput is the tokens decoded in that time, the others."""
+        decoded = max(stats.num_output_tokens - 1, 0)
+        goodput = decoded / decode_time_s if decode_time_s > 0 else 0.0
         return cls(requests=1.0, lifetime_requests=1.0,
                    num_spec_steps=float(stats.num_spec_steps),
                    num_drafts=float(stats.num_drafts),
@@ -187,9 +189,11 @@ class ArmStats:
 
     @property
     def goodput_tokens_per_s(self) -> float:
+        """Tokens decoded per second of decoding: each request's first token came with its
+        prompt, before its decode time started (decayed alike, ``requests`` counts them)."""
         if not self.decode_time_s:
             return 0.0
-        return self.num_output_tokens / self.decode_time_s
+        return max(self.num_output_tokens - self.requests, 0.0) / self.decode_time_s
 
     @property
     def goodput_relative_variance(self) -> tuple[float, float] | None:

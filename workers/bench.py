@@ -214,10 +214,14 @@ class Bench:
             t0 = time.perf_counter()
             gen = self.engine.generation(self.ids[index], max_tokens, arm, self._params(index),
                                          route.depth, pool)
+            while not gen.output:  # the prompt, and the first token with it
+                gen.step()
+            first = time.perf_counter()
             gen.run()
             seconds = time.perf_counter() - t0
             prepared_s = router.prepared_s
-            store.record(StatsKey("bench", bucket, arm), gen.stats, seconds)
+            # Recorded as a replica does: the decoding after the first token.
+            store.record(StatsKey("bench", bucket, arm), gen.stats, seconds - (first - t0))
             log.prepare_s.append(router.prepared_s - prepared_s)
             log.chosen_on_request = router.chosen_on_request + shadow.chosen_on_request
             log.choices.append(arm)

@@ -62,8 +62,22 @@ def test_arm_stats_derived_figures():
                      verify_time_s=1.5, num_output_tokens=30, decode_time_s=2.5)
     assert stats.mean_acceptance_length == pytest.approx(3.0)
     assert stats.draft_acceptance_rate == pytest.approx(0.5)
-    assert stats.goodput_tokens_per_s == pytest.approx(12.0)
+    # Each request's first token came with its prompt: 28 tokens decoded in 2.5 s.
+    assert stats.goodput_tokens_per_s == pytest.approx(11.2)
     assert stats.acceptance_rate_per_pos == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+def test_goodput_does_not_depend_on_how_long_requests_are():
+    # Decoding at 20 tokens/s after the first token (which came with the prompt): a 2-token
+    # request once counted as 40 tokens/s beside a 64-token one's 20.3, so an arm that served
+    # short requests looked faster. Both are 20 now, per request and pooled.
+    store = InProcessStatsStore(half_life_s=1e9, clock=FakeClock())
+    for tokens in (2, 64):
+        store.record(KEY, spec_stats(output=tokens), decode_time_s=(tokens - 1) / 20.0)
+    stats = store.snapshot()[KEY]
+    assert stats.goodput_tokens_per_s == pytest.approx(20.0)
+    assert stats.goodput_sum == pytest.approx(40.0)
+    assert stats.goodput_relative_variance == pytest.approx((0.0, 1.0))
 
 
 def test_arm_stats_of_nothing_is_zero():
@@ -86,8 +100,8 @@ def test_arm_stats_from_one_request_round_trips_through_fields():
 
 def test_per_request_goodput_spread_accumulates():
     store = InProcessStatsStore(half_life_s=1e9, clock=FakeClock())
-    for goodput in (10.0, 20.0, 30.0):  # 10 tokens in 1/1, 1/2, 1/3 of a second
-        store.record(KEY, spec_stats(output=10), decode_time_s=10.0 / goodput)
+    for goodput in (10.0, 20.0, 30.0):  # 9 tokens after the first in 0.9, 0.45, 0.3 s
+        store.record(KEY, spec_stats(output=10), decode_time_s=9.0 / goodput)
     stats = store.snapshot()[KEY]
     assert stats.goodput_sum == pytest.approx(60.0)
     assert stats.goodput_sq_sum == pytest.approx(1400.0)
@@ -140,7 +154,7 @@ def test_in_process_store_records_and_snapshots_by_model():
         assert set(snapshot) == {KEY, elsewhere}
         assert snapshot[KEY].requests == pytest.approx(3.0)
         assert snapshot[KEY].accepted_per_pos == pytest.approx([9.0, 6.0, 3.0])
-        assert snapshot[KEY].goodput_tokens_per_s == pytest.approx(20.0)
+        assert snapshot[KEY].goodput_tokens_per_s == pytest.approx(18.0)  # 9 tokens in 0.5 s
         assert set(store.snapshot()) == {KEY, other, elsewhere}
         assert store.available
         await store.close()
@@ -195,8 +209,9 @@ def test_two_clients_share_statistics(redis_server):
         seen = reader.snapshot("tiny-llama")[KEY]
         assert seen.requests == pytest.approx(1.0, rel=1e-3)
         assert seen.mean_acceptance_length == pytest.approx(2.5)
-        assert seen.goodput_sum == pytest.approx(20.0, rel=1e-3)  # 10 tokens in 0.5 s
-        assert seen.goodput_sq_sum == pytest.approx(400.0, rel=1e-3)
+        # 10 tokens, the first with the prompt, 9 in the 0.5 s after it.
+        assert seen.goodput_sum == pytest.approx(18.0, rel=1e-3)
+        assert seen.goodput_sq_sum == pytest.approx(324.0, rel=1e-3)
         assert writer.available and reader.available
         await writer.close()
         await reader.close()
