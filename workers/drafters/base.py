@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -29,14 +30,16 @@ class DraftContext:
     max_depth: int = 1 << 30
 
 
-class Drafter:
+class Drafter(abc.ABC):
     """Base class: drafters propose; verification, acceptance and cache bookkeeping are shared."""
 
+    @abc.abstractmethod
     def propose(self, ctx: DraftContext) -> DraftTree:
-        raise NotImplementedError
+        """The draft tree to verify from the state ``ctx``."""
 
     def observe(self, tree: DraftTree, num_accepted: int) -> None:
         """Feedback after verification (adaptive drafters override it)."""
+        return None
 
     def mask_groups(self, tree: DraftTree):
         """Mask rows to append to the verify forward (fused S3D); ``None`` for none."""
@@ -44,6 +47,7 @@ class Drafter:
 
     def after_verify(self, groups, mask_logits: torch.Tensor, accepted_row: int) -> None:
         """Receives the mask rows' logits ``[masks, V]`` of the verify forward (fused S3D)."""
+        return None
 
 
 class NoDrafter(Drafter):
