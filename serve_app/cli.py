@@ -84,13 +84,27 @@ def generate(
         f"{summary['num_draft_tokens']} drafts accepted]", err=True)
 
 
+def _profile_arm_names(path: str | None) -> list[str]:
+    """The arm names of profile ``path`` (the bundled profile's without one), or none if it
+    cannot be read here (the engine reports it when it loads)."""
+    from workers.arm import Profile
+    from workers.engine import BUNDLED_PROFILE
+
+    try:
+        return [arm.name for arm in Profile.load(path or BUNDLED_PROFILE).arms]
+    except (OSError, ValueError):
+        return []
+
+
 @app.command()
 def bench(
     out: Path = typer.Option(Path("bench-out"), help="Folder for bench.json, bench.md, bench.png."),
     methods: str = typer.Option(
         None, help="Comma list of methods (default: all; method s3d is the profile's fastest "
                    "arm in this dtype that drafts with S3D masks: s3d_fused, s3d_skip or a "
-                   "hybrid)."),
+                   "hybrid; any profile arm by its name). With a router, every profile arm "
+                   "the list leaves out runs too: a router is compared with all it may "
+                   "choose."),
     max_tokens: int = typer.Option(128, min=1),
     limit: int = typer.Option(None, min=1, help="Only the first N prompts."),
     prompts: Path = typer.Option(None, help="Prompt suite JSONL (default: the shipped one)."),
@@ -111,12 +125,18 @@ def bench(
     from workers.sampling import SamplingParams
 
     _threads(threads)
-    method_list = ([m.strip() for m in methods.split(",") if m.strip()] if methods
-                   else list(bench_mod.ALL_METHODS))
-    unknown = [m for m in method_list if m not in bench_mod.ALL_METHODS]
+    method_list = (list(dict.fromkeys(m.strip() for m in methods.split(",") if m.strip()))
+                   if methods is not None else list(bench_mod.ALL_METHODS))
+    if not method_list:
+        raise typer.BadParameter("no methods given", param_hint="--methods")
+    # Arms run by name too; those of the profile the engine will load are only known after
+    # loading the model, so here the given profile's, or the bundled one's.
+    arm_names = _profile_arm_names(profile)
+    unknown = [m for m in method_list if m not in bench_mod.ALL_METHODS and m not in arm_names]
     if unknown:
         raise typer.BadParameter(f"unknown methods {unknown}; known: "
-                                 f"{', '.join(bench_mod.ALL_METHODS)}", param_hint="--methods")
+                                 f"{', '.join(bench_mod.ALL_METHODS)} and the profile's arms "
+                                 f"{', '.join(arm_names)}", param_hint="--methods")
     mix = _temperature_list(temperatures) if temperatures else None
     if mix and temperature > 0:
         raise typer.BadParameter("give either --temperature or --temperatures",
@@ -192,6 +212,16 @@ def search_cmd(
     if temperature > 0 and not remeasure:
         raise typer.BadParameter("a sampled measurement needs --remeasure PROFILE (the search "
                                  "decodes greedily)", param_hint="--temperature")
+    from workers.sampling import MIN_TEMPERATURE
+
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise typer.BadParameter(f"below {MIN_TEMPERATURE:g} decoding is greedy; give 0 or a "
+                                 f"temperature to sample at", param_hint="--temperature")
+    if remeasure and (adapter or skip_sets_from):
+        raise typer.BadParameter("--remeasure measures a profile's arms as they are; "
+                                 "--adapter and --skip-sets-from are for a search",
+                                 param_hint="--remeasure")
+    out.parent.mkdir(parents=True, exist_ok=True)  # now, not after hours of search
     _threads(threads)
     engine = Engine.load(model, dtype, device, quantization,
                          str(remeasure) if remeasure else None, pool=pool)
@@ -252,6 +282,13 @@ def loadtest(
     temperature: float = typer.Option(0.0, min=0.0),
     arm: str = typer.Option(None, help="Pin an arm."),
     api_key: str = typer.Option(None, envvar="S3D_API_KEY"),
+    timeout: float = typer.Option(60.0, min=0.1, help="Seconds one request may take."),
+    max_duration: float = typer.Option(
+        None, min=0.1, help="Hard cap on the run in seconds; requests still running are "
+                            "cancelled (default: 600, or --duration plus --timeout if longer)."),
+    max_error_rate: float = typer.Option(
+        0.0, min=0.0, max=1.0, help="Exit 1 when a larger share of the finished requests "
+                                    "failed (0: any failure)."),
     out: Path = typer.Option(None, help="Also write the JSON report here."),
 ) -> None:
     """Drive a running service with concurrent clients; report throughput, latency and errors."""
@@ -265,16 +302,23 @@ def loadtest(
         config = LoadConfig(
             base_url=url, api_key=api_key, clients=clients, duration_s=duration,
             requests=requests, stream_fraction=stream_fraction, chat_fraction=chat_fraction,
-            max_tokens=max_tokens, temperature=temperature, arm=arm)
+            max_tokens=max_tokens, temperature=temperature, arm=arm, timeout_s=timeout,
+            max_duration_s=max_duration)
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from None
     report = run_load_sync(config)
     typer.echo(report_table(report))
     if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report.model_dump_json(indent=2) + "\n")
         typer.echo(f"wrote {out}")
+    finished = report.requests_ok + report.requests_failed
     if report.requests_sent and not report.requests_ok:
         typer.echo("error: no request succeeded", err=True)
+        raise typer.Exit(1)
+    if finished and report.requests_failed / finished > max_error_rate:
+        typer.echo(f"error: {report.requests_failed} of {finished} requests failed "
+                   f"(more than --max-error-rate {max_error_rate:g})", err=True)
         raise typer.Exit(1)
 
 

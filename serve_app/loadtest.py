@@ -108,8 +108,11 @@ class LoadConfig(BaseModel):
     duration_s: float | None = Field(None, gt=0, allow_inf_nan=False,
                                      description="Start no request after this many seconds.")
     requests: int | None = Field(None, ge=1, description="Total requests to send.")
-    max_duration_s: float = Field(600.0, gt=0, allow_inf_nan=False,
-                                  description="Hard cap: requests still running are cancelled.")
+    max_duration_s: float = Field(
+        600.0, gt=0, allow_inf_nan=False,
+        description="Hard cap: requests still running are cancelled. Default: 600 s, or with "
+                    "duration_s, duration_s + timeout_s if longer (the requests in flight at "
+                    "the deadline may finish).")
     stream_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of streamed requests.")
     chat_fraction: float = Field(0.0, ge=0.0, le=1.0,
                                  description="Share of /v1/chat/completions requests.")
@@ -126,6 +129,21 @@ class LoadConfig(BaseModel):
     @classmethod
     def _loopback(cls, value: str) -> str:
         return check_loopback(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_cap(cls, data):
+        """Without a cap given, one that lets the requests in flight at ``duration_s`` run to
+        their timeout (a cap of ``duration_s`` itself would cancel one per client, counted as
+        neither ok nor failed)."""
+        if isinstance(data, dict) and data.get("max_duration_s") is None:
+            data = {k: v for k, v in data.items() if k != "max_duration_s"}
+            duration = data.get("duration_s")
+            if isinstance(duration, (int, float)) and math.isfinite(duration) and duration > 0:
+                timeout = data.get("timeout_s", cls.model_fields["timeout_s"].default)
+                if isinstance(timeout, (int, float)) and math.isfinite(timeout):
+                    data["max_duration_s"] = max(600.0, duration + timeout)
+        return data
 
     @model_validator(mode="after")
     def _bounded(self) -> LoadConfig:

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from router.policy import ArmRouter, Route, context_bucket, conversation_text
-from workers.engine import Engine
+from workers.engine import Engine, Generation
 from workers.model import dtype_name
 from workers.prompts import BenchPrompt
 from workers.sampling import MIN_TEMPERATURE, SamplingParams
@@ -102,6 +102,15 @@ class RssSampler:
         self.peak = max(self.peak, self.rss_bytes())
 
 
+def draws_from_pool(gen: Generation) -> Generation:
+    """``gen`` drafting from its pool even when seeded. The bench seeds its sampled prompts so
+    a run repeats; they stand for a server's unseeded requests, which draft from the replica's
+    pool (a user's seeded request does not: the pool changes with every request, and the seed
+    must give the same text). The bench's pools change in an order that repeats, run to run."""
+    gen.draft_pool = gen.pool
+    return gen
+
+
 def truncate_at_stop(tokens: list[int], stops: frozenset[int]) -> list[int]:
     for i, tok in enumerate(tokens):
         if tok in stops:
@@ -118,7 +127,8 @@ class RouterLog:
     """What one router method decided during a run: its arms and its decision times."""
 
     choices: list[str] = field(default_factory=list)
-    decision_s: list[float] = field(default_factory=list)
+    decision_s: list[float] = field(default_factory=list)  # the requests' and the repeats'
+    request_decision_s: list[float] = field(default_factory=list)  # the requests' own
     # Time the router spent choosing routes ahead of requests after each request's record, and
     # how many of its decisions still chose their arm on the request (no route prepared).
     prepare_s: list[float] = field(default_factory=list)
@@ -126,7 +136,8 @@ class RouterLog:
 
     def detail(self) -> dict:
         out = {"choices": dict(Counter(self.choices)),
-               **percentiles_ms("decision", self.decision_s)}
+               **percentiles_ms("decision", self.decision_s),
+               **percentiles_ms("request_decision", self.request_decision_s)}
         if any(self.prepare_s):
             out |= {**percentiles_ms("prepare", self.prepare_s),
                     "chosen_on_request": self.chosen_on_request}
@@ -168,8 +179,8 @@ class Bench:
         pool = self.engine.pool.copy()
 
         def run(index: int, max_tokens: int) -> PromptRun:
-            gen = self.engine.generation(self.ids[index], max_tokens, arm, self._params(index),
-                                         pool=pool)
+            gen = draws_from_pool(self.engine.generation(self.ids[index], max_tokens, arm,
+                                                         self._params(index), pool=pool))
             t0 = time.perf_counter()
             gen.run()
             seconds = time.perf_counter() - t0
@@ -206,14 +217,15 @@ class Bench:
             decided = time.perf_counter()
             bucket, route = decide(index, router)
             log.decision_s.append(time.perf_counter() - decided)
+            log.request_decision_s.append(log.decision_s[-1])
             arm = route.arm
             for _ in range(REPEAT_DECISIONS):
                 started = time.perf_counter()
                 decide(index, shadow)
                 log.decision_s.append(time.perf_counter() - started)
-            t0 = time.perf_counter()
-            gen = self.engine.generation(self.ids[index], max_tokens, arm, self._params(index),
-                                         route.depth, pool)
+            gen = draws_from_pool(self.engine.generation(
+                self.ids[index], max_tokens, arm, self._params(index), route.depth, pool))
+            t0 = time.perf_counter()  # from here, as for the static methods
             while not gen.output:  # the prompt, and the first token with it
                 gen.step()
             first = time.perf_counter()
@@ -256,7 +268,10 @@ class Bench:
 
         def run(index: int, max_tokens: int) -> PromptRun:
             ids = torch.tensor([self.ids[index]], device=self.engine.runner.device)
-            kwargs = dict(max_new_tokens=max_tokens, pad_token_id=pad, **extra)
+            # Stopped on the tokens our engine stops on (the tokenizer's end token may not be
+            # in the model's generation config): tokens past them would be timed, not counted.
+            kwargs = dict(max_new_tokens=max_tokens, pad_token_id=pad,
+                          eos_token_id=sorted(self.engine.stops), **extra)
             params = self._params(index)
             if params.greedy:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -283,6 +298,9 @@ class Bench:
             t = run(0, min(32, self.max_tokens)).seconds
             if t < best_time:
                 best, best_time = layer, t
+        if best is None:
+            raise ValueError(f"method 'hf_early_exit' needs an exit layer among {candidates} "
+                             f"below the model's {num_layers} layers")
         self.early_exit_layer = best
         return best
 
@@ -302,18 +320,17 @@ class Bench:
                 "arms": [a.name for a in self.engine.profile.arms],
                 "exploration": ROUTER_METHODS[name]}
         if name == "s3d":
-            profile = self.engine.profile
-            fastest = profile.fastest(lambda arm: arm.drafts_s3d,
-                                   dtype_name(self.engine.runner.dtype))
+            fastest = self.s3d_arm()
             if fastest is None:
+                profile = self.engine.profile
                 raise ValueError("method 's3d' needs an arm that drafts with S3D masks on every "
                                  "step (drafter s3d or s3d_skip, or hybrid without "
                                  f"mask_fallback) in the profile; it has "
                                  f"{[a.name for a in profile.arms]}")
             return self._own(fastest), {
                 "arm": self.engine.arm(fastest).model_dump(),
-                "fastest_of": [a.name for a in profile.arms if a.drafts_s3d]}
-        if name in OWN_METHODS:
+                "fastest_of": [a.name for a in self.engine.profile.arms if a.drafts_s3d]}
+        if name in OWN_METHODS or name in self.profile_arms:
             try:
                 arm = self.engine.arm(name)
             except KeyError:
@@ -321,6 +338,34 @@ class Bench:
                                  f"it has {[a.name for a in self.engine.profile.arms]}") from None
             return self._own(name), {"arm": arm.model_dump()}
         raise ValueError(f"unknown method {name!r}; known: {', '.join(ALL_METHODS)}")
+
+    @property
+    def profile_arms(self) -> list[str]:
+        return [a.name for a in self.engine.profile.arms]
+
+    def s3d_arm(self) -> str | None:
+        """The arm method ``s3d`` runs (see ``OWN_METHODS``), or None."""
+        return self.engine.profile.fastest(lambda arm: arm.drafts_s3d,
+                                           dtype_name(self.engine.runner.dtype))
+
+    def arm_of(self, method: str) -> str | None:
+        """The profile arm a static method runs; None for HF's methods and the routers."""
+        if method in HF_METHODS or method in ROUTER_METHODS:
+            return None
+        if method == "vanilla":
+            return "none"
+        return self.s3d_arm() if method == "s3d" else method
+
+    def with_router_arms(self, methods: list[str]) -> list[str]:
+        """``methods``, and with a router among them every profile arm they leave out, by the
+        arm's name, before the first router: a router is compared with every arm it may
+        choose, not only with those listed."""
+        routers = [i for i, m in enumerate(methods) if m in ROUTER_METHODS]
+        if not routers:
+            return methods
+        covered = {self.arm_of(m) for m in methods}
+        missing = [arm for arm in self.profile_arms if arm not in covered]
+        return methods[:routers[0]] + missing + methods[routers[0]:]
 
     # --- running ---------------------------------------------------------------------------
 
@@ -333,9 +378,13 @@ class Bench:
         """Every method on a prompt before the next prompt, the order rotating by one each
         prompt: a shared host's speed drifts by tens of percent within minutes, and methods run
         one after another in blocks would be compared at different speeds."""
-        unknown = [m for m in methods if m not in ALL_METHODS]
+        unknown = [m for m in methods if m not in ALL_METHODS and m not in self.profile_arms]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS)}")
+            raise ValueError(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS)} and "
+                             f"the profile's arms {self.profile_arms}")
+        methods = self.with_router_arms(list(dict.fromkeys(methods)))  # each method once
+        if not methods:
+            raise ValueError("no methods to run")
         self.warm_up(methods)
         runners = {}
         results = {}
@@ -447,8 +496,27 @@ def grouped(runs: list[PromptRun], hf_runs: list[PromptRun] | None,
     return out
 
 
-# Not static arms the routers choose among: the reference, and the routers themselves.
-NOT_STATIC = ("hf_vanilla", *ROUTER_METHODS)
+def static_arm(entry: dict) -> str | None:
+    """The profile arm a report entry ran for every prompt, or None: HF's methods are no arm
+    a router may choose, and a router chooses one per request."""
+    method = entry["method"]
+    if method in HF_METHODS or method in ROUTER_METHODS:
+        return None
+    arm = entry.get("detail", {}).get("arm", method)
+    return arm.get("name") if isinstance(arm, dict) else arm
+
+
+def static_entries(entries: list[dict]) -> list[dict]:
+    """The entries of static arms, each arm once (``s3d`` runs an arm that may also be run
+    by its own name: the first one counts)."""
+    seen: set[str] = set()
+    static = []
+    for entry in entries:
+        arm = static_arm(entry)
+        if arm is not None and arm not in seen:
+            seen.add(arm)
+            static.append(entry)
+    return static
 
 
 def versus_static(router: dict, entries: list[dict],
@@ -457,7 +525,7 @@ def versus_static(router: dict, entries: list[dict],
     (each category's own best; per temperature too for a mixed suite), with those methods'
     names, and to the hindsight ceilings (``hindsight_best``) on each prompt and, given the
     prompts' router ``buckets``, in each bucket; None with no static method."""
-    static = [e for e in entries if e["method"] not in NOT_STATIC]
+    static = static_entries(entries)
     if not static:
         return None
     best = max(static, key=lambda e: e["tokens_per_s"])
@@ -501,14 +569,27 @@ def hindsight_best(static: list[dict], groups: Sequence[str] | None = None) -> f
     members: dict[str, list[int]] = {}
     for index, group in enumerate(groups):
         members.setdefault(group, []).append(index)
-    tokens = seconds = 0.0
-    for indices in members.values():
-        sums = [(sum(r[i]["tokens"] for i in indices), sum(r[i]["seconds"] for i in indices))
-                for r in runs]
-        fastest = max(sums, key=lambda ts: ts[0] / ts[1] if ts[1] else 0.0)
-        tokens += fastest[0]
-        seconds += fastest[1]
-    return tokens / seconds if seconds else None
+    options = [[(sum(r[i]["tokens"] for i in indices), sum(r[i]["seconds"] for i in indices))
+                for r in runs] for indices in members.values()]
+    return best_total_rate(options)
+
+
+def best_total_rate(options: list[list[tuple[float, float]]]) -> float | None:
+    """The highest ``sum(tokens) / sum(seconds)`` of one ``(tokens, seconds)`` pick per group.
+
+    Each group's fastest pick is not it when methods emit different token counts (sampled
+    prompts): the best total trades a group's rate against its weight. Dinkelbach's method:
+    with the rate ``r`` reached so far, each group picks the most ``tokens - r * seconds``; the
+    total rate of those picks rises until no pick changes (a few rounds)."""
+    rate, picks = 0.0, None
+    while True:
+        chosen = [max(group, key=lambda ts: ts[0] - rate * ts[1]) for group in options]
+        tokens, seconds = sum(t for t, _ in chosen), sum(s for _, s in chosen)
+        if not seconds:
+            return None
+        if chosen == picks or tokens / seconds <= rate:
+            return max(rate, tokens / seconds)
+        rate, picks = tokens / seconds, chosen
 
 
 def machine_meta(engine: Engine, args: dict) -> dict:
@@ -623,9 +704,16 @@ def router_summary(router: dict) -> str:
                 if "decisions" in detail else f"{router['prompts']} requests")
         slowest = (f", slowest {_fmt(detail['decision_ms_p100'], 3)} ms"
                    if "decision_ms_p100" in detail else "")
+        requests = ""
+        if "request_decision_ms_p99" in detail:
+            requests = (f"; the requests' own {detail['request_decisions']}: p50 "
+                        f"{_fmt(detail['request_decision_ms_p50'], 3)} ms, p99 "
+                        f"{_fmt(detail['request_decision_ms_p99'], 3)} ms, slowest "
+                        f"{_fmt(detail['request_decision_ms_p100'], 3)} ms")
         parts.append(f"Decision time (prompt class, bucket, arm) p50 "
                      f"{_fmt(detail['decision_ms_p50'], 3)} ms, p99 "
-                     f"{_fmt(detail['decision_ms_p99'], 3)} ms{slowest} over {over}.")
+                     f"{_fmt(detail['decision_ms_p99'], 3)} ms{slowest} over {over}"
+                     f"{requests}.")
     if "prepare_ms_p99" in detail:
         parts.append(f"Routes chosen ahead of requests, after each request's record: p50 "
                      f"{_fmt(detail['prepare_ms_p50'], 3)} ms, p99 "

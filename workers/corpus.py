@@ -81,7 +81,8 @@ def _stdlib_files(held: HeldBack) -> list[tuple[str, Path]]:
     out = []
     for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
         rel = path.relative_to(root).as_posix()
-        if "test" in path.parts[-2] or path.name.startswith("test") or rel in held.stdlib:
+        if ("test" in path.parts[-2] or path.name.startswith("test") or rel in held.stdlib
+                or path.parts[-2] in ("site-packages", "dist-packages")):  # not the stdlib
             continue
         out.append((rel, path))
     return out
@@ -304,6 +305,8 @@ def load_rollouts(engine: Engine, path: Path, kind: str, count: int, new_tokens:
 
 
 def split_held_out(items: list, limit: int) -> tuple[list, list]:
-    """Every ``HELD_OUT_EVERY``-th item held out (at most ``limit`` of them), the rest trained."""
-    held = [x for i, x in enumerate(items) if i % HELD_OUT_EVERY == 0][:limit]
-    return [x for i, x in enumerate(items) if i % HELD_OUT_EVERY != 0], held
+    """Every ``HELD_OUT_EVERY``-th item held out (the first ``limit`` of them), the rest
+    trained (the every-``HELD_OUT_EVERY``-th items past ``limit`` too)."""
+    held = set(range(0, len(items), HELD_OUT_EVERY)[:limit])
+    return ([x for i, x in enumerate(items) if i not in held],
+            [x for i, x in enumerate(items) if i in held])

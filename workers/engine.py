@@ -72,8 +72,10 @@ class Generation:
         # A seeded sampled request drafts without the pool: which drafts are verified decides
         # how the seed's random numbers are used, and the pool changes with every request, so
         # the same seed would not give the same text twice. Greedy output never depends on it.
+        # A frozen pool (the search's) never changes: with it the seed gives one text.
         seeded = not self.params.greedy and self.params.seed is not None
-        self.draft_pool = None if seeded else self.pool
+        live = self.pool is not None and self.pool.live
+        self.draft_pool = None if seeded and live else self.pool
 
     def _choose(self, logits: torch.Tensor) -> int:
         if self.params.greedy:

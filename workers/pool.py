@@ -182,11 +182,12 @@ def resolve_pool(path: str | None, fingerprint: str, capacity: int = 1 << 18,
     """The given pool file (``"none"``: an empty pool), else the bundled one when it was made
     for this model, else an empty pool; finished requests join it when ``record``. Unless
     ``used`` (an arm of the profile drafts from it) there is nothing to load or to record: an
-    empty pool that takes no answers."""
+    empty pool that takes no answers; a file given is loaded (and checked) all the same (the
+    search starts from a profile without such arms, and tries them with it)."""
+    if path not in (None, "none"):
+        return TokenPool.load(path, fingerprint, capacity=capacity, live=record and used)
     if not used:
         return TokenPool(capacity, live=False)
-    if path == "none":
-        return TokenPool(capacity, live=record)
     if path is None:
         if not BUNDLED_POOL.exists():
             return TokenPool(capacity, live=record)
@@ -195,7 +196,7 @@ def resolve_pool(path: str | None, fingerprint: str, capacity: int = 1 << 18,
         except PoolMismatchError:
             log.info("bundled pool is for another model; starting with an empty pool")
             return TokenPool(capacity, live=record)
-    return TokenPool.load(path, fingerprint, capacity=capacity, live=record)
+    return TokenPool(capacity, live=record)  # "none"
 
 
 def build_pool(engine, counts: dict[str, int], new_tokens: int = 64,

@@ -343,8 +343,17 @@ def s3d_adapter_fits(adapter_path: str | None, fingerprint: str, log=print) -> b
         if adapter_path:
             raise FileNotFoundError(f"no adapter at {adapter_path}")
         return False
-    trained_for = MaskAdapter.read_metadata(adapter).get("model_fingerprint")
+    meta = MaskAdapter.read_metadata(adapter)
+    trained_for = meta.get("model_fingerprint")
     if trained_for == fingerprint:
+        if meta.get("skip_layers"):
+            # The search's S3D candidates draft with the full model (fused, hybrid) or skip no
+            # layer (s3d_skip): an adapter trained over a skip set fits none of them, and
+            # s3d_skip refused it only at the very end, the whole search lost.
+            raise AdapterMismatchError(
+                f"adapter {adapter} was trained with layers {meta['skip_layers']} skipped; the "
+                "search's S3D drafters need one trained on the full model (s3d train without "
+                "--skip-layers)")
         return True
     if adapter_path:
         raise AdapterMismatchError(f"adapter {adapter_path} was trained for model "
@@ -476,6 +485,21 @@ def check_kinds(kinds: tuple[str, ...] | None, reusing: bool) -> None:
                          f"{', '.join(k for k in get_args(DrafterKind) if k != 'none')}")
 
 
+def check_reused(profile: Profile, fingerprint: str, num_layers: int) -> None:
+    """A profile whose skip sets and arms a search reuses must be this model's: its arms are
+    written again under this model's fingerprint, and another model's layers would be wrong
+    (or out of range at the first request)."""
+    if profile.model_fingerprint != fingerprint:
+        raise ValueError(f"the profile to reuse was made for model {profile.model_fingerprint}, "
+                         f"not for this model ({fingerprint})")
+    skips = [t.get("skip", []) for t in profile.notes.get("trials", [])]
+    skips += [arm.skip_layers for arm in profile.arms]
+    bad = sorted({layer for skip in skips for layer in skip if not 0 <= layer < num_layers})
+    if bad:
+        raise ValueError(f"the profile to reuse skips layers {bad}, outside this model's "
+                         f"{num_layers}")
+
+
 def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
            adapter_path: str | None = None, lengths: tuple[int, ...] = (2, 4, 6, 8, 10),
            max_prompts: int | None = None, trials: int = 30, trial_prompts: int = 4,
@@ -487,6 +511,8 @@ def search(engine: Engine, max_tokens: int = 48, finalists: int = 3,
     those drafter kinds' settings are searched again (after a change to one drafter); that
     profile's arms of the other kinds are kept as they are and measured again beside them."""
     check_kinds(kinds, skip_sets_from is not None)
+    if skip_sets_from is not None:
+        check_reused(skip_sets_from, engine.loaded.fingerprint, engine.runner.num_layers)
     with_s3d = s3d_adapter_fits(adapter_path, engine.loaded.fingerprint, log)
     prompts = calibration_prompts(engine.tokenizer)[:max_prompts]
     if skip_sets_from is None:

@@ -104,6 +104,8 @@ def evaluate(engine: Engine, adapter: MaskAdapter, sequences: list[Sequence],
         for seq in sequences:
             attach = sample_attach(len(seq.tokens), adapter.gamma, attach_per_chunk, gen,
                                    seq.first_attach)
+            if not attach.numel():  # an answer too short for any attach point
+                continue
             logits, greedy = mask_forward(engine, adapter, seq.tokens, attach, layers)
             target = targets_for(greedy, attach, adapter.gamma)
             valid = consistent_targets(torch.tensor(seq.tokens), greedy, attach, adapter.gamma)
@@ -235,6 +237,41 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     first_step = step
     trained_tokens = 0
     last_loss: float | None = None
+    saved_step = step
+
+    def train_step(seq, attach: torch.Tensor) -> float | None:
+        """One optimiser step on ``seq``'s masks at ``attach``; its loss (None: no target)."""
+        nonlocal trained_tokens
+        logits, greedy = mask_forward(engine, adapter, seq.tokens, attach, layers)
+        target = targets_for(greedy, attach, gamma)
+        valid = consistent_targets(torch.tensor(seq.tokens), greedy, attach, gamma)
+        if not valid.any():
+            return None
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                               target.reshape(-1), reduction="none")
+        loss = (ce * valid.reshape(-1)).sum() / valid.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+        opt.step()
+        trained_tokens += int(valid.sum())
+        hits, total = consistent_agreement(logits, target, valid)
+        acc = (hits / total.clamp(min=1)).tolist()
+        bar.set_postfix_str(f"loss {loss.item():.3f} acc {fmt(acc)}")
+        return loss.item()
+
+    def checkpoint(at: int) -> None:
+        """Held-out figures at step ``at`` into the history, and the checkpoint saved."""
+        nonlocal saved_step
+        entry = held_out(at)
+        if last_loss is not None:
+            entry["loss"] = round(last_loss, 4)
+        history.append(entry)
+        log(f"step {at}: held-out {describe(entry)}")
+        torch.save({"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
+                    "step": at, "history": history}, ckpt)
+        saved_step = at
+
     while step < steps and time.time() < deadline:
         kind = "text"
         if kinds and float(torch.rand((), generator=gen)) < rollout_share:
@@ -246,32 +283,13 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
             group["lr"] = learning_rate(lr, step, steps, step - first_step, warmup)
         step += 1
         bar.update()
-        if attach.numel() == 0:
-            continue
-        logits, greedy = mask_forward(engine, adapter, seq.tokens, attach, layers)
-        target = targets_for(greedy, attach, gamma)
-        valid = consistent_targets(torch.tensor(seq.tokens), greedy, attach, gamma)
-        if valid.any():
-            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                   target.reshape(-1), reduction="none")
-            loss = (ce * valid.reshape(-1)).sum() / valid.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-            opt.step()
-            trained_tokens += int(valid.sum())
-            last_loss = loss.item()
-            hits, total = consistent_agreement(logits, target, valid)
-            acc = (hits / total.clamp(min=1)).tolist()
-            bar.set_postfix_str(f"loss {last_loss:.3f} acc {fmt(acc)}")
+        if attach.numel():  # a sequence too short for any attach point trains nothing
+            loss = train_step(seq, attach)
+            last_loss = last_loss if loss is None else loss
         if step % eval_every == 0 or step == steps:
-            entry = held_out(step)
-            if last_loss is not None:
-                entry["loss"] = round(last_loss, 4)
-            history.append(entry)
-            log(f"step {step}: held-out {describe(entry)}")
-            torch.save({"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
-                        "step": step, "history": history}, ckpt)
+            checkpoint(step)
+    if step > saved_step:  # stopped by the deadline between evaluations: keep those steps
+        checkpoint(step)
     bar.close()
     final = held_out(step)
     data = ("stdlib source, Debian package descriptions, Python docs (if installed), the "

@@ -20,11 +20,13 @@ def test_generate_runs_a_pinned_arm_and_refuses_an_unknown_one():
     assert "unknown arm 's3d'" in bad.output and "s3d_fused" in bad.output
 
 
+def words(output: str) -> str:
+    """A CLI message without the error box's frame and wrapping."""
+    return " ".join(output.replace("│", " ").split())
+
+
 def test_search_refuses_unknown_kinds_before_loading_anything(tmp_path):
     from workers.engine import BUNDLED_PROFILE
-
-    def words(output: str) -> str:  # the message without the error box's frame and wrapping
-        return " ".join(output.replace("│", " ").split())
 
     runner = CliRunner()
     out = tmp_path / "profile.json"
@@ -34,6 +36,14 @@ def test_search_refuses_unknown_kinds_before_loading_anything(tmp_path):
     assert "s3d, hybrid, s3d_skip" in words(bad.output)
     alone = runner.invoke(app, ["search", "--out", str(out), "--kinds", "hybrid"])
     assert alone.exit_code == 2 and "give the profile" in words(alone.output)
+    # A temperature that decodes greedily, and options a remeasurement would ignore.
+    tiny = runner.invoke(app, ["search", "--out", str(out), "--remeasure", str(BUNDLED_PROFILE),
+                               "--temperature", "1e-7"])
+    assert tiny.exit_code == 2 and "decoding is greedy" in words(tiny.output)
+    ignored = runner.invoke(app, ["search", "--out", str(out), "--remeasure",
+                                  str(BUNDLED_PROFILE), "--adapter", "a.safetensors"])
+    assert ignored.exit_code == 2 and "measures a profile's arms as they are" in words(
+        ignored.output)
     assert not out.exists()
 
 
@@ -47,6 +57,14 @@ def test_bench_refuses_bad_temperatures_before_loading_anything(tmp_path):
                                "--temperature", "0.7"])
     said = " ".join(both.output.replace("│", " ").split())  # the error box wraps its lines
     assert both.exit_code == 2 and "either --temperature or --temperatures" in said
+    # No methods at all, and names neither a method nor an arm of the profile: refused at once.
+    empty = runner.invoke(app, ["bench", "--out", str(tmp_path), "--methods", ","])
+    assert empty.exit_code == 2 and "no methods given" in words(empty.output)
+    unknown = runner.invoke(app, ["bench", "--out", str(tmp_path), "--methods",
+                                  "vanilla,warp_drive"])
+    said = words(unknown.output)
+    assert unknown.exit_code == 2 and "unknown methods ['warp_drive']" in said
+    assert "ngram_tree_code" in said  # the profile's arms run by name
     assert not any(tmp_path.iterdir())
 
 

@@ -188,7 +188,11 @@ def test_config_is_always_bounded():
     with pytest.raises(ValueError, match="duration_s, requests or both"):
         LoadConfig()
     with pytest.raises(ValueError, match="exceeds max_duration_s"):
-        LoadConfig(duration_s=700)
+        LoadConfig(duration_s=700, max_duration_s=600)
+    # Without a cap, the requests in flight at the deadline may run to their timeout.
+    assert LoadConfig(duration_s=700).max_duration_s == 760
+    assert LoadConfig(duration_s=600, timeout_s=30).max_duration_s == 630
+    assert LoadConfig(duration_s=10).max_duration_s == 600
     for bad in ({"clients": 0}, {"clients": 257}, {"duration_s": float("inf")},
                 {"max_duration_s": float("inf")}, {"stream_fraction": 1.5}, {"prompts": []}):
         with pytest.raises(ValueError):

@@ -10,11 +10,13 @@ from workers.bench import (
     REPEAT_DECISIONS,
     Bench,
     PromptRun,
+    best_total_rate,
     hindsight_best,
     markdown_table,
     report,
     rotated,
     router_summary,
+    static_entries,
     versus_static,
     write_outputs,
 )
@@ -38,7 +40,17 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
     write_outputs(data, tmp_path)
 
     entries = {e["method"]: e for e in json.loads((tmp_path / "bench.json").read_text())["results"]}
-    assert list(entries) == METHODS
+    # With a router, every profile arm the methods leave out runs by its name, before the
+    # routers: a router is compared with every arm it may choose.
+    s3d_arm = engine.profile.fastest(lambda a: a.drafts_s3d, "float32")
+    added = [a.name for a in engine.profile.arms
+             if a.name not in {"none", "ngram_tree", s3d_arm}]
+    assert "ngram_tree_code" in added
+    assert list(entries) == METHODS[:4] + added + METHODS[4:]
+    assert {run["arm"] for run in entries["ngram_tree_code"]["runs"]} == {"ngram_tree_code"}
+    static_arms = {e["detail"]["arm"] if isinstance(e["detail"]["arm"], str)
+                   else e["detail"]["arm"]["name"] for e in static_entries(list(entries.values()))}
+    assert static_arms == {a.name for a in engine.profile.arms}
     assert entries["hf_vanilla"]["speedup_vs_hf"] == 1.0
     for name, entry in entries.items():
         assert entry["prompts"] == 3 and entry["tokens_per_s"] > 0
@@ -51,7 +63,6 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
     # `s3d` runs the profile's fastest arm drafting with S3D masks on every step in this dtype
     # (merging hybrids included, not the one whose masks only fill in), and the table names it.
     s3d_kinds = {a.name for a in engine.profile.arms if a.drafts_s3d}
-    s3d_arm = engine.profile.fastest(lambda a: a.drafts_s3d, "float32")
     assert s3d_arm in s3d_kinds and {"s3d_fused", "s3d_skip", "hybrid_merged"} <= s3d_kinds
     assert "hybrid" not in s3d_kinds
     assert {run["arm"] for run in entries["s3d"]["runs"]} == {s3d_arm}
@@ -66,15 +77,18 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
         # Against the static methods (hf_vanilla is the reference and the other router no arm),
         # overall and per category; its decision time is measured per request.
         vs = entries[router]["versus_static"]
-        assert vs["best"] in {"vanilla", "ngram_tree", "s3d"} and set(vs["categories"]) == {
-            p.category for p in suite}
+        assert vs["best"] not in ("hf_vanilla", "router", "router_thompson") and set(
+            vs["categories"]) == {p.category for p in suite}
         best_tps = entries[vs["best"]]["tokens_per_s"]
         assert vs["ratio"] == round(entries[router]["tokens_per_s"] / best_tps, 3)
         assert 0 < detail["decision_ms_p50"] <= detail["decision_ms_p99"] <= detail[
             "decision_ms_p100"]
         assert detail["decisions"] == 3 * (1 + REPEAT_DECISIONS)  # each request's, and repeats
+        assert detail["request_decisions"] == 3  # the requests' own, also apart
+        assert 0 < detail["request_decision_ms_p50"] <= detail["request_decision_ms_p100"]
         summary = router_summary(entries[router])
         assert f"over {detail['decisions']} decisions (3 requests'" in summary
+        assert "the requests' own 3: p50" in summary
         if exploration == "ucb":
             # Bayes-UCB's routes are prepared after each record: every decision looked one up.
             assert detail["prepares"] == 3 and detail["prepare_ms_p99"] > 0
@@ -96,7 +110,7 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
         "mean_accepted_length"]
     assert entries["hf_vanilla"]["tokens_per_forward"] is None
     assert table == markdown_table(data) and all(
-        f"| {m} |" in table for m in METHODS if m != "s3d")
+        f"| {m} |" in table for m in METHODS + added if m != "s3d")
     assert f"| s3d ({s3d_arm}) |" in table
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "temperatures" not in entries["router"] and "temperatures" not in vs
@@ -140,7 +154,8 @@ def test_mixed_suite_gives_each_category_every_temperature(bundled, tmp_path, mo
     assert entries["hf_vanilla"]["temperatures"]["T=1"]["speedup_vs_hf"] == 1.0
     vs = entries["router"]["versus_static"]
     assert set(vs["temperatures"]) == {"T=0", "T=1"}
-    assert vs["temperatures"]["T=1"]["best"] in {"vanilla", "ngram_tree"}
+    assert vs["temperatures"]["T=1"]["best"] in {e["method"] for e in static_entries(
+        data["results"])}
     # A sampled prompt decodes from its own seed: run again, plain decoding gives it again.
     again = Bench(engine, suite, 5, SamplingParams(top_p=0.9, seed=7), temperatures=[0.0, 1.0])
     rerun = again.run(["vanilla"])[0].runs
@@ -204,11 +219,82 @@ def test_hindsight_takes_each_prompts_fastest_static_method():
         {"method": "router", "versus_static": vs, "detail": {}})
 
 
+def test_hindsight_maximises_the_total_rate_when_token_counts_differ():
+    # Sampled prompts end at different lengths per method. Method b is a little faster on the
+    # first prompt but emits few tokens there: taking each prompt's fastest (b, then either)
+    # gives 148 tokens in 5.6 s = 26.4 tokens/s, below a's 256 in 9.0 s = 28.4, which is then
+    # the ceiling (and per prompt is never below per bucket).
+    def entry(method, runs):
+        return {"method": method, "tokens_per_s": sum(t for t, _ in runs) / sum(
+            s for _, s in runs), "categories": {},
+            "runs": [{"tokens": t, "seconds": s} for t, s in runs]}
+
+    a = entry("vanilla", [(128, 4.0), (128, 5.0)])
+    b = entry("ngram_tree", [(20, 0.6), (128, 5.0)])
+    assert hindsight_best([a, b]) == pytest.approx(256 / 9.0)
+    assert hindsight_best([a, b], ["x", "x"]) == pytest.approx(256 / 9.0)
+    assert hindsight_best([a, b]) >= max(a["tokens_per_s"], b["tokens_per_s"])
+    # The exact optimum over every pick, against brute force on a few random groups.
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        groups = [[(rng.randint(1, 100), rng.uniform(0.1, 5.0)) for _ in range(3)]
+                  for _ in range(4)]
+        brute = max(sum(t for t, _ in picks) / sum(s for _, s in picks)
+                    for picks in itertools.product(*groups))
+        assert best_total_rate(groups) == pytest.approx(brute)
+    assert best_total_rate([[(0, 0.0)]]) is None
+
+
+def test_static_arms_are_the_profile_arms_each_once():
+    entries = [{"method": "hf_prompt_lookup", "tokens_per_s": 99.0, "detail": {}},
+               {"method": "hf_early_exit", "tokens_per_s": 98.0, "detail": {}},
+               {"method": "vanilla", "tokens_per_s": 10.0, "detail": {"arm": "none"}},
+               {"method": "s3d", "tokens_per_s": 30.0,
+                "detail": {"arm": {"name": "hybrid_merged"}, "fastest_of": []}},
+               {"method": "hybrid_merged", "tokens_per_s": 31.0,
+                "detail": {"arm": {"name": "hybrid_merged"}}},
+               {"method": "router", "tokens_per_s": 20.0, "detail": {"arms": []}}]
+    assert [e["method"] for e in static_entries(entries)] == ["vanilla", "s3d"]
+    # HF's methods are no arm a router may choose: never "the best static method".
+    assert versus_static(entries[-1], entries)["best"] == "s3d"
+
+
 def test_bench_refuses_unknown_methods(bundled):
     engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
                     resolve_profile(None, bundled.loaded.fingerprint, bundled.runner.num_layers))
+    bench = Bench(engine, load_prompts(limit=1), 4, SamplingParams())
     with pytest.raises(ValueError, match="unknown methods"):
-        Bench(engine, load_prompts(limit=1), 4, SamplingParams()).run(["vanilla", "warp_drive"])
+        bench.run(["vanilla", "warp_drive"])
+    with pytest.raises(ValueError, match="no methods"):
+        bench.run([])
+    # A method listed twice runs once (it once ran twice per prompt, and the report failed
+    # after the whole run); a profile arm runs by its name.
+    runs = bench.run(["vanilla", "ngram_tree_code", "vanilla"])
+    assert [r.method for r in runs] == ["vanilla", "ngram_tree_code"]
+    assert [len(r.runs) for r in runs] == [1, 1]
+    # HF's early exit needs a layer to exit at; a model too shallow for every candidate is
+    # refused, not run as plain generate under the early-exit name.
+    with pytest.raises(ValueError, match="exit layer"):
+        bench.choose_early_exit_layer(candidates=(99,))
+
+
+def test_hf_baseline_stops_on_the_engine_s_stop_tokens(bundled, monkeypatch):
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
+                    resolve_profile(None, bundled.loaded.fingerprint, bundled.runner.num_layers))
+    bench = Bench(engine, load_prompts(limit=1), 4, SamplingParams())
+    seen = {}
+
+    def generate(ids, **kwargs):
+        seen.update(kwargs)
+        return ids
+
+    monkeypatch.setattr(bundled.loaded.model, "generate", generate)
+    run, _ = bench.method("hf_vanilla")
+    run(0, 4)
+    assert seen["eos_token_id"] == sorted(bundled.stops)
 
 
 def test_rotated_starts_at_the_shift_and_wraps():

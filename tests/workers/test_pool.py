@@ -91,9 +91,11 @@ def test_save_load_round_trip_and_refusal(tmp_path):
     assert len(resolve_pool("none", "abc")) == 0
     assert len(resolve_pool(str(path), "abc", record=False)) == 9
     assert len(resolve_pool(None, "no such model")) == 0  # the bundled pool is another model's
-    # a profile without pool arms: nothing loaded, no answers recorded
+    # a profile without pool arms: a file given is still loaded (and checked), no answers
+    # recorded; without one nothing is loaded
     unused = resolve_pool(str(path), "abc", used=False)
-    assert len(unused) == 0 and not unused.live
+    assert len(unused) == 9 and not unused.live
+    assert len(resolve_pool(None, "abc", used=False)) == 0
 
 
 def test_the_bundled_pool_is_the_bundled_models(bundled):
@@ -189,19 +191,50 @@ def test_search_candidates_draw_on_the_pool_only_when_there_is_one():
 
 def test_a_seeded_sampled_request_gives_the_same_text_whatever_the_pool_holds(bundled):
     """Which drafts are verified decides how a seed's random numbers are used; a seeded sampled
-    request therefore drafts without the pool (an unseeded one, and greedy ones, with it)."""
+    request therefore drafts without a replica's live pool, which changes with every request (an
+    unseeded one, and greedy ones, with it). A frozen pool (the search's) never changes: a seeded
+    request drafts from it, and its seed still gives one text."""
     from workers.sampling import SamplingParams
 
     arm = Arm(name="ngp", drafter="ngram_tree", depth=6, top_k=4, total_tokens=16, ngram_min=2,
               pool=True)
     prompt = bundled.prompts[1]
     seeded = SamplingParams(temperature=1.0, seed=7)
-    empty = TokenPool(live=False)
-    first = bundled.generate(prompt, 16, arm, seeded, pool=empty).output
-    full = TokenPool(live=False)
-    full.add(first)  # drafts that would be accepted, and would change the draws
-    assert bundled.generate(prompt, 16, arm, seeded, pool=full).output == first
-    assert bundled.generate(prompt, 16, arm, seeded, pool=full).stats.num_accepted_tokens == (
-        bundled.generate(prompt, 16, arm, seeded, pool=empty).stats.num_accepted_tokens)
-    unseeded = bundled.generate(prompt, 16, arm, SamplingParams(temperature=1e-3), pool=full)
+    first = bundled.generate(prompt, 16, arm, seeded, pool=TokenPool()).output
+
+    def full(live: bool) -> TokenPool:
+        pool = TokenPool(live=live)
+        pool.add(first)  # drafts that would be accepted, and would change the draws
+        return pool
+
+    live_runs = [bundled.generate(prompt, 16, arm, seeded, pool=pool)
+                 for pool in (full(True), TokenPool())]
+    assert [run.output for run in live_runs] == [first, first]
+    assert live_runs[0].stats.num_accepted_tokens == live_runs[1].stats.num_accepted_tokens
+    assert live_runs[0].draft_pool is None
+    frozen = full(False)
+    frozen_runs = [bundled.generate(prompt, 16, arm, seeded, pool=frozen) for _ in range(2)]
+    assert frozen_runs[0].draft_pool is frozen
+    assert frozen_runs[0].output == frozen_runs[1].output
+    assert frozen_runs[0].stats.num_accepted_tokens > live_runs[1].stats.num_accepted_tokens
+    unseeded = bundled.generate(prompt, 16, arm, SamplingParams(temperature=1e-3),
+                                pool=full(True))
     assert unseeded.stats.num_accepted_tokens > 0
+
+
+def test_a_pool_file_given_is_loaded_whatever_the_profile(bundled, tmp_path):
+    """The search starts from a profile without pool arms (another model's generic one) and
+    tries pool arms with the file given: it was silently left empty, unopened."""
+    from workers.pool import resolve_pool
+
+    pool = TokenPool(live=False)
+    pool.add([5, 6, 7, 8, 9])
+    path = tmp_path / "pool.safetensors"
+    pool.save(path, {"fingerprint": bundled.loaded.fingerprint})
+    loaded = resolve_pool(str(path), bundled.loaded.fingerprint, used=False)
+    assert len(loaded) == 5 and not loaded.live  # loaded, but no profile arm records into it
+    assert resolve_pool(str(path), bundled.loaded.fingerprint, used=True).live
+    with pytest.raises(OSError):
+        resolve_pool(str(tmp_path / "missing.safetensors"), bundled.loaded.fingerprint,
+                     used=False)
+    assert len(resolve_pool("none", bundled.loaded.fingerprint)) == 0

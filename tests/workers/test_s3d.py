@@ -408,6 +408,53 @@ def test_train_on_rollouts_writes_an_adapter_and_resumes(bundled, tmp_path):
               rollouts=rollouts, **{**kwargs, "rank": 8})
 
 
+def test_training_stopped_by_its_deadline_keeps_its_steps(bundled, tmp_path, monkeypatch):
+    """Stopped by its deadline between evaluations, training once lost every step since the
+    last one (only evaluations saved the checkpoint); a sequence with no attach point skipped
+    its step's evaluation and checkpoint too."""
+    import json
+    import time as time_module
+
+    from workers import train as train_module
+    from workers.engine import Engine, resolve_profile
+
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
+                    resolve_profile(None, bundled.loaded.fingerprint, 30))
+    out = tmp_path / "adapter.safetensors"
+    clock = {"now": 1000.0}
+
+    def time():  # each reading a second later: a 30-second deadline stops it within steps
+        clock["now"] += 1.0
+        return clock["now"]
+
+    monkeypatch.setattr(time_module, "time", time)
+    real = train_module.sample_attach
+    calls = {"n": 0}
+
+    def sample_attach(*args, **kwargs):
+        calls["n"] += 1
+        attach = real(*args, **kwargs)
+        return attach[:0] if calls["n"] == 2 else attach
+
+    monkeypatch.setattr(train_module, "sample_attach", sample_attach)
+    meta = train_module.train(engine, out, steps=100, minutes=0.5, gamma=2, rank=4,
+                              eval_every=1000, eval_chunks=1, max_chars=20_000,
+                              attach_per_chunk=4, progress=False, log=lambda m: None)
+    assert 2 <= meta["steps"] < 100
+    history = json.loads(out.with_suffix(".json").read_text())["history"]
+    assert history[-1]["step"] == meta["steps"]
+    checkpoint = torch.load(out.with_suffix(".ckpt.pt"), weights_only=False)
+    assert checkpoint["step"] == meta["steps"]
+
+
+def test_held_out_items_are_the_first_of_every_tenth_and_the_rest_train():
+    from workers.corpus import HELD_OUT_EVERY, split_held_out
+
+    train_items, held = split_held_out(list(range(100)), 2)
+    assert held == [0, HELD_OUT_EVERY]
+    assert len(train_items) == 98 and set(train_items) | set(held) == set(range(100))
+
+
 def test_training_data_leaves_out_what_the_benchmark_and_search_decode():
     from workers.corpus import (
         chat_requests,
@@ -586,6 +633,13 @@ def test_search_can_reuse_a_profiles_skip_sets_and_search_only_the_arms(bundled)
     with pytest.raises(ValueError, match="no search trials"):
         search(engine, max_tokens=6, max_prompts=2, log=lambda m: None,
                skip_sets_from=old.model_copy(update={"notes": {}}))
+    # Another model's profile, or layers this model has not, are refused before any stage.
+    with pytest.raises(ValueError, match="made for model other"):
+        search(engine, max_tokens=6, max_prompts=2, log=lambda m: None,
+               skip_sets_from=old.model_copy(update={"model_fingerprint": "other"}))
+    deep = old.model_copy(update={"notes": {"trials": [{"skip": [6, 40]}]}})
+    with pytest.raises(ValueError, match=r"skips layers \[40\]"):
+        search(engine, max_tokens=6, max_prompts=2, log=lambda m: None, skip_sets_from=deep)
     # One kind searched again: the other arms stay exactly as they were, all measured together.
     lines.clear()
     again = search(engine, max_tokens=6, finalists=1, max_prompts=2, skip_sets_from=new,
@@ -696,6 +750,17 @@ def test_search_takes_the_s3d_drafters_only_with_an_adapter_for_its_model(tmp_pa
         s3d_adapter_fits(str(BUNDLED_ADAPTER), "another-model", said.append)
     with pytest.raises(FileNotFoundError):
         s3d_adapter_fits(str(tmp_path / "missing.safetensors"), bundled_model, said.append)
+    # An adapter trained over a skip set fits none of the search's S3D candidates (fused,
+    # hybrid, s3d_skip with no skip set): refused at once, not by s3d_skip after the search.
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    skipped = tmp_path / "skipped.safetensors"
+    meta = {**MaskAdapter.read_metadata(BUNDLED_ADAPTER), "skip_layers": [10, 11]}
+    save_file(load_file(str(BUNDLED_ADAPTER)), str(skipped), metadata={"s3d": json.dumps(meta)})
+    with pytest.raises(AdapterMismatchError, match="skipped"):
+        s3d_adapter_fits(str(skipped), bundled_model, said.append)
     kinds = set(arm_candidates([(3, 4)], None, s3d=False))
     assert kinds == {"skip_chain", "skip_tree", "ngram_tree"}
     assert {"s3d", "hybrid", "s3d_skip"} <= set(arm_candidates([(3, 4)], None))
