@@ -238,6 +238,7 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     trained_tokens = 0
     last_loss: float | None = None
     saved_step = step
+    last_entry: dict | None = None  # the latest held-out figures of this run
 
     def train_step(seq, attach: torch.Tensor) -> float | None:
         """One optimiser step on ``seq``'s masks at ``attach``; its loss (None: no target)."""
@@ -257,13 +258,14 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
         trained_tokens += int(valid.sum())
         hits, total = consistent_agreement(logits, target, valid)
         acc = (hits / total.clamp(min=1)).tolist()
-        bar.set_postfix_str(f"loss {loss.item():.3f} acc {fmt(acc)}")
-        return loss.item()
+        value = loss.item()
+        bar.set_postfix_str(f"loss {value:.3f} acc {fmt(acc)}")
+        return value
 
     def checkpoint(at: int) -> None:
         """Held-out figures at step ``at`` into the history, and the checkpoint saved."""
-        nonlocal saved_step
-        entry = held_out(at)
+        nonlocal saved_step, last_entry
+        entry = last_entry = held_out(at)
         if last_loss is not None:
             entry["loss"] = round(last_loss, 4)
         history.append(entry)
@@ -291,7 +293,9 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     if step > saved_step:  # stopped by the deadline between evaluations: keep those steps
         checkpoint(step)
     bar.close()
-    final = held_out(step)
+    # The last step was evaluated by its checkpoint (the adapter unchanged since): not again.
+    final = (last_entry if last_entry is not None and last_entry["step"] == step
+             else held_out(step))
     data = ("stdlib source, Debian package descriptions, Python docs (if installed), the "
             f"benchmark's and calibration's sources left out; {len(train_sets['text'])} chunks")
     if kinds:
