@@ -388,18 +388,23 @@ def train_cmd(
     threads: int = THREADS_OPT,
 ) -> None:
     """Train the S3D mask embedding and draft-only adapters by self-distillation."""
+    from workers.drafters.s3d import AdapterMismatchError
     from workers.engine import Engine
     from workers.train import train
 
     _threads(threads)
     engine = Engine.load(model, dtype, device, "none", None)
-    train(engine, out, gamma=gamma, rank=rank, steps=steps, minutes=minutes, lr=lr,
-          chunk_len=chunk_len, attach_per_chunk=attach_per_chunk, max_chars=max_chars,
-          eval_every=eval_every, resume=resume, init=init,
-          skip_layers=tuple(int(x) for x in skip_layers.split(",") if x.strip()),
-          rollouts={"chat": chat, "code": code, "summary": summary},
-          rollout_tokens=rollout_tokens, rollout_share=rollout_share, warmup=warmup,
-          log=lambda m: typer.echo(m, err=True))
+    try:
+        train(engine, out, gamma=gamma, rank=rank, steps=steps, minutes=minutes, lr=lr,
+              chunk_len=chunk_len, attach_per_chunk=attach_per_chunk, max_chars=max_chars,
+              eval_every=eval_every, resume=resume, init=init,
+              skip_layers=tuple(int(x) for x in skip_layers.split(",") if x.strip()),
+              rollouts={"chat": chat, "code": code, "summary": summary},
+              rollout_tokens=rollout_tokens, rollout_share=rollout_share, warmup=warmup,
+              log=lambda m: typer.echo(m, err=True))
+    except AdapterMismatchError as e:  # a checkpoint or --init of another model or shape
+        typer.echo(f"s3d train: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover - after every command is defined

@@ -169,6 +169,14 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     runner = engine.runner
     for p in engine.loaded.model.parameters():
         p.requires_grad_(False)
+    layers = kept_layers(runner.num_layers, tuple(skip_layers)) if skip_layers else None
+    adapter = MaskAdapter(runner, gamma=gamma, rank=rank, layers=layers)
+    # The state to continue from, checked before any data is prepared (rollouts take minutes).
+    ckpt = out.with_suffix(".ckpt.pt")
+    state = (resumable(ckpt, adapter, engine.loaded.fingerprint, runner)
+             if resume and ckpt.exists() else None)
+    if state is None and init is not None:
+        state = warm_start(init, adapter, engine.loaded.fingerprint, runner)
     texts = corpus_texts(max_chars)
     train_sets, held_sets = {}, {}
     train_sets["text"], held_sets["text"] = split_held_out(
@@ -183,8 +191,6 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
                 engine, rollouts_path(out, kind), kind, count, rollout_tokens, log), eval_chunks)
     kinds = [k for k in train_sets if k != "text" and train_sets[k]]
     signature = _signature(held_sets)
-    layers = kept_layers(runner.num_layers, tuple(skip_layers)) if skip_layers else None
-    adapter = MaskAdapter(runner, gamma=gamma, rank=rank, layers=layers)
 
     def held_out(step: int, model: MaskAdapter = adapter) -> dict:
         entry = {"step": step, "targets": "consistent", "held_out": signature}
@@ -195,13 +201,8 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
         return entry
 
     opt = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
-    ckpt = out.with_suffix(".ckpt.pt")
     step = 0
     history: list[dict] = []
-    state = (torch.load(ckpt, map_location=runner.device, weights_only=False)
-             if resume and ckpt.exists() else None)
-    if state is None and init is not None:
-        state = warm_start(init, adapter, engine.loaded.fingerprint, runner)
     if state is None or not state["history"] or state["history"][0].get("targets") != "consistent":
         # The untrained adapter's figures, on the held-out sets and metric of this run.
         history.append(held_out(0))
@@ -271,7 +272,8 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
         history.append(entry)
         log(f"step {at}: held-out {describe(entry)}")
         torch.save({"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
-                    "step": at, "history": history}, ckpt)
+                    "step": at, "history": history, "shape": adapter_shape(adapter),
+                    "fingerprint": engine.loaded.fingerprint}, ckpt)
         saved_step = at
 
     while step < steps and time.time() < deadline:
@@ -326,15 +328,46 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     return meta
 
 
+def adapter_shape(adapter: MaskAdapter) -> list:
+    """What an adapter must share with another to continue its training: gamma (what its
+    mask rows learned to predict), rank, alpha, layers and target projections."""
+    return [adapter.gamma, adapter.rank, adapter.alpha, list(adapter.layers),
+            list(adapter.targets)]
+
+
+SHAPE_FIELDS = "gamma/rank/alpha/layers/targets"
+
+
+def resumable(ckpt: Path, adapter: MaskAdapter, fingerprint: str, runner) -> dict:
+    """The checkpoint's state, refused (``AdapterMismatchError``) when it was saved for another
+    model or an adapter of another shape: resuming it would mix a run's settings, silently for
+    gamma (the mask embedding's size does not depend on it). Checkpoints from before these
+    were saved are checked by their weights' names and sizes."""
+    state = torch.load(ckpt, map_location=runner.device, weights_only=False)
+    retry = f"; train with --no-resume, or remove {ckpt}, to start afresh"
+    saved = state.get("fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise AdapterMismatchError(
+            f"checkpoint {ckpt} is for model {saved}, this one is {fingerprint}{retry}")
+    shape = state.get("shape")
+    if shape is not None and shape != adapter_shape(adapter):
+        raise AdapterMismatchError(f"checkpoint {ckpt} has {SHAPE_FIELDS} {shape}, this run "
+                                   f"{adapter_shape(adapter)}{retry}")
+    ours = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in state["adapter"].items()} != ours:
+        raise AdapterMismatchError(f"checkpoint {ckpt} holds an adapter of another rank, "
+                                   f"layers or targets than this run's{retry}")
+    return state
+
+
 def warm_start(path: Path, adapter: MaskAdapter, fingerprint: str, runner) -> dict:
     """A checkpoint-like state from an adapter file: its weights (it must be for this model and of
     ``adapter``'s shape), its step count and the history written beside it; no optimizer state."""
     start = MaskAdapter.load(path, runner, fingerprint)
-    shape = lambda a: (a.gamma, a.rank, a.alpha, a.layers, a.targets)  # noqa: E731
-    if shape(start) != shape(adapter):
+    if adapter_shape(start) != adapter_shape(adapter):
         raise AdapterMismatchError(
-            f"adapter {path} has gamma/rank/alpha/layers/targets {shape(start)}, this run "
-            f"{shape(adapter)}")
+            f"adapter {path} has {SHAPE_FIELDS} {adapter_shape(start)}, this run "
+            f"{adapter_shape(adapter)}")
     beside = Path(path).with_suffix(".json")
     history = json.loads(beside.read_text()).get("history", []) if beside.exists() else []
     return {"adapter": start.state_dict(), "optimizer": None,

@@ -97,3 +97,15 @@ def test_loadtest_fails_when_no_request_succeeds():
     # two clients, pausing after each connection error: a handful of requests, not thousands
     sent = int(re.search(r"\| requests sent \| (\d+) \|", result.output).group(1))
     assert 2 <= sent <= 12 and f"connection: {sent}" in result.output
+
+
+def test_train_refuses_another_models_checkpoint_with_a_message(tmp_path):
+    import torch
+
+    out = tmp_path / "adapter.safetensors"
+    torch.save({"fingerprint": "another-model", "adapter": {}, "optimizer": None, "step": 3,
+                "history": []}, out.with_suffix(".ckpt.pt"))
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--steps", "4"])
+    assert result.exit_code == 2, result.output
+    assert "another-model" in result.output and "--no-resume" in result.output
+    assert not out.exists()

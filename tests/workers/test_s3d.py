@@ -408,6 +408,42 @@ def test_train_on_rollouts_writes_an_adapter_and_resumes(bundled, tmp_path):
               rollouts=rollouts, **{**kwargs, "rank": 8})
 
 
+def test_training_refuses_a_checkpoint_of_another_model_or_shape(bundled, tmp_path):
+    """A checkpoint resumed with another gamma trained silently on (the mask embedding's size
+    does not depend on it), one of another model too; each is refused before any data is
+    prepared, old checkpoints by their weights' sizes."""
+    from workers.engine import Engine, resolve_profile
+    from workers.train import train
+
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops,
+                    resolve_profile(None, bundled.loaded.fingerprint, 30))
+    out = tmp_path / "adapter.safetensors"
+    logged: list[str] = []
+    kwargs = dict(eval_every=1000, eval_chunks=1, max_chars=20_000, attach_per_chunk=4,
+                  progress=False, log=logged.append)
+    train(engine, out, steps=1, gamma=2, rank=4, **kwargs)
+    ckpt = out.with_suffix(".ckpt.pt")
+    state = torch.load(ckpt, weights_only=False)
+    assert state["fingerprint"] == bundled.loaded.fingerprint
+    logged.clear()
+    with pytest.raises(AdapterMismatchError, match="gamma.*--no-resume"):
+        train(engine, out, steps=2, gamma=3, rank=4, **kwargs)
+    with pytest.raises(AdapterMismatchError, match="gamma"):
+        train(engine, out, steps=2, gamma=2, rank=8, **kwargs)
+    assert not any(m.startswith("corpus") for m in logged)  # refused before the data
+    torch.save({**state, "fingerprint": "another-model"}, ckpt)
+    with pytest.raises(AdapterMismatchError, match="another-model"):
+        train(engine, out, steps=2, gamma=2, rank=4, **kwargs)
+    old = {k: v for k, v in state.items() if k not in ("shape", "fingerprint")}
+    torch.save(old, ckpt)
+    with pytest.raises(AdapterMismatchError, match="another rank"):
+        train(engine, out, steps=2, gamma=2, rank=8, **kwargs)
+    assert train(engine, out, steps=2, gamma=2, rank=4, **kwargs)["steps"] == 2  # resumes
+    # Without resuming, another shape starts afresh.
+    train(engine, out, steps=1, gamma=3, rank=4, resume=False, **kwargs)
+    assert MaskAdapter.load(out, bundled.runner, bundled.loaded.fingerprint).gamma == 3
+
+
 def test_training_stopped_by_its_deadline_keeps_its_steps(bundled, tmp_path, monkeypatch):
     """Stopped by its deadline between evaluations, training once lost every step since the
     last one (only evaluations saved the checkpoint); a sequence with no attach point skipped
