@@ -600,6 +600,8 @@ def machine_meta(engine: Engine, args: dict) -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": str(engine.runner.device),
         "dtype": dtype_name(engine.runner.dtype),
+        "quantization": engine.loaded.quantization,
+        "pool_tokens": len(engine.pool),  # the replica's pool the methods start from
         "model": engine.loaded.path,
         "torch": torch.__version__,
         **args,
@@ -623,7 +625,10 @@ def _fmt(value, digits=2) -> str:
 
 def markdown_table(data: dict) -> str:
     meta = data["meta"]
-    lines = [f"Benchmark: {meta['date']}, {meta['machine']}, {meta['device']}, {meta['dtype']}, "
+    dtype = meta["dtype"]
+    if meta.get("quantization", "none") != "none":
+        dtype += f" ({meta['quantization']} weights)"
+    lines = [f"Benchmark: {meta['date']}, {meta['machine']}, {meta['device']}, {dtype}, "
              f"max_tokens {meta['max_tokens']}, {temperature_label(meta)}, "
              f"{data['results'][0]['prompts'] if data['results'] else 0} prompts", "",
              "| method | tokens/s | speedup vs hf | mean accepted length | tokens per forward | "

@@ -114,6 +114,7 @@ class LoadedModel:
     tokenizer: object
     path: str
     fingerprint: str
+    quantization: str = "none"  # bitsandbytes weights: none, 8bit or 4bit
 
 
 def fingerprint(config) -> str:
@@ -154,4 +155,5 @@ def load_model(model: str, dtype: str = "float32", device: str = "auto",
     hf.eval()
     hf.requires_grad_(False)  # the base model is never trained; S3D adapters live beside it
     tok = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model=hf, tokenizer=tok, path=path, fingerprint=fingerprint(config))
+    return LoadedModel(model=hf, tokenizer=tok, path=path, fingerprint=fingerprint(config),
+                       quantization=quantization)

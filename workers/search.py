@@ -619,6 +619,7 @@ def measurement_notes(engine: Engine, prompts: list[tuple[str, list[int]]],
     for prompt_class, _ in prompts:
         per_class[prompt_class] = per_class.get(prompt_class, 0) + 1
     return {"dtype": dtype_name(engine.runner.dtype),
+            "quantization": engine.loaded.quantization, "pool_tokens": len(engine.pool),
             "device": str(engine.runner.device), "max_tokens": max_tokens,
             "calibration_prompts": per_class, "prior_weight": min(per_class.values()),
             "calibration_classes": [prompt_class for prompt_class, _ in prompts],

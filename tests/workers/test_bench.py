@@ -12,6 +12,7 @@ from workers.bench import (
     PromptRun,
     best_total_rate,
     hindsight_best,
+    machine_meta,
     markdown_table,
     report,
     rotated,
@@ -113,6 +114,10 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
         f"| {m} |" in table for m in METHODS + added if m != "s3d")
     assert f"| s3d ({s3d_arm}) |" in table
     assert (tmp_path / "bench.png").stat().st_size > 0
+    meta = machine_meta(engine, {"max_tokens": 6})
+    assert (meta["quantization"], meta["pool_tokens"]) == ("none", len(engine.pool))
+    quantized = {**data, "meta": {**data["meta"], "quantization": "8bit"}}
+    assert "cpu, float32 (8bit weights), max_tokens 6" in markdown_table(quantized)
     assert "temperatures" not in entries["router"] and "temperatures" not in vs
 
 

@@ -586,6 +586,9 @@ def test_remeasure_keeps_the_arms_and_renews_the_figures(bundled):
     engine = Engine(bundled.loaded, bundled.runner, bundled.stops, old)
     new = remeasure(engine, old, max_tokens=6, max_prompts=2, log=lambda m: None)
     assert new.arms == old.arms and new.notes["method"] == "by hand"
+    # Where it was measured: the weights' quantization and the pool drafted from, too.
+    assert new.notes["quantization"] == "none"
+    assert new.notes["pool_tokens"] == len(engine.pool)
     measured = new.notes["measured"]
     assert set(measured) == {"none", "ngram_tree"}
     assert all(m["tokens_per_s"] > 2.0 for m in measured.values())  # real figures, not 1 and 2
