@@ -76,8 +76,16 @@ CODE_PATTERN = re.compile(
     r"|^\s*(return|yield|raise)\b|^\s*(if|elif|while|for|with|except)\b.*:\s*$"
     r"|^\s*(else|try|finally)\s*:\s*$|^\s*(continue|break|pass)\s*$"
     r"|^\s*[A-Za-z_][\w.]*(\[[^\]]*\])?\s*[-+*/%|&]?=\s*\S"
-    r"|^\s*[A-Za-z_][\w.]*\(.*\)\s*(#.*)?$|^\s*//|[{};]\s*$|(==|->)(?!.*[.?!]\s*$))",
+    r"|^\s*[A-Za-z_][\w.]*\(.*\)\s*(#.*)?$|^\s*//|[{};]\s*$)",
     re.MULTILINE)
+# ...or an operator prose rarely has, on a line that does not end as a sentence does (tested
+# apart: a lookahead for the sentence's end after each operator took time quadratic in the
+# line's length, 1.5 s for one 100,000-character line).
+CODE_OPERATOR = re.compile(r"==|->")
+SENTENCE_END = (".", "?", "!")
+# What is classified of a prompt: its last this many characters (the last 40 non-empty lines
+# of source fit). A request's class then costs the same whatever its length.
+CLASSIFY_CHARS = 16_384
 # A line opening with "#": a comment in source, or a markdown heading (or "#1 tip ..."). It counts
 # as source only beside other source lines.
 HASH_LINE = re.compile(r"^\s*#")
@@ -95,7 +103,11 @@ def classify_prompt(text: str, is_chat: bool) -> str:
     ``doc`` when they carry a document (``DOCUMENT_CHARS`` or more), else ``chat``; else
     ``prose``. Drafters fare differently by class: answers about a document copy from it (n-gram
     drafts pay), short chat answers do not."""
-    lines = [line for line in text.splitlines() if line.strip()][-40:]
+    tail = text[-CLASSIFY_CHARS:]
+    lines = tail.splitlines()
+    if len(tail) < len(text) and lines:
+        lines = lines[1:]  # cut in the middle
+    lines = [line for line in lines if line.strip()][-40:]
     # Code when at least 30% of them look like source, "#" lines among them once another line
     # does; the count stops once that is settled.
     others = [line for line in lines if not HASH_LINE.match(line)]
@@ -103,7 +115,8 @@ def classify_prompt(text: str, is_chat: bool) -> str:
     needed = math.ceil(CODE_SHARE * len(lines) - 1e-9) - hashes
     spare = len(others) - max(needed, 1)  # lines that may fail before code is out of reach
     for line in others:
-        if CODE_PATTERN.search(line):
+        if CODE_PATTERN.search(line) or (CODE_OPERATOR.search(line) and not
+                                          line.rstrip().endswith(SENTENCE_END)):
             needed -= 1
             if needed <= 0:
                 return "code"

@@ -184,6 +184,31 @@ def test_classify_prompt_looks_at_the_last_forty_lines() -> None:
     assert classify_prompt(PROSE * 20 + PYTHON * 10, False) == "code"
 
 
+def test_classify_prompt_reads_a_bounded_tail_in_time_linear_in_it() -> None:
+    """The class is read from the prompt's last ``CLASSIFY_CHARS`` characters; an operator on a
+    long line that ends a sentence once cost time quadratic in the line (1.5 s at 100,000
+    characters, on the ingress's event loop)."""
+    import signal
+
+    from router.policy import CLASSIFY_CHARS
+
+    def too_slow(*_):
+        raise TimeoutError("classify_prompt took over 20 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)  # the old pattern took minutes on these
+    try:
+        assert classify_prompt("=" * 1_000_000 + ".", False) == "prose"
+        assert classify_prompt("a == b " * 200_000 + "?", True) == "doc"
+        # Only the tail counts, cut at a line's start: source after a long document is code.
+        assert classify_prompt("x" * 5 * CLASSIFY_CHARS + "\n" + PYTHON * 10, False) == "code"
+        assert classify_prompt(PYTHON * 10 + PROSE * (CLASSIFY_CHARS // len(PROSE) + 1),
+                               False) == "prose"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.mark.parametrize(("temperature", "expected"), [
     (-1.0, "t0"), (0.0, "t0"), (0.01, "tlo"), (0.7, "tlo"), (0.71, "thi"), (2.0, "thi"),
 ])
