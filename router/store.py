@@ -148,7 +148,7 @@ class ArmStats:
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     num_output_tokens: float = 0.0
-    decode_time_s: float = 0.0  # wall-clock decode time of the requests
+    decode_time_s: float = 0.0  # the requests' own decoding time (their steps after the first)
     num_draft_levels: float = 0.0
     tried_per_pos: list[float] = field(default_factory=list)
     goodput_sum: float = 0.0  # of the requests' own tokens per second
@@ -160,8 +160,10 @@ class ArmStats:
     @classmethod
     def from_spec_decode(cls, stats: SpecDecodeStats, decode_time_s: float,
                          now: float) -> ArmStats:
-        """One request's record; ``decode_time_s`` is its time after the first token, which
-        came with the prompt: its goodput is the tokens decoded in that time, the others."""
+        """One request's record; ``decode_time_s`` is the time of its own steps after the first
+        token, which came with the prompt (``SpecDecodeStats.decode_time_s``, not the wall time
+        between, which counts the replica's other requests): its goodput is the tokens decoded
+        in that time, the others."""
         decoded = max(stats.num_output_tokens - 1, 0)
         goodput = decoded / decode_time_s if decode_time_s > 0 else 0.0
         return cls(requests=1.0, lifetime_requests=1.0,

@@ -175,9 +175,11 @@ class Decoder(_StoreUser):
         start = time.perf_counter()
         first_token_at = None
         finish_reason = None
+        stats = gen.stats  # as of the last step read (the decode thread may run one more)
         # aclosing: a stop string ends the choice before the generation does; free its slot now.
         async with contextlib.aclosing(self.scheduler.stream(gen)) as steps:
             async for step in steps:
+                stats = step.stats
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 delta = stops.push(text.push(step.tokens))
@@ -194,13 +196,15 @@ class Decoder(_StoreUser):
                 if finish_reason:
                     break
         elapsed = time.perf_counter() - start
-        decode_time = elapsed - ((first_token_at or start) - start)
-        summary = gen.stats.summary(gen.arm.name, gen.arm.draft_depth)
+        summary = stats.summary(gen.arm.name, gen.arm.draft_depth)
         try:  # figures are sinks: losing one never fails a served request
-            self.metrics.observe_request(gen.stats, gen.arm.name, elapsed,
+            self.metrics.observe_request(stats, gen.arm.name, elapsed,
                                          (first_token_at or start) - start, len(self.engine.pool))
+            # The router compares arms by the request's own decoding time: its wall time
+            # counts the other requests' steps between its own, which says how busy the
+            # replica was, not how fast the arm decodes.
             self.store.record(StatsKey(self.config.served_model_name, payload["bucket"],
-                                       gen.arm.name), gen.stats, max(decode_time, 1e-6))
+                                       gen.arm.name), stats, max(stats.decode_time_s, 1e-6))
         except Exception:
             log.exception("recording the statistics of a request failed")
         yield {"index": index, "text": "", "token_ids": [],

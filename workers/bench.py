@@ -226,14 +226,11 @@ class Bench:
             gen = draws_from_pool(self.engine.generation(
                 self.ids[index], max_tokens, arm, self._params(index), route.depth, pool))
             t0 = time.perf_counter()  # from here, as for the static methods
-            while not gen.output:  # the prompt, and the first token with it
-                gen.step()
-            first = time.perf_counter()
             gen.run()
             seconds = time.perf_counter() - t0
             prepared_s = router.prepared_s
-            # Recorded as a replica does: the decoding after the first token.
-            store.record(StatsKey("bench", bucket, arm), gen.stats, seconds - (first - t0))
+            # Recorded as a replica does: its own steps after the first token.
+            store.record(StatsKey("bench", bucket, arm), gen.stats, gen.stats.decode_time_s)
             log.prepare_s.append(router.prepared_s - prepared_s)
             log.chosen_on_request = router.chosen_on_request + shadow.chosen_on_request
             log.choices.append(arm)

@@ -98,7 +98,9 @@ class Generation:
         self.cache.length = self.prefilled = end
         if end < n:
             return []
-        return self._commit([self._choose(logits[-1])])
+        committed = self._commit([self._choose(logits[-1])])
+        self._pool_output()
+        return committed
 
     @torch.inference_mode()
     def step(self) -> list[int]:
@@ -119,7 +121,10 @@ class Generation:
         self.drafter.observe(tree, len(path))
         self.stats.observe_step(len(tree), len(path), t1 - t0, t2 - t1, tree.depth,
                                 self.runner.num_forwards - forwards)
-        return self._commit([int(tree.tokens[i]) for i in path] + [next_token])
+        committed = self._commit([int(tree.tokens[i]) for i in path] + [next_token])
+        self.stats.decode_time_s += time.perf_counter() - t0
+        self._pool_output()  # after the timing: the pool's upkeep is not this arm's cost
+        return committed
 
     def _verify(self, tree: DraftTree) -> tuple[list[int], int]:
         """One full forward over ``[root, *tree]`` (plus any fused S3D mask rows); accept a
@@ -168,9 +173,12 @@ class Generation:
         self.stats.num_output_tokens = len(self.output)
         if not self.finished and len(self.output) >= self.max_tokens:
             self.finished, self.finish_reason = True, "length"
+        return new
+
+    def _pool_output(self) -> None:
+        """A finished request's output joins a live pool."""
         if self.finished and self.pool is not None and self.pool.live:
             self.pool.add(self.output)
-        return new
 
     def run(self) -> list[int]:
         while not self.finished:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from workers.engine import Generation
 from workers.errors import EngineDeadError
+from workers.stats import SpecDecodeStats
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ class Step:
     tokens: list[int]
     finished: bool
     finish_reason: str | None
+    # The generation's statistics through this step, copied before the next step begins: a
+    # consumer that stops early (a stop string) reads them while that step may be running.
+    stats: SpecDecodeStats = field(default_factory=SpecDecodeStats)
 
 
 @dataclass
@@ -105,8 +109,8 @@ class StepScheduler:
                 if not tokens and not finished:
                     continue  # a chunk of a long prompt's prefill: nothing to hand over yet
                 if not slot.cancelled:
-                    slot.queue.put_nowait(Step(tokens, finished,
-                                               slot.generation.finish_reason))
+                    slot.queue.put_nowait(Step(tokens, finished, slot.generation.finish_reason,
+                                               slot.generation.stats.copy()))
                 if finished:
                     self.slots.pop(slot.id, None)
         except BaseException as exc:

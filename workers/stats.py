@@ -7,7 +7,7 @@ Pure Python, importable without torch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 def mean_acceptance_length(accepted: float, steps: float) -> float:
@@ -55,6 +55,13 @@ class SpecDecodeStats:
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     num_output_tokens: int = 0
+    # The request's own steps after its first token, each from drafting to commit: its decoding
+    # time whatever else the replica ran between them (other requests' steps).
+    decode_time_s: float = 0.0
+
+    def copy(self) -> SpecDecodeStats:
+        return replace(self, accepted_per_pos=list(self.accepted_per_pos),
+                       tried_per_pos=list(self.tried_per_pos))
 
     def observe_step(self, num_draft_tokens: int, num_accepted: int,
                      draft_time_s: float, verify_time_s: float, draft_depth: int,
@@ -102,6 +109,7 @@ class SpecDecodeStats:
         self.draft_time_s += other.draft_time_s
         self.verify_time_s += other.verify_time_s
         self.num_output_tokens += other.num_output_tokens
+        self.decode_time_s += other.decode_time_s
 
     def summary(self, arm: str, depth: int | None = None) -> dict:
         """The ``spec_decode`` object of an HTTP response (``depth``: the draft depth the

@@ -348,6 +348,31 @@ def test_statistics_reach_redis(served):
                 float(value)  # numbers only: no prompt text in the store
 
 
+def test_recorded_decode_time_is_each_choice_s_own(served):
+    """A replica decodes one step at a time, so its requests' own decoding times add up to at
+    most the wall time they shared: the ``n`` choices of one request, decoded side by side,
+    each once recorded the whole time after its first token (a busy replica made every arm
+    look slower, and whichever ran in a burst looked worst)."""
+    import redis
+
+    prompt = "The river valley was settled by farmers long before the town grew. " * 24
+    started = time.perf_counter()
+    out = oai(served).completions.create(model=MODEL, prompt=prompt, max_tokens=12, n=4,
+                                         temperature=1.3, seed=7, extra_body={"arm": "none"})
+    wall = time.perf_counter() - started
+    assert out.usage.prompt_tokens >= 256  # a bucket of its own in this suite: prose.thi.pm
+    client = redis.Redis.from_url(served.redis_url)
+    key = f"{served.prefix}:{MODEL}:prose.thi.pm:none"
+    deadline = time.time() + 30
+    while float(client.hget(key, "lifetime_requests") or 0) < 4:
+        assert time.time() < deadline, client.hgetall(key)
+        time.sleep(0.5)
+    record = {k.decode(): float(v) for k, v in client.hgetall(key).items()}
+    assert record["lifetime_requests"] == 4
+    assert 0 < record["decode_time_s"] <= wall
+    assert record["num_output_tokens"] > 4
+
+
 def test_every_documented_metric_is_exported(served):
     """The README's Metrics section names what Ray exports: after a pinned request on an n-gram
     arm and a routed one, every name is in the Prometheus export (Ray's ``ray_`` prefix;

@@ -219,6 +219,30 @@ def test_step_statistics_and_a_router_depth_cap(bundled):
         engine.generation(bundled.prompts[0], 32, "chain", depth=5)
 
 
+def test_decode_time_is_the_request_s_own_steps(bundled):
+    """``decode_time_s``: the request's steps after its first token, drafting to commit, not
+    the time between them (a busy replica runs other requests' steps there): what the router
+    compares arms by."""
+    import time
+
+    from workers.engine import Generation
+    from workers.sampling import SamplingParams
+
+    arm = Arm(name="ngram", drafter="ngram_tree", depth=4, top_k=2, total_tokens=6)
+    gen = Generation(bundled.runner, bundled.prompts[0], 6, arm, SamplingParams(),
+                     stop_token_ids=frozenset(), adapter_for=lambda a: None)
+    gen.step()  # the prompt and the first token: not decoding time
+    assert gen.output and gen.stats.decode_time_s == 0.0
+    started, paused = time.perf_counter(), 0.0
+    while not gen.finished:
+        gen.step()
+        time.sleep(0.05)  # another request's step
+        paused += 0.05
+    wall = time.perf_counter() - started
+    assert 0.0 < gen.stats.decode_time_s <= wall - paused
+    assert gen.stats.decode_time_s >= gen.stats.draft_time_s + gen.stats.verify_time_s
+
+
 def test_packed_weights_threshold_and_greedy_agree(bundled):
     """The runner measured a threshold for its packed weights, or dropped them; forcing packs at
     every row count or at none gives the same logits up to float rounding and the same greedy

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from workers.scheduler import StepScheduler
+from workers.stats import SpecDecodeStats
 
 
 class CountingGeneration:
@@ -16,10 +17,12 @@ class CountingGeneration:
         self.output: list[int] = []
         self.finished = False
         self.finish_reason: str | None = None
+        self.stats = SpecDecodeStats()
 
     def step(self) -> list[int]:
         time.sleep(self.step_s)
         self.output.append(len(self.output))
+        self.stats.num_output_tokens = len(self.output)
         if len(self.output) == self.steps:
             self.finished, self.finish_reason = True, "length"
         return [self.output[-1]]
@@ -32,16 +35,19 @@ def test_a_slow_consumer_reads_every_step_through_the_last():
     async def scenario():
         scheduler = StepScheduler()
         gen = CountingGeneration(steps=4)
-        read, ends = [], []
+        read, ends, counts = [], [], []
         async for step in scheduler.stream(gen):
             read += step.tokens
             ends.append((step.finished, step.finish_reason))
+            counts.append(step.stats.num_output_tokens)
             await asyncio.sleep(0.15)  # the next steps finish meanwhile
-        return gen, read, ends
+        return gen, read, ends, counts
 
-    gen, read, ends = asyncio.run(scenario())
+    gen, read, ends, counts = asyncio.run(scenario())
     assert read == gen.output == [0, 1, 2, 3]
     assert ends == [(False, None)] * 3 + [(True, "length")]
+    # Each step's statistics as they were after it (a consumer stopping early reads those).
+    assert counts == [1, 2, 3, 4]
 
 
 def test_requests_take_turns():
