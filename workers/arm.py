@@ -79,6 +79,9 @@ class Arm(BaseModel):
             raise ValueError(f"arm {self.name!r}: pool is an n-gram drafting setting")
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"arm {self.name!r}: ngram_min > ngram_max")
+        if 0 < self.draft_vocab < self.top_k:
+            raise ValueError(f"arm {self.name!r}: draft_vocab {self.draft_vocab} is below top_k "
+                             f"{self.top_k} (a node's children are its top-k draft tokens)")
         if len(set(self.skip_layers)) != len(self.skip_layers):
             raise ValueError(f"arm {self.name!r}: duplicate layers in skip_layers")
         return self

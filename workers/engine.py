@@ -80,7 +80,7 @@ class Generation:
     def _choose(self, logits: torch.Tensor) -> int:
         if self.params.greedy:
             return int(logits.argmax())
-        probs = target_probs(logits[None], self.params)[0]
+        probs = target_probs(logits[None], self.params)[0].cpu()  # where the generator is
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     @torch.inference_mode()

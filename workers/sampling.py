@@ -44,6 +44,8 @@ class SamplingParams:
         return replace(self, seed=(self.seed or 0) + index)
 
     def generator(self) -> torch.Generator:
+        """A CPU generator whatever the model's device: distributions are moved to the CPU
+        before drawing (``sample_accept``), so a seed gives the same text on every device."""
         gen = torch.Generator()
         if self.seed is None:
             gen.seed()
@@ -90,13 +92,14 @@ def greedy_accept(target: Callable[[int], int], tree: DraftTree) -> tuple[list[i
 
 def sample_accept(probs: Callable[[int], torch.Tensor], tree: DraftTree,
                   generator: torch.Generator) -> tuple[list[int], int]:
-    """Recursive rejection sampling down ``tree``; ``probs(row)`` is the target ``[V]`` there."""
+    """Recursive rejection sampling down ``tree``; ``probs(row)`` is the target ``[V]`` there
+    (on any device: it is drawn from on the CPU, where ``generator`` is)."""
     children = tree.children()
     tokens = tree.tokens.tolist()
     path: list[int] = []
     row = 0
     while True:
-        target = probs(row)
+        target = probs(row).to("cpu", torch.float32)
         p = target.clone()
         accepted = None
         for child in children[row]:

@@ -330,3 +330,14 @@ def test_forward_passes_per_step_by_drafter(bundled):
         else:
             assert stats.num_forward_passes >= steps + stats.num_draft_levels, arm.name
         assert stats.summary(arm.name)["num_forward_passes"] == stats.num_forward_passes
+
+
+def test_an_arm_with_a_draft_vocabulary_below_its_top_k_is_refused():
+    """Each node's children are its top-k draft tokens among the first ``draft_vocab`` ids:
+    fewer ids than k failed every request on the arm ("selected index k out of range")."""
+    from pydantic import ValidationError
+
+    for drafter, extra in (("skip_tree", {"skip_layers": SKIP}), ("s3d", {}), ("hybrid", {})):
+        with pytest.raises(ValidationError, match="draft_vocab 2 is below top_k 4"):
+            Arm(name="a", drafter=drafter, top_k=4, draft_vocab=2, **extra)
+        Arm(name="a", drafter=drafter, top_k=4, draft_vocab=4, **extra)

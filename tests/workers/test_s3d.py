@@ -171,6 +171,38 @@ def test_separate_pass_s3d_greedy_identical(bundled, skip, depth, top_k, total, 
     assert bundled.accepted_if_identical(arm, 4, 32, adapter) > 0
 
 
+def test_the_last_token_runs_no_draft_pass_and_no_mask_rows(bundled, monkeypatch):
+    """A request's last step commits one token: a separate S3D pass, or fused mask rows that
+    draft for a next step, are work thrown away (the step's forward passes counted them)."""
+    from workers.engine import Generation as Gen
+
+    adapter = random_adapter(bundled.runner, seed=5)
+    seen: list[tuple[bool, int]] = []  # per last step: mask rows verified, forward passes
+    step = Gen.step
+
+    def spy(self):
+        last = bool(self.output) and self.max_tokens - len(self.output) == 1
+        forwards = self.runner.num_forwards
+        committed = step(self)
+        if last and self.arm.drafter != "none":  # (not plain decoding's reference runs)
+            seen.append((getattr(self.drafter, "masks_this_step", False),
+                         self.runner.num_forwards - forwards))
+        return committed
+
+    monkeypatch.setattr(Gen, "step", spy)
+    for arm, meta in ((Arm(name="s3d", drafter="s3d", depth=3, top_k=2, total_tokens=6), []),
+                      (Arm(name="hybrid", drafter="hybrid", depth=3, top_k=2,
+                           total_tokens=6), []),
+                      (Arm(name="s3d_skip", drafter="s3d_skip", skip_layers=(12, 13),
+                           depth=3), [12, 13])):
+        adapter.metadata = {"skip_layers": meta}
+        seen.clear()
+        for index in range(3):  # max_tokens 2: the step after the prompt's is the last
+            gen = bundled.generate(bundled.prompts[index], 2, arm, adapter=adapter)
+            assert gen.output == bundled.vanilla(index, 2)
+        assert seen == [(False, 1)] * 3, (arm.name, seen)
+
+
 def test_separate_pass_refuses_an_adapter_for_another_skip_set(bundled):
     adapter = random_adapter(bundled.runner)
     adapter.metadata = {"skip_layers": []}

@@ -275,6 +275,9 @@ class S3DDrafter(Drafter):
     def propose(self, ctx: DraftContext) -> DraftTree:
         arm = self.arm
         pending, self.pending = self.pending, None
+        if ctx.max_depth < 1:  # the request's last token: no draft, and no masks for a next step
+            self.masks_this_step = False
+            return DraftTree.empty()
         branches = draft_branches(ctx, arm, max_branches=2) if self.hybrid else []
         self.masks_this_step = not (branches and arm.mask_fallback)
         if not self.masks_this_step:  # n-gram branches alone: the masks' drafts go unused
@@ -320,6 +323,8 @@ class S3DSkipDrafter(Drafter):
         self.gamma = min(arm.gamma, adapter.gamma, max(arm.depth - 1, 0))
 
     def propose(self, ctx: DraftContext) -> DraftTree:
+        if ctx.max_depth < 1:  # the request's last token: a draft pass would be thrown away
+            return DraftTree.empty()
         start = ctx.cache.length
         tokens = torch.tensor([ctx.tokens[-1]] + [MASK_ID] * self.gamma)
         logits = ctx.runner.forward(
