@@ -15,7 +15,7 @@ import torch
 from workers.arm import NONE_ARM, Arm, Profile
 from workers.drafters import DraftContext, make_drafter
 from workers.drafters.s3d import MaskAdapter, MaskGroups, load_adapter
-from workers.model import BUNDLED_MODEL, LoadedModel, load_model
+from workers.model import BUNDLED_MODEL, LoadedModel, context_length, load_model
 from workers.pool import TokenPool, resolve_pool
 from workers.runner import MASK_ID, Attention, DraftRows, KVCache, ModelRunner
 from workers.sampling import SamplingParams, greedy_accept, sample_accept, target_probs
@@ -229,7 +229,7 @@ def tree_is_chain(tree: DraftTree) -> bool:
 
 
 def max_context(runner: ModelRunner) -> int:
-    return int(getattr(runner.config, "max_position_embeddings", 2048))
+    return context_length(runner.config)
 
 
 def stop_token_ids(tokenizer, hf_model=None) -> frozenset[int]:

