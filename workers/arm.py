@@ -112,6 +112,8 @@ class Arm(BaseModel):
 
 
 NONE_ARM = Arm(name="none", drafter="none")
+# Drafters that draft with an S3D adapter (mask embedding and draft-only low-rank deltas).
+ADAPTER_DRAFTERS = ("s3d", "hybrid", "s3d_skip")
 
 
 class Profile(BaseModel):

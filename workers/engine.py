@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from workers.arm import NONE_ARM, Arm, Profile
+from workers.arm import ADAPTER_DRAFTERS, NONE_ARM, Arm, Profile
 from workers.drafters import DraftContext, make_drafter
 from workers.drafters.s3d import MaskAdapter, MaskGroups, load_adapter
 from workers.model import BUNDLED_MODEL, LoadedModel, context_length, load_model
@@ -27,6 +28,8 @@ BUNDLED_PROFILE = Path(__file__).parent / "data" / "profile-smollm2-135m-instruc
 # streams keep decoding between them (a 1,536-token prompt stalled them 0.6 s in one step on a
 # 2-core CPU; in 512-token chunks it took no longer in all, 0.2 s at a time).
 PREFILL_CHUNK = 512
+
+log = logging.getLogger(__name__)
 
 
 class PromptTooLongError(ValueError):
@@ -267,12 +270,25 @@ class Engine:
         loaded = load_model(model, dtype=dtype, device=device, quantization=quantization)
         runner = ModelRunner(loaded.model, packed_weights)
         arm_profile = resolve_profile(profile, loaded.fingerprint, runner.num_layers)
-        return cls(loaded, runner, stop_token_ids(loaded.tokenizer, loaded.model), arm_profile,
-                   resolve_pool(pool, loaded.fingerprint, pool_tokens, pool_record,
-                                used=any(arm.pool for arm in arm_profile.arms)))
+        engine = cls(loaded, runner, stop_token_ids(loaded.tokenizer, loaded.model), arm_profile,
+                     resolve_pool(pool, loaded.fingerprint, pool_tokens, pool_record,
+                                  used=any(arm.pool for arm in arm_profile.arms)))
+        engine.load_adapters()
+        return engine
 
     def __post_init__(self) -> None:
         self._adapters: dict[str, MaskAdapter] = {}
+
+    def load_adapters(self) -> None:
+        """Load the profile's S3D adapters now: loaded by a replica's first request on their
+        arm, they stalled its event loop (a request is built there) and every stream on it.
+        One that fails to load is logged; requests on its arm fail as they would have."""
+        for arm in self.profile.arms:
+            if arm.drafter in ADAPTER_DRAFTERS:
+                try:
+                    self.adapter_for(arm)
+                except (OSError, ValueError) as exc:  # AdapterMismatchError is a ValueError
+                    log.warning("arm %s: its adapter did not load: %s", arm.name, exc)
 
     def adapter_for(self, arm: Arm) -> MaskAdapter:
         return load_adapter(arm, self.runner, self.loaded.fingerprint, self._adapters)

@@ -287,8 +287,13 @@ def test_bfloat16_runner_follows_the_float32_model(bundled):
     agree, and its greedy choices at 24 positions are float32's."""
     from workers.engine import Engine
 
-    runner = Engine.load("bundled", dtype="bfloat16", device="cpu").runner
+    engine = Engine.load("bundled", dtype="bfloat16", device="cpu")
+    runner = engine.runner
     assert runner.dtype == torch.bfloat16
+    # The profile's S3D adapters are loaded with the engine, not by a first request on the
+    # replica's event loop.
+    assert engine._adapters and set(engine._adapters.values()) == {
+        engine.adapter_for(a) for a in engine.profile.arms if a.drafter in ("s3d", "hybrid")}
     assert isinstance(runner.upcast_single_row, bool)  # measured at load
     assert not bundled.runner.upcast_single_row  # float32 has nothing to upcast
     ids = torch.tensor(bundled.prompts[0][:40])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from workers.arm import Arm
+from workers.arm import ADAPTER_DRAFTERS, Arm
 from workers.drafters.base import DraftContext, Drafter, NoDrafter
 from workers.drafters.ngram import NgramDrafter
 from workers.drafters.s3d import MaskAdapter, S3DDrafter, S3DSkipDrafter
@@ -13,7 +13,7 @@ from workers.drafters.skip import SkipChainDrafter, SkipTreeDrafter
 
 def make_drafter(arm: Arm, num_layers: int,
                  adapter_for: Callable[[Arm], MaskAdapter] | None = None) -> Drafter:
-    if arm.drafter in ("s3d", "hybrid", "s3d_skip"):
+    if arm.drafter in ADAPTER_DRAFTERS:
         if adapter_for is None:
             raise ValueError(f"arm {arm.name!r} needs an S3D adapter and none can be loaded")
         if arm.drafter == "s3d_skip":
