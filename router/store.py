@@ -82,6 +82,11 @@ _TRANSIENT_REPLIES = ("MISCONF", "BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN")
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
+class UnknownOutcome(Exception):
+    """A batch sent whose replies never came (a timeout or a dropped connection after the
+    commands went out): the server may have applied any part of it."""
+
+
 def _is_outage(error: object) -> bool:
     """Whether ``error`` means Redis cannot take records now (buffer and retry) rather than
     rejecting these ones (drop them)."""
@@ -400,9 +405,12 @@ class RedisStatsStore(StatsStore):
 
     Records waiting to be written are merged per key (decayed to the later one and added, as
     the script does), so a long outage costs one record per key, not one per request;
-    ``max_buffer`` bounds the keys waiting. A batch is sent once: redis-py does not resend it
-    on a dropped connection, since the script adds and a batch the server partly applied
-    would count twice; what met an outage is queued again for the next flush.
+    ``max_buffer`` bounds the keys waiting. A batch is sent at most once, since the script
+    adds and a batch the server applied in part or whole would count twice: redis-py does not
+    resend it, and a batch whose replies never came (``UnknownOutcome``: a stalled server
+    runs it after the socket timed out) is dropped and counted, not queued again. What met an
+    outage before anything was sent (a ping first says the connection stands), or a reply
+    saying the server ran none of it, is queued again for the next flush.
 
     ``reads=False`` (a decoder replica, which writes and never routes) pings Redis on the
     refresh interval instead of reading every record: its availability stays current while
@@ -434,7 +442,10 @@ class RedisStatsStore(StatsStore):
         self._redis = aioredis.Redis.from_url(
             url, password=password, decode_responses=True, socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0))
-        self._apply_record = self._redis.register_script(_APPLY_RECORD_LUA)
+        # The script is loaded before a batch when the server may not have it (first, and
+        # after a NOSCRIPT reply: a restarted server), so a batch is one round trip and each
+        # record's EVALSHA either runs or is refused, never half-sent after a check.
+        self._script_sha: str | None = None
         # Waiting records by key, oldest key first: (merged record, requests in it).
         self._buffer: dict[StatsKey, tuple[ArmStats, int]] = {}
         self._in_flight = 0
@@ -527,28 +538,49 @@ class RedisStatsStore(StatsStore):
 
     async def _write(self, batch: list[tuple[StatsKey, tuple[ArmStats, int]]]) -> list:
         """One result per record: the script's reply or the error it met."""
+        try:  # nothing sent yet: an outage here leaves the batch unapplied
+            if self._script_sha is None:
+                self._script_sha = await self._redis.script_load(_APPLY_RECORD_LUA)
+            else:
+                await self._redis.ping()
+        except _REDIS_ERRORS as exc:
+            return [exc] * len(batch)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key, (stats, _) in batch:
                     args = [stats.updated_at, self.half_life_s, self.ttl_s]
                     for name, value in stats.counter_fields().items():
                         args += [name, value]
-                    await self._apply_record(keys=[self.hash_key(key), self.index_key],
-                                             args=args, client=pipe)
-                return await pipe.execute(raise_on_error=False)
+                    pipe.evalsha(self._script_sha, 2, self.hash_key(key), self.index_key, *args)
+                results = await pipe.execute(raise_on_error=False)
         except _REDIS_ERRORS as exc:
+            if _is_outage(exc):
+                return [UnknownOutcome(repr(exc))] * len(batch)
             return [exc] * len(batch)
+        if any(isinstance(r, NoScriptError) for r in results):
+            self._script_sha = None  # a restarted server: load it again before the next batch
+        return results
 
     def _settle(self, batch: list[tuple[StatsKey, tuple[ArmStats, int]]],
                 results: list) -> bool:
-        """Requeue what met an outage, count and drop what the server rejected; False on outage."""
-        outages = [r for r in results if _is_outage(r)]
+        """Requeue what met an outage, count and drop what the server rejected or may have
+        applied (``UnknownOutcome``); False on outage."""
+        unknown = [(item, r) for item, r in zip(batch, results, strict=True)
+                   if isinstance(r, UnknownOutcome)]
+        outages = [r for r in results if _is_outage(r) or isinstance(r, UnknownOutcome)]
         rejected = [(item, r) for item, r in zip(batch, results, strict=True)
-                    if isinstance(r, Exception) and not _is_outage(r)]
+                    if isinstance(r, Exception) and not _is_outage(r)
+                    and not isinstance(r, UnknownOutcome)]
         if rejected:
             requests = sum(n for (_, (_, n)), _ in rejected)
             log.error("statistics store rejected %d records (%d requests), e.g. %r",
                       len(rejected), requests, rejected[0][1])
+            self.dropped_writes += requests
+        if unknown:
+            requests = sum(n for (_, (_, n)), _ in unknown)
+            log.warning("no reply to %d records (%d requests) sent to %s (%s): dropped, as the "
+                        "server may have applied them", len(unknown), requests, self._where,
+                        unknown[0][1])
             self.dropped_writes += requests
         self.write_errors += len(rejected) + bool(outages)
         self._enqueue([item for item, r in zip(batch, results, strict=True) if _is_outage(r)],

@@ -403,6 +403,59 @@ def test_outage_buffers_boundedly_and_recovers_by_itself(redis_server):
     assert flips == [True, False, True]
 
 
+SPIN_LUA = """
+local s = redis.call('TIME')
+repeat
+  local t = redis.call('TIME')
+until (t[1] - s[1]) * 1000000 + (t[2] - s[2]) > tonumber(ARGV[1])
+return 1
+"""
+
+
+@pytest.mark.redis
+def test_a_batch_with_no_reply_is_dropped_not_applied_twice(redis_server):
+    """A server that stalls past the socket timeout (a slow command, a fork) runs the batch
+    it read after the store gave up waiting: queued again, it was applied twice (5 requests
+    stored as 10). Dropped, it counts once; stalled before anything is sent, it waits."""
+    async def scenario():
+        store = fast_store(redis_server.url, unique_prefix(), socket_timeout_s=0.3)
+        staller = redis.Redis.from_url(redis_server.url)
+        for _ in range(3):
+            store.record(KEY, spec_stats(), decode_time_s=0.5)
+        assert await store.flush()  # the script loaded; from now on a ping opens a batch
+        ping = store._redis.ping
+
+        async def ping_then_stall():
+            answer = await ping()
+            asyncio.get_running_loop().run_in_executor(
+                None, lambda: staller.eval(SPIN_LUA, 0, 1_000_000))  # busy for 1 s
+            await asyncio.sleep(0.05)
+            return answer
+
+        for _ in range(5):
+            store.record(KEY, spec_stats(), decode_time_s=0.5)
+        store._redis.ping = ping_then_stall
+        assert not await store.flush()  # sent; no reply within the timeout
+        assert store.pending == 0 and store.dropped_writes == 5
+        # Stalled before the batch is sent (the ping times out): it waits and lands once.
+        store._redis.ping = ping
+        for _ in range(2):
+            store.record(KEY, spec_stats(), decode_time_s=0.5)
+        staller_task = asyncio.get_running_loop().run_in_executor(
+            None, lambda: staller.eval(SPIN_LUA, 0, 600_000))
+        await asyncio.sleep(0.05)
+        assert not await store.flush() and store.pending == 2
+        await staller_task
+        await asyncio.sleep(1.0)  # the first stall is over: the server ran what it read
+        assert await store.flush() and await store.refresh()
+        assert store.snapshot()[KEY].lifetime_requests == 3 + 5 + 2
+        assert store.available
+        await store.close()
+        staller.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.redis
 def test_records_merged_while_waiting_equal_records_written_one_by_one(redis_server):
     """A key's waiting records are merged as the script would apply them one after another."""
