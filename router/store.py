@@ -8,7 +8,9 @@ Every record is decayed with a half-life (except its ``lifetime_requests`` count
 values are added, both the stored and the new figures are scaled by ``0.5 ** (age /
 half_life_s)`` to the later of the two timestamps.
 ``snapshot()`` returns the figures decayed to the time of the call; ``updated_at`` stays the time
-of the last write.
+of the last write. Writers stamp records with their own clocks; Redis takes no stamp later than
+its own clock by more than ``MAX_CLOCK_AHEAD_S`` (a writer whose clock ran ahead would make every
+other writer's records look old).
 
 Redis key schema (numbers only: no prompt text, nothing pickled; values are parsed with float()):
 
@@ -93,14 +95,23 @@ def _is_outage(error: object) -> bool:
     return isinstance(error, _OUTAGE_ERRORS) or (
         isinstance(error, ResponseError) and str(error).startswith(_TRANSIENT_REPLIES))
 
+# A record is stamped with its writer's clock, but never later than the server's clock plus
+# this: one replica whose clock ran ahead stamped keys in the future, and every other replica's
+# records were then decayed as old (a day ahead froze a key: 100 later records weighed nothing).
+MAX_CLOCK_AHEAD_S = 2.0
+
 _APPLY_RECORD_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
 local now, half_life, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local time = redis.call('TIME')
+local server_now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+now = math.min(now, server_now + """ + repr(MAX_CLOCK_AHEAD_S) + """)
 local fields = {}
 local current = redis.call('HGETALL', KEYS[1])
 for i = 1, #current, 2 do
   fields[current[i]] = tonumber(current[i + 1]) or 0
 end
-local old = fields['updated_at'] or now
+local old = math.min(fields['updated_at'] or now, server_now + """ + repr(MAX_CLOCK_AHEAD_S) + """)
 fields['updated_at'] = nil
 local stamp = math.max(old, now)
 local keep = 0.5 ^ ((stamp - old) / half_life)

@@ -457,6 +457,28 @@ def test_a_batch_with_no_reply_is_dropped_not_applied_twice(redis_server):
 
 
 @pytest.mark.redis
+def test_a_writer_whose_clock_runs_ahead_does_not_freeze_a_key(redis_server):
+    """Records are decayed to the later stamp: one record from a clock a day ahead made 100
+    later records from right clocks weigh nothing (the key read 1 request at 10 tokens/s)."""
+    async def scenario():
+        prefix = unique_prefix()
+        ahead = fast_store(redis_server.url, prefix, clock=FakeClock(time.time() + 86400))
+        right = fast_store(redis_server.url, prefix)
+        ahead.record(KEY, spec_stats(output=11), decode_time_s=1.0)  # 10 tokens/s
+        assert await ahead.flush()
+        for _ in range(100):
+            right.record(KEY, spec_stats(output=101), decode_time_s=1.0)  # 100 tokens/s
+        assert await right.flush() and await right.refresh()
+        stats = right.snapshot()[KEY]
+        assert stats.requests == pytest.approx(101, rel=1e-3)
+        assert stats.goodput_tokens_per_s == pytest.approx(99.1, rel=0.01)
+        for store in (ahead, right):
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.redis
 def test_records_merged_while_waiting_equal_records_written_one_by_one(redis_server):
     """A key's waiting records are merged as the script would apply them one after another."""
     async def scenario():
