@@ -505,11 +505,14 @@ class ArmRouter:
     def _choose(self, bucket: str, estimates: dict[str, ArmEstimate]) -> str:
         fields = bucket.split(".")
         temperature = fields[1] if len(fields) > 1 else None
+        # The paired comparisons were measured on calibration prompts (up to a few hundred
+        # tokens): prompts past any of them weigh the prior as the profile's prior_weight.
+        calibrated = len(fields) < 3 or fields[2] != LENGTH_BUCKETS[-1]
         if temperature in self.sampled:
-            prior, weight = self.sampled[temperature].lookup(fields[0], paired=True)
+            prior, weight = self.sampled[temperature].lookup(fields[0], paired=calibrated)
         else:
-            prior, weight = self.greedy.lookup(fields[0],
-                                               paired=temperature == temperature_bucket(0.0))
+            prior, weight = self.greedy.lookup(
+                fields[0], paired=calibrated and temperature == temperature_bucket(0.0))
         prior, noise = calibrated_prior(estimates, prior), observed_noise(estimates)
         if self.exploration == "ucb":
             return bayes_ucb_choice(estimates, prior, weight, obs_noise=noise)

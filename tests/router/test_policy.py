@@ -593,8 +593,11 @@ def test_paired_prior_weights_cut_exploration_of_greedy_buckets_only() -> None:
     greedy = picks(lambda: router.choose("code.t0.ps"), n=2000)
     sampled = picks(lambda: router.choose("code.thi.ps"), n=2000)
     other_class = picks(lambda: router.choose("chat.t0.ps"), n=2000)
-    assert greedy.get("b", 0) < 0.02
-    assert sampled["b"] > 0.15 and other_class["b"] > 0.15
+    # Prompts longer than any calibration prompt: the paired comparison does not speak of them.
+    longer = picks(lambda: router.choose("code.t0.pl"), n=2000)
+    assert greedy.get("b", 0) < 0.02 and picks(lambda: router.choose("code.t0.pm"),
+                                               n=2000).get("b", 0) < 0.02
+    assert sampled["b"] > 0.15 and other_class["b"] > 0.15 and longer["b"] > 0.15
     # Bayes-UCB: after 20 requests on `a` as fast as measured, a bucket held only by the
     # profile's prior_weight has room for `b` to lead (85 + 1.69 * 0.3 * 85 / sqrt(2) against
     # a's 100 + 1.69 * 0.3 * 100 / sqrt(22)); the paired weight of 36 requests leaves none.
