@@ -135,15 +135,16 @@ def test_hybrid_mask_fallback_is_lossless_and_spends_masks_only_without_ngram_dr
     adapter = random_adapter(bundled.runner, seed=3)
     arm = Arm(name="hybrid", drafter="hybrid", depth=3, top_k=1, total_tokens=3, gamma=2,
               attach=1, mask_fallback=True)
-    # Per step: did the n-gram drafter have branches (looked up independently), and did the
-    # verify forward carry mask rows?
+    # Per step: did the n-gram drafter have branches (looked up independently; a request's
+    # last token counts as having them: it drafts nothing), and did the verify forward carry
+    # mask rows?
     steps: list[tuple[bool, bool]] = []
     propose, mask_groups = S3DDrafter.propose, S3DDrafter.mask_groups
 
     def recording_propose(self, ctx):
         found = ngram_continuations(ctx.tokens, arm.ngram_max, arm.ngram_min, arm.depth,
                                     max_branches=2)
-        steps.append((bool(found), False))
+        steps.append((bool(found) or ctx.max_depth < 1, False))
         return propose(self, ctx)
 
     def recording_mask_groups(self, tree):
