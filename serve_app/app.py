@@ -15,7 +15,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, HTTPException, Request
@@ -30,6 +30,7 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import get_route_path
 
 from serve_app.config import ServeConfig, load_config
 from serve_app.metrics import DecoderMetrics, IngressMetrics
@@ -74,17 +75,33 @@ class _StoreUser:
     store: "StatsStore"
     _store_task: asyncio.Task | None = None
 
+    def _start_store(self) -> None:
+        """Start the store now if the constructor runs on an event loop (Serve runs it on the
+        replica's), so its availability is known before the first request, not only after
+        it; built without one (in a test), the first request starts it."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._ensure_store()
+
     def _ensure_store(self) -> None:
         if self._store_task is None:
             self._store_task = asyncio.get_running_loop().create_task(self.store.start())
 
-    async def __del__(self) -> None:  # Serve awaits an async destructor on shutdown
+    def __del__(self):
+        """Serve calls ``__del__`` on a graceful shutdown and awaits the coroutine it returns.
+        Not an ``async def``: Python's collector calls ``__del__`` again when it frees the
+        replica, and that call would make a coroutine nobody awaits (a RuntimeWarning). The
+        first call takes the store; any later one finds nothing to close and returns None."""
         task, self._store_task = self._store_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await self.store.close()
+        return None if task is None else self._close_store(task)
+
+    async def _close_store(self, task: asyncio.Task) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await self.store.close()
 
 
 @serve.deployment(name="Decoder")
@@ -113,6 +130,7 @@ class Decoder(_StoreUser):
                                 on_availability_change=self.metrics.set_store_available,
                                 reads=False)
         self.metrics.watch_store(self.store)
+        self._start_store()
 
     async def check_health(self) -> None:
         if not self.scheduler.healthy:
@@ -213,8 +231,32 @@ class Decoder(_StoreUser):
                               else completion_tokens), "spec_decode": summary}
 
 
+class ErrorResponse(JSONResponse):
+    """An error's JSON with non-ASCII characters escaped. An error may quote the request (an
+    unknown field's name), and a lone surrogate there (JSON's ``"\\ud800"``) cannot be written
+    as the UTF-8 of Starlette's ``JSONResponse``: the 400 would become a 500."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+class SSEResponse(StreamingResponse):
+    """An event stream that closes its events' generator however the response ends. Starlette
+    leaves it open when a client's disconnect cancels the response while it awaits ``send``:
+    the chain of generators down to the decoder's stream (which frees the replica's slot when
+    closed) stayed suspended until garbage collection, and the replica kept decoding."""
+
+    def __init__(self, events: AsyncIterator[str]):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        async with contextlib.aclosing(self.body_iterator):
+            await super().__call__(scope, receive, send)
+
+
 def _api_error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return ErrorResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 class BodyTooLarge(HTTPException):
@@ -260,14 +302,14 @@ def create_api(config: ServeConfig) -> FastAPI:
     @api.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("request failed")
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error",
-                                       code="internal_error"), status_code=500)
+        return ErrorResponse(error_body(f"internal error: {type(exc).__name__}", "server_error",
+                                        code="internal_error"), status_code=500)
 
     async def _replica_failed(request: Request, exc: Exception):
         log.warning("no decoder replica could serve a request: %r", exc)
-        return JSONResponse(error_body("no decoder replica could serve the request; retry later",
-                                       "server_error", code="replica_unavailable"),
-                            status_code=503, headers={"Retry-After": str(config.retry_after_s)})
+        return ErrorResponse(error_body("no decoder replica could serve the request; retry later",
+                                        "server_error", code="replica_unavailable"),
+                             status_code=503, headers={"Retry-After": str(config.retry_after_s)})
 
     for failure in REPLICA_FAILURES:
         api.add_exception_handler(failure, _replica_failed)
@@ -276,8 +318,8 @@ def create_api(config: ServeConfig) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = "body_too_large" if exc.status_code == 413 else None
-        return JSONResponse(error_body(str(exc.detail), kind, code=code),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return ErrorResponse(error_body(str(exc.detail), kind, code=code),
+                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @api.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -287,13 +329,20 @@ def create_api(config: ServeConfig) -> FastAPI:
         message = "; ".join(
             f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e['msg']}"
             for e in exc.errors()[:5])
-        return JSONResponse(error_body(message or "invalid request", "invalid_request_error",
-                                       loc[0] if loc else None, "invalid_value"), status_code=400)
+        return ErrorResponse(error_body(message or "invalid request", "invalid_request_error",
+                                        loc[0] if loc else None, "invalid_value"), status_code=400)
 
     # Added before the middleware below, so it sits inside it (Starlette puts the last added
     # outermost): a receive wrapped by that one reports errors grouped, which the handler's body
     # read would turn into a 400.
     api.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+
+    # Paths open without a key; every other path asks for one. Compared with the path the
+    # routes match (under a Serve ``route_prefix`` such as ``/s3d`` the request's path keeps
+    # the prefix, in ``root_path`` too): a check of the full path for ``/v1`` let
+    # ``/s3d/v1/...`` through without a key.
+    open_paths = {"/healthz"} | {url for url in (api.openapi_url, api.docs_url, api.redoc_url,
+                                                 api.swagger_ui_oauth2_redirect_url) if url}
 
     @api.middleware("http")
     async def _limits_and_auth(request: Request, call_next):
@@ -301,7 +350,7 @@ def create_api(config: ServeConfig) -> FastAPI:
         if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
             return _api_error_response(APIError(
                 413, f"request body exceeds {config.max_body_bytes} bytes", code="body_too_large"))
-        if config.api_keys and request.url.path.startswith("/v1"):
+        if config.api_keys and get_route_path(request.scope) not in open_paths:
             header = request.headers.get("authorization", "")
             key = header[7:] if header.lower().startswith("bearer ") else ""
             ok = False
@@ -325,7 +374,12 @@ class IngressBase(_StoreUser):
         from router.policy import ArmRouter
         from router.store import make_store
         from workers.engine import resolve_profile
-        from workers.model import check_architecture, fingerprint, resolve_model_path
+        from workers.model import (
+            check_architecture,
+            context_length,
+            fingerprint,
+            resolve_model_path,
+        )
 
         self.config = ServeConfig.model_validate(config)
         self.decoder = decoder
@@ -333,7 +387,7 @@ class IngressBase(_StoreUser):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         model_config = AutoConfig.from_pretrained(path)
         check_architecture(model_config)
-        self.context = int(getattr(model_config, "max_position_embeddings", 2048))
+        self.context = context_length(model_config)
         # Token ids a prompt may hold: in the tokenizer and in the embedding table.
         self.vocab_size = min(len(self.tokenizer),
                               int(getattr(model_config, "vocab_size", len(self.tokenizer))))
@@ -354,6 +408,7 @@ class IngressBase(_StoreUser):
         # Bayes-UCB routes are chosen when the store's refresh brings new figures (on the
         # event loop, between requests); a request classifies its prompt and looks one up.
         self.router.follow(self.store, self.config.served_model_name)
+        self._start_store()
         # One thread: a fast tokenizer used from two threads at once can fail ("Already
         # borrowed"), so requests take turns, off the event loop.
         self._tokenize = concurrent.futures.ThreadPoolExecutor(1, "tokenize")
@@ -500,9 +555,7 @@ class IngressBase(_StoreUser):
             items = self._stream(payload, retries=self.config.replica_retries)
             # Wait for the first delta before answering 200, so back-pressure is a real 503.
             first = await anext(items, None)
-            return StreamingResponse(
-                self._sse(req, is_chat, with_first(first, items), prompt_tokens, rid, started),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return SSEResponse(self._sse(req, is_chat, first, items, prompt_tokens, rid, started))
         texts, finals = await self._collect(payload, req.n)
         choices = []
         for i, (text, final) in enumerate(zip(texts, finals)):
@@ -518,8 +571,12 @@ class IngressBase(_StoreUser):
                 "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
                 "spec_decode": merge_spec_decode([f["spec_decode"] for f in finals])}
 
-    async def _sse(self, req: SamplingFields, is_chat: bool, items: AsyncIterator[dict],
-                   prompt_tokens: int, rid: str, started: float) -> AsyncIterator[str]:
+    async def _sse(self, req: SamplingFields, is_chat: bool, first: dict | None,
+                   items: AsyncGenerator[dict, None], prompt_tokens: int, rid: str,
+                   started: float) -> AsyncIterator[str]:
+        """The events of a streamed request: ``first``, then the rest of the decoder's
+        ``items``, which are closed when this stream is (by ``SSEResponse``), at whichever
+        ``yield`` it stands."""
         obj = "chat.completion.chunk" if is_chat else "text_completion"
         created = now()
         model = self.config.served_model_name
@@ -537,7 +594,7 @@ class IngressBase(_StoreUser):
             if is_chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                               "finish_reason": None} for i in range(req.n)])
-            async for item in items:
+            async for item in with_first(first, items):
                 index = item["index"]
                 final = "spec_decode" in item
                 if final:
@@ -565,6 +622,8 @@ class IngressBase(_StoreUser):
             yield "data: " + json.dumps(error_body(
                 f"the decoder failed mid-stream: {type(exc).__name__}", "server_error",
                 code="decoder_failed")) + "\n\n"
+        finally:  # closed at a yield (a client gone): close the decoder's stream now
+            await items.aclose()
         yield "data: [DONE]\n\n"
 
 

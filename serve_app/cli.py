@@ -242,7 +242,7 @@ def search_cmd(
 def serve(
     config: Path = typer.Option(None, help="YAML file of ServeConfig fields."),
     host: str = typer.Option("127.0.0.1", help="HTTP bind address."),
-    port: int = typer.Option(8000, help="HTTP port."),
+    port: int = typer.Option(8000, min=1, max=65535, help="HTTP port."),
     num_cpus: int = typer.Option(None, help="CPUs for the local Ray (default: all)."),
     model: str = typer.Option(None, help="Override the config's model."),
     dtype: str = typer.Option(None, help="Override the config's dtype."),

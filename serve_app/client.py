@@ -64,6 +64,7 @@ __all__ = [
     "AuthenticationError",
     "PermissionDeniedError",
     "NotFoundError",
+    "ConflictError",
     "UnprocessableEntityError",
     "RateLimitError",
     "InternalServerError",
@@ -217,6 +218,9 @@ class APIError(S3DError):
     ``status_code`` is the HTTP status; for an error event inside a stream (whose HTTP status was
     200) it is the event's ``code`` when that is an HTTP status, 503 for the codes the server
     sends when it cannot take the request now (``overloaded``, ``replica_unavailable``), else 500.
+
+    In the openai package's terms this is ``APIStatusError``, and the classes by status below are
+    related as openai's are; its ``APIError`` base is ``S3DError`` here.
     """
 
     def __init__(self, message: str, *, status_code: int, type: str | None = None,
@@ -252,6 +256,10 @@ class NotFoundError(APIError):
     pass
 
 
+class ConflictError(APIError):
+    pass
+
+
 class UnprocessableEntityError(APIError):
     pass
 
@@ -261,11 +269,13 @@ class RateLimitError(APIError):
 
 
 class InternalServerError(APIError):
-    pass
+    """Any 5xx, as the openai package maps them."""
 
 
-class ServiceUnavailableError(APIError):
-    pass
+class ServiceUnavailableError(InternalServerError):
+    """503: overloaded, or no replica could serve the request; retried. An
+    ``InternalServerError``, as openai's is for a 503: ``except InternalServerError`` in code
+    written for that package catches it here too."""
 
 
 class APIResponseValidationError(APIError):
@@ -286,6 +296,7 @@ _STATUS_ERRORS: dict[int, type[APIError]] = {
     401: AuthenticationError,
     403: PermissionDeniedError,
     404: NotFoundError,
+    409: ConflictError,
     422: UnprocessableEntityError,
     429: RateLimitError,
     503: ServiceUnavailableError,

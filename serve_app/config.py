@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENV_PREFIX = "S3D_"
 
@@ -87,11 +87,33 @@ class ServeConfig(BaseModel):
     max_stop_length: int = Field(64, ge=1, description="Longest stop string, in characters.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
     api_keys: list[str] = Field(default_factory=list,
-                                description="Accepted bearer keys for /v1 routes; empty: open.")
+                                description="Accepted bearer keys, asked on every route but "
+                                            "/healthz and the API docs; empty: open.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503s.")
     replica_retries: int = Field(
         3, ge=0, description="Times a request whose decoder replica died is sent again: a "
                              "streamed one only before its first token reached the client.")
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _serve_accepts_queue_limit(cls, v: int) -> int:
+        # Checked here: Serve refuses 0 only when the application deploys, after Ray and
+        # redis-server have started.
+        if v == 0:
+            raise ValueError("must be -1 (no limit) or a positive integer")
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_blank_keys(cls, v: list[str]) -> list[str]:
+        # A blank key would turn authentication on and let in a request with an empty (or no)
+        # bearer token; a key padded with spaces can never match (HTTP strips header values).
+        for key in v:
+            if not key.strip():
+                raise ValueError("an API key must not be empty or blank")
+            if key != key.strip():
+                raise ValueError("an API key must not start or end with whitespace")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
@@ -118,11 +140,13 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict:
         raw = environ.get(ENV_PREFIX + name.upper(), "").strip()
         if not raw:
             continue
-        if get_origin(field.annotation) is list:
+        # Before the list branch (``S3D_API_KEYS=null`` is no keys, not the key "null"), and as
+        # the default itself rather than None, which a field that is not Optional refuses.
+        if raw.lower() == "null" or (raw.lower() == "none" and name not in _NONE_IS_A_VALUE):
+            out[name] = field.get_default(call_default_factory=True)
+        elif get_origin(field.annotation) is list:
             out[name] = [k.strip() for k in raw.split(",") if k.strip()] \
                 if not raw.startswith("[") else json.loads(raw)
-        elif raw.lower() == "null" or (raw.lower() == "none" and name not in _NONE_IS_A_VALUE):
-            out[name] = None
         else:
             out[name] = raw
     return out

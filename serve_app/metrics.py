@@ -37,9 +37,11 @@ class _KeptGauges:
     def __init__(self) -> None:
         self._gauges: dict[metrics.Gauge, float] = {}
         self._watch: Callable[[], None] | None = None
+        # Left unset until the store's first answer (``set_store_available``; the deployments
+        # start their store as they start): a 1 set here claimed Redis up during an outage
+        # until that answer came.
         self.store_available = metrics.Gauge(
             "s3d_stats_store_available", "1 when the statistics store (Redis) is reachable.")
-        self._set(self.store_available, 1)
         threading.Thread(target=self._keep_gauges, name="s3d-gauges", daemon=True).start()
 
     def _set(self, gauge: metrics.Gauge, value: float) -> None:

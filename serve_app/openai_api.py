@@ -77,17 +77,17 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "suffix": (None, ""), "echo": (None, False), "modalities": (None, ["text"]),
 }
 # OpenAI request fields that change nothing in the answer (bookkeeping, caching and latency
-# hints): accepted and ignored. Any other field this server does not know is a 400, as OpenAI
-# answers one: a misspelt ``max_token`` would otherwise give 256 tokens, silently.
+# hints): accepted and ignored. Any other field this server does not know is a 400 unless it is
+# null, as OpenAI answers one: a misspelt ``max_token`` would otherwise give 256 tokens, silently.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
                             "prompt_cache_key", "safety_identifier", "prediction"})
 
 
 class SamplingFields(BaseModel):
     """Fields common to both endpoints. Of the fields not declared here, ``check_supported``
-    accepts those that change nothing (``IGNORED_FIELDS``) and the unimplemented OpenAI ones at
-    their neutral values (``UNSUPPORTED_FIELDS``), and refuses the rest; ``null`` means the
-    default, as the OpenAI API treats it."""
+    accepts those that change nothing (``IGNORED_FIELDS``), the unimplemented OpenAI ones at
+    their neutral values (``UNSUPPORTED_FIELDS``) and any sent as null, and refuses the rest;
+    ``null`` means the default (or absence), as the OpenAI API treats it."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -118,7 +118,11 @@ class SamplingFields(BaseModel):
     def check_supported(self) -> None:
         """400 for a field that asks for something this server does not do."""
         extra = self.model_extra or {}
-        for name in extra:
+        for name, value in extra.items():
+            # An OpenAI field sent as null is absent, however new the field (SDKs and proxies
+            # send e.g. ``"reasoning_effort": null``); a misspelt one carries a value.
+            if value is None:
+                continue
             if name not in UNSUPPORTED_FIELDS and name not in IGNORED_FIELDS:
                 raise APIError(400, f"unrecognized request argument supplied: {name}",
                                param=name, code="unknown_parameter")
@@ -156,7 +160,14 @@ class CompletionRequest(SamplingFields):
         if isinstance(v, list) and v and isinstance(v[0], str):
             if len(v) != 1:
                 raise ValueError("only one prompt per request is supported; send several requests")
-            return v[0]
+            v = v[0]
+        if isinstance(v, str):
+            # JSON's ``"\ud800"`` parses to a lone surrogate, which no tokenizer can encode.
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("the prompt holds a lone surrogate (an unpaired \\ud800-"
+                                 "\\udfff escape): it is not Unicode text") from None
         return v
 
 

@@ -27,6 +27,16 @@ def oai(served) -> openai.OpenAI:
                          max_retries=0)
 
 
+def test_health_reports_the_statistics_store_before_any_request(served):
+    """The replicas started their store on their first request: until then /healthz said
+    ``stats_store_available: false`` with Redis up. First in the file, so it runs before any
+    request in a run of this file (alone, it always does)."""
+    deadline = time.time() + 30
+    while not httpx.get(served.base_url + "/healthz", timeout=10).json()["stats_store_available"]:
+        assert time.time() < deadline, "the store never became available without a request"
+        time.sleep(0.5)
+
+
 def test_openai_completion_with_usage_and_spec_decode(served):
     out = oai(served).completions.create(model=MODEL, prompt="def fibonacci(n):\n", max_tokens=12,
                                          temperature=0)
@@ -205,7 +215,10 @@ def test_nulls_neutral_values_and_unknown_fields_are_accepted(served):
                       json={"prompt": "Hello", "max_tokens": 2, "temperature": None,
                             "top_p": None, "n": None, "stream": None, "logprobs": None,
                             "presence_penalty": 0, "frequency_penalty": 0.0, "echo": False,
-                            "best_of": 1, "user": "someone", "metadata": {"k": "v"}})
+                            "best_of": 1, "user": "someone", "metadata": {"k": "v"},
+                            # OpenAI fields this server does not know, sent as null: absent.
+                            "reasoning_effort": None, "verbosity": None, "audio": None,
+                            "web_search_options": None})
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["choices"]) == 1
     chat = oai(served).chat.completions.create(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 from serve_app.cli import app
@@ -82,6 +83,18 @@ def test_serve_refuses_a_bad_config_and_a_port_in_use_before_starting_anything()
     assert busy.exit_code == 2, busy.output
     assert f"port {port} on 127.0.0.1 is in use" in busy.output
     assert busy.exception is None or isinstance(busy.exception, SystemExit)
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "0"])
+def test_serve_refuses_a_port_outside_1_to_65535_with_a_usage_error(port):
+    """70000 and -1 ended in an OverflowError traceback (exit 1) from the port check; 0 passed
+    it, started Ray and polled the health of port 0 for ten minutes."""
+    result = CliRunner().invoke(app, ["serve", "--port", port])
+    assert result.exit_code == 2, result.output
+    said = words(result.output)
+    assert "Invalid value for '--port'" in said
+    assert ("less than or equal to 65535" if port == "70000"
+            else "greater than or equal to 1") in said
 
 
 def test_loadtest_fails_when_no_request_succeeds():

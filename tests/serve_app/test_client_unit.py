@@ -34,6 +34,7 @@ from serve_app.client import (
     ChatCompletionChunk,
     Completion,
     CompletionChunk,
+    ConflictError,
     InternalServerError,
     NotFoundError,
     PermissionDeniedError,
@@ -266,7 +267,8 @@ def test_error_event_mid_stream_raises(error_event, cls, status):
 @pytest.mark.parametrize(("status", "cls"), [
     (400, BadRequestError), (401, AuthenticationError), (403, PermissionDeniedError),
     (404, NotFoundError), (422, UnprocessableEntityError), (429, RateLimitError),
-    (503, ServiceUnavailableError), (502, InternalServerError), (409, APIError),
+    (503, ServiceUnavailableError), (502, InternalServerError), (409, ConflictError),
+    (418, APIError),
 ])
 def test_error_mapping(status, cls):
     server = Server(error(status, message=f"bad {status}"))
@@ -281,6 +283,27 @@ def test_error_mapping(status, cls):
     assert err.body["error"]["message"] == f"bad {status}"
     assert f"bad {status}" in str(err)
     assert sleeps == []
+
+
+STATUS_ERRORS = ("BadRequestError", "AuthenticationError", "PermissionDeniedError",
+                 "NotFoundError", "ConflictError", "UnprocessableEntityError", "RateLimitError",
+                 "InternalServerError")
+
+
+def test_status_errors_are_classed_as_the_openai_package_classes_them():
+    """The openai package maps every status >= 500 to ``InternalServerError``; here a 503 was a
+    ``ServiceUnavailableError`` beside it, so ``except InternalServerError`` in code ported
+    from openai missed overload and replica-loss errors. A 409 had no class of its own."""
+    import openai
+
+    for name in STATUS_ERRORS:  # the same classes, related to each other as openai's are
+        for other in STATUS_ERRORS:
+            assert issubclass(getattr(sdk, name), getattr(sdk, other)) == issubclass(
+                getattr(openai, name), getattr(openai, other)), (name, other)
+    client, _ = client_for(Server(error(503, message="overloaded")), max_retries=0)
+    with pytest.raises(InternalServerError) as info:  # as code written for openai catches it
+        client.completions.create(prompt="x")
+    assert type(info.value) is ServiceUnavailableError and info.value.status_code == 503
 
 
 def test_non_json_500_is_not_retried():

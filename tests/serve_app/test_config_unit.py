@@ -29,3 +29,42 @@ def test_environment_none_null_and_empty():
     assert config.profile is None and config.redis_url is None
     assert config.max_replicas == load_config(environ={}).max_replicas
     assert config.api_keys == ["a", "b"]
+
+
+def test_null_in_the_environment_is_the_default_for_every_field(tmp_path):
+    """``null``/``none`` set None, which a field that is not Optional refused (S3D_DTYPE=null
+    failed validation), and for a list the list branch ran first: S3D_API_KEYS=null turned
+    authentication on with the key "null"."""
+    defaults = load_config(environ={})
+    config = load_config(environ={"S3D_DTYPE": "null", "S3D_MAX_REPLICAS": "none",
+                                  "S3D_API_KEYS": "null", "S3D_PACKED_WEIGHTS": "None"})
+    assert config.dtype == defaults.dtype and config.max_replicas == defaults.max_replicas
+    assert config.api_keys == [] and config.packed_weights is True
+    assert load_config(environ={"S3D_API_KEYS": "none"}).api_keys == []
+    # The default, as documented, even over a file's value.
+    path = tmp_path / "serve.yaml"
+    path.write_text("dtype: bfloat16\napi_keys: [k1]\n")
+    config = load_config(path, environ={"S3D_DTYPE": "null", "S3D_API_KEYS": "null"})
+    assert config.dtype == "float32" and config.api_keys == []
+
+
+def test_max_queued_requests_zero_is_refused_at_config_time():
+    """Serve accepts -1 or a positive queue limit and refused 0 only at deploy time, after Ray
+    and redis-server had started."""
+    assert load_config(overrides={"max_queued_requests": -1}, environ={}).max_queued_requests == -1
+    assert load_config(overrides={"max_queued_requests": 1}, environ={}).max_queued_requests == 1
+    with pytest.raises(ValidationError, match="-1 .no limit. or a positive integer"):
+        load_config(overrides={"max_queued_requests": 0}, environ={})
+
+
+@pytest.mark.parametrize("keys,message", [
+    ([""], "empty or blank"), (["ok", "  "], "empty or blank"),
+    ([" padded"], "whitespace"), (["padded\t"], "whitespace"),
+])
+def test_blank_api_keys_are_refused(keys, message):
+    """``api_keys: [""]`` turned authentication on while a request with an empty bearer token
+    (or none) matched the empty key."""
+    with pytest.raises(ValidationError, match=message):
+        load_config(overrides={"api_keys": keys}, environ={})
+    with pytest.raises(ValidationError, match="empty or blank"):
+        load_config(environ={"S3D_API_KEYS": '[""]'})

@@ -50,6 +50,18 @@ def test_unknown_fields_are_refused_by_name(name, value):
     assert err.value.param == name and err.value.code == "unknown_parameter"
 
 
+@pytest.mark.parametrize("name", ["reasoning_effort", "audio", "verbosity",
+                                  "web_search_options", "max_token"])
+def test_unknown_fields_sent_as_null_are_absent(name):
+    """OpenAI reads an explicit null as an absent field, and SDKs and proxies send them; a
+    field this server does not know, sent as null, was a 400 unknown_parameter. With a value
+    it still is."""
+    completion(**{name: None}).check_supported()
+    with pytest.raises(APIError) as err:
+        completion(**{name: "low"}).check_supported()
+    assert err.value.param == name and err.value.code == "unknown_parameter"
+
+
 def test_fields_that_change_nothing_and_neutral_values_are_accepted():
     completion(user="u", metadata={"k": "v"}, store=False, service_tier="auto",
                parallel_tool_calls=True, prompt_cache_key="k", safety_identifier="s",

@@ -1,0 +1,222 @@
+"""The Serve application's HTTP layer and replica lifecycle, without a Ray cluster: the API of
+``create_api`` through httpx's ASGI transport, the event stream and the statistics store."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import json
+import types
+import warnings
+
+import httpx
+import pytest
+
+from serve_app.app import (
+    Decoder,
+    IngressBase,
+    SSEResponse,
+    _api_error_response,
+    _StoreUser,
+    create_api,
+)
+from serve_app.config import ServeConfig
+from serve_app.openai_api import APIError, CompletionRequest, SamplingFields
+from tests.conftest import free_port
+
+KEY = "unit-key"
+
+
+def api_with_routes(**config):
+    """``create_api`` with stand-ins for the ingress's routes: the same middleware, error
+    handlers and request models, no model behind them."""
+    api = create_api(ServeConfig(**config))
+
+    @api.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        req.check_supported()
+        return {"ok": True}
+
+    @api.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": []}
+
+    @api.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    return api
+
+
+def call(api, method: str, path: str, root_path: str = "", **kwargs) -> httpx.Response:
+    """One request as Ray's proxy hands it to the app: under a ``route_prefix`` the path keeps
+    the prefix and ``root_path`` is the prefix."""
+    async def main():
+        transport = httpx.ASGITransport(api, root_path=root_path, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://s3d") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("prefix", ["", "/s3d"])
+def test_api_key_is_required_under_a_serve_route_prefix(prefix):
+    """Auth was checked with ``request.url.path.startswith("/v1")``: under the route prefix
+    ``/s3d`` the path is ``/s3d/v1/...``, and every /v1 route answered without a key."""
+    api = api_with_routes(api_keys=[KEY])
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"),
+                         ("GET", "/v1/nothing-here")):
+        resp = call(api, method, prefix + path, prefix, json={"prompt": "hi"})
+        assert resp.status_code == 401, (path, resp.text)
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+    ok = call(api, "GET", prefix + "/v1/models", prefix,
+              headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200, ok.text
+    for path in ("/healthz", "/openapi.json"):  # open, as they were
+        assert call(api, "GET", prefix + path, prefix).status_code == 200, path
+
+
+def post_json(api, text: str) -> httpx.Response:
+    """POST ``text`` as the JSON body (so a ``\\ud800`` escape arrives as a lone surrogate)."""
+    return call(api, "POST", "/v1/completions", content=text.encode(),
+                headers={"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("body", [r'{"prompt": "abc\ud800def"}', r'{"prompt": ["\udfff"]}'])
+def test_a_lone_surrogate_in_the_prompt_is_a_400_on_the_prompt(body):
+    """The tokenizer raised TypeError on a lone surrogate in a completion prompt (JSON
+    ``"abc\\ud800def"``): a 500 instead of a 400 naming the prompt."""
+    resp = post_json(api_with_routes(), body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "prompt" and "lone surrogate" in error["message"]
+
+
+def test_an_error_quoting_a_lone_surrogate_is_sent_as_a_400():
+    """An unknown field's error quotes its name; with a lone surrogate in it (a request as
+    pydantic leaves it when it keeps such a key among the extras), Starlette's JSONResponse
+    could not encode the error as UTF-8: a 500 instead of the 400. Every error body is now
+    ASCII, the name escaped as it was sent."""
+    req = CompletionRequest.model_construct(prompt="hi", **{"x\ud800": 1})
+    with pytest.raises(APIError) as err:
+        req.check_supported()
+    resp = _api_error_response(err.value)
+    assert resp.status_code == 400 and resp.body.isascii()
+    error = json.loads(resp.body)["error"]
+    assert error["param"] == "x\ud800" and error["code"] == "unknown_parameter"
+    # Over HTTP (the installed pydantic refuses such a key itself): a 400 in the OpenAI shape.
+    resp = post_json(api_with_routes(), r'{"prompt": "hi", "x\ud800": 1}')
+    assert resp.status_code == 400 and set(resp.json()["error"]) == {"message", "type", "param",
+                                                                      "code"}
+
+
+@pytest.mark.parametrize("is_chat", [False, True], ids=["completion", "chat"])
+def test_a_disconnect_while_sending_closes_the_decoder_stream_at_once(is_chat):
+    """A client's disconnect cancelling the response while it awaited ``send`` left the event
+    generators suspended at ``yield``: the decoder's stream (and the replica's slot) was only
+    released at garbage collection. A chat stream is cut while its first event (the role,
+    before any decoded item) is being sent."""
+    closed = asyncio.Event()
+
+    async def decoder_items():
+        try:
+            while True:
+                yield {"index": 0, "text": "x", "token_ids": [1], "finish_reason": None}
+        finally:
+            closed.set()
+
+    ingress = IngressBase.__new__(IngressBase)
+    ingress.config = ServeConfig()
+    req = SamplingFields(stream=True)
+
+    async def main():
+        items = decoder_items()
+        response = SSEResponse(ingress._sse(req, is_chat, await anext(items), items, 1,
+                                            "cmpl-1", 0.0))
+        sending = asyncio.Event()
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                sending.set()
+                await asyncio.Event().wait()  # a client that stopped reading
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+        task = asyncio.create_task(response(scope, receive, send))
+        await sending.wait()
+        task.cancel()  # what a disconnect does to the request's task
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # ``response`` still holds the stream: only an explicit close releases the decoder's.
+        assert closed.is_set(), "the decoder's stream is still open"
+
+    asyncio.run(main())
+
+
+class _Store:
+    def __init__(self):
+        self.started = self.closed = 0
+
+    async def start(self):
+        self.started += 1
+
+    async def close(self):
+        self.closed += 1
+
+
+class _Replica(_StoreUser):
+    def __init__(self, store):
+        self.store = store
+        self._start_store()
+
+
+def test_a_second_destructor_call_is_harmless():
+    """``async def __del__``: Serve awaited it on shutdown, then Python's collector called it
+    again when freeing the replica, leaving a coroutine never awaited (a RuntimeWarning)."""
+    store = _Store()
+
+    async def main():
+        replica = _Replica(store)
+        await asyncio.sleep(0)
+        result = replica.__del__()  # as Serve's call_destructor calls it
+        if inspect.iscoroutine(result):
+            await result
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            del replica
+            gc.collect()
+        assert not [w for w in caught if "never awaited" in str(w.message)], caught
+
+    asyncio.run(main())
+    assert (store.started, store.closed) == (1, 1)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("deployment", ["Ingress", "Decoder"])
+def test_a_replica_starts_its_store_before_any_request(deployment, monkeypatch):
+    """The store started on the first request: before it, the ingress's /healthz said
+    ``stats_store_available: false`` with Redis up, and the availability gauge, set to 1 at
+    start, said Redis was up on an idle replica during an outage."""
+    from workers.engine import Engine
+
+    # The decoder's model plays no part in its store: a stand-in spares loading it.
+    monkeypatch.setattr(Engine, "load", lambda *args: types.SimpleNamespace())
+    config = {"redis_url": f"redis://127.0.0.1:{free_port()}/0"}  # nothing listens there
+
+    async def main():
+        replica = (IngressBase(None, config) if deployment == "Ingress"
+                   else Decoder.func_or_class(config))
+        gauges = replica.metrics._gauges
+        assert replica.metrics.store_available not in gauges  # unknown yet: nothing claimed
+        for _ in range(100):  # no request: the store's own first refresh finds Redis down
+            if replica.metrics.store_available in gauges:
+                break
+            await asyncio.sleep(0.05)
+        assert gauges.get(replica.metrics.store_available) == 0
+        assert replica.store.available is False
+        await replica.__del__()
+
+    asyncio.run(main())
