@@ -578,7 +578,7 @@ class RedisStatsStore(StatsStore):
         applied (``UnknownOutcome``); False on outage."""
         unknown = [(item, r) for item, r in zip(batch, results, strict=True)
                    if isinstance(r, UnknownOutcome)]
-        outages = [r for r in results if _is_outage(r) or isinstance(r, UnknownOutcome)]
+        outages = [r for r in results if _is_outage(r)]
         rejected = [(item, r) for item, r in zip(batch, results, strict=True)
                     if isinstance(r, Exception) and not _is_outage(r)
                     and not isinstance(r, UnknownOutcome)]
@@ -593,11 +593,16 @@ class RedisStatsStore(StatsStore):
                         "server may have applied them", len(unknown), requests, self._where,
                         unknown[0][1])
             self.dropped_writes += requests
-        self.write_errors += len(rejected) + bool(outages)
+        self.write_errors += len(rejected) + bool(outages or unknown)
         self._enqueue([item for item, r in zip(batch, results, strict=True) if _is_outage(r)],
                       front=True)
         self._set_available(not outages, outages[0] if outages else None, "write")
-        return not outages
+        if unknown:
+            # The connection failed, not the writing: with nothing queued again to retry, a
+            # write-channel failure would stay until the replica's next request. The refresh
+            # loop's next read or ping says when the server answers again.
+            self._set_available(False, unknown[0][1], "read")
+        return not (outages or unknown)
 
     async def refresh(self) -> bool:
         """Reload the cache (``reads``), or ping: either says whether Redis is reachable."""
