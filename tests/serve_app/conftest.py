@@ -41,8 +41,10 @@ class ServedApp:
             if condition(samples):
                 return samples
             if time.time() > deadline:
+                gauges = {n: v for n, v in samples.items() if n.startswith("ray_s3d_stats")}
                 raise AssertionError(f"metrics never met the condition; exported: "
-                                     f"{sorted(n for n in samples if 's3d' in n or 'spec' in n)}")
+                                     f"{sorted(n for n in samples if 's3d' in n or 'spec' in n)}"
+                                     f"; store gauges: {gauges}")
             time.sleep(0.5)
 
     @property

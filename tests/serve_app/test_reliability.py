@@ -59,10 +59,14 @@ def test_redis_outage_fails_no_request_and_writing_resumes(served, redis_server)
         while _stats_total(served) == 0:
             assert time.time() < deadline, "statistics writing did not resume after Redis came back"
             time.sleep(1)
-        # ...and again when it is back.
-        served.eventually_metrics(lambda samples: samples.get(
-            "ray_s3d_stats_store_available") and all(
-            v == 1.0 for _, v in samples["ray_s3d_stats_store_available"]))
+        # ...and again when it is back (the deployments' series: unit tests in this process
+        # may have exported their own, with an empty deployment label).
+        served.eventually_metrics(lambda samples: all(
+            v == 1.0 for labels, v in samples.get("ray_s3d_stats_store_available", [])
+            if 'deployment=""' not in labels) and all(any(
+                f'deployment="{name}"' in labels
+                for labels, _ in samples.get("ray_s3d_stats_store_available", []))
+                for name in ("Ingress", "Decoder")))
     finally:
         stop.set()
         for w in workers:
