@@ -105,13 +105,14 @@ if redis.replicate_commands then redis.replicate_commands() end
 local now, half_life, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local time = redis.call('TIME')
 local server_now = tonumber(time[1]) + tonumber(time[2]) / 1000000
-now = math.min(now, server_now + """ + repr(MAX_CLOCK_AHEAD_S) + """)
+local latest = server_now + """ + repr(MAX_CLOCK_AHEAD_S) + """
+now = math.min(now, latest)
 local fields = {}
 local current = redis.call('HGETALL', KEYS[1])
 for i = 1, #current, 2 do
   fields[current[i]] = tonumber(current[i + 1]) or 0
 end
-local old = math.min(fields['updated_at'] or now, server_now + """ + repr(MAX_CLOCK_AHEAD_S) + """)
+local old = math.min(fields['updated_at'] or now, latest)
 fields['updated_at'] = nil
 local stamp = math.max(old, now)
 local keep = 0.5 ^ ((stamp - old) / half_life)
@@ -576,12 +577,15 @@ class RedisStatsStore(StatsStore):
                 results: list) -> bool:
         """Requeue what met an outage, count and drop what the server rejected or may have
         applied (``UnknownOutcome``); False on outage."""
-        unknown = [(item, r) for item, r in zip(batch, results, strict=True)
-                   if isinstance(r, UnknownOutcome)]
-        outages = [r for r in results if _is_outage(r)]
-        rejected = [(item, r) for item, r in zip(batch, results, strict=True)
-                    if isinstance(r, Exception) and not _is_outage(r)
-                    and not isinstance(r, UnknownOutcome)]
+        unknown, outages, rejected, retry = [], [], [], []
+        for item, r in zip(batch, results, strict=True):
+            if isinstance(r, UnknownOutcome):
+                unknown.append((item, r))
+            elif _is_outage(r):
+                outages.append(r)
+                retry.append(item)
+            elif isinstance(r, Exception):
+                rejected.append((item, r))
         if rejected:
             requests = sum(n for (_, (_, n)), _ in rejected)
             log.error("statistics store rejected %d records (%d requests), e.g. %r",
@@ -594,8 +598,7 @@ class RedisStatsStore(StatsStore):
                         unknown[0][1])
             self.dropped_writes += requests
         self.write_errors += len(rejected) + bool(outages or unknown)
-        self._enqueue([item for item, r in zip(batch, results, strict=True) if _is_outage(r)],
-                      front=True)
+        self._enqueue(retry, front=True)
         self._set_available(not outages, outages[0] if outages else None, "write")
         if unknown:
             # The connection failed, not the writing: with nothing queued again to retry, a

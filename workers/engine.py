@@ -55,7 +55,7 @@ class Generation:
             raise ValueError("the prompt must hold at least one token")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        context = max_context(self.runner)
+        context = context_length(self.runner.config)
         if len(self.prompt) + self.max_tokens > context:
             raise PromptTooLongError(
                 f"prompt ({len(self.prompt)} tokens) plus max_tokens ({self.max_tokens}) exceeds "
@@ -229,10 +229,6 @@ def with_mask_rows(tokens: torch.Tensor, positions: torch.Tensor, tree: DraftTre
 
 def tree_is_chain(tree: DraftTree) -> bool:
     return bool((tree.parents == torch.arange(-1, len(tree) - 1)).all())
-
-
-def max_context(runner: ModelRunner) -> int:
-    return context_length(runner.config)
 
 
 def stop_token_ids(tokenizer, hf_model=None) -> frozenset[int]:

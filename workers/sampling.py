@@ -99,7 +99,7 @@ def sample_accept(probs: Callable[[int], torch.Tensor], tree: DraftTree,
     path: list[int] = []
     row = 0
     while True:
-        target = probs(row).to("cpu", torch.float32)
+        target = probs(row).cpu()
         p = target.clone()
         accepted = None
         for child in children[row]:
