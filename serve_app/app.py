@@ -123,13 +123,14 @@ class Decoder(_StoreUser):
                                   self.config.packed_weights, self.config.pool,
                                   self.config.pool_tokens, self.config.pool_record)
         self.engine.prefill_chunk = self.config.prefill_chunk
-        self.scheduler = StepScheduler()
+        self.scheduler = StepScheduler(self.config.max_active_generations
+                                       or self.config.max_ongoing_requests)
         self.metrics = DecoderMetrics()
         # A replica writes its requests' records and never routes: it pings, reads nothing.
         self.store = make_store(self.config.redis_url, prefix=self.config.stats_prefix,
                                 on_availability_change=self.metrics.set_store_available,
                                 reads=False)
-        self.metrics.watch_store(self.store)
+        self.metrics.watch(self.store, self.scheduler)
         self._start_store()
 
     async def check_health(self) -> None:
@@ -137,7 +138,8 @@ class Decoder(_StoreUser):
             raise RuntimeError(f"decoder loop stopped: {self.scheduler.error!r}")
 
     async def queue_length(self) -> int:
-        return self.scheduler.active
+        """Generations on this replica: decoding, or waiting for a slot."""
+        return self.scheduler.active + self.scheduler.waiting
 
     async def generate(self, payload: dict) -> AsyncIterator[dict]:
         """Stream ``{"index", "text", "token_ids", "finish_reason"}`` deltas of the request's

@@ -73,6 +73,11 @@ class ServeConfig(BaseModel):
                                                            "(interleaved step by step).")
     max_queued_requests: int = Field(16, ge=-1, description="Requests waiting for a replica "
                                                             "before 503 (-1: unbounded).")
+    max_active_generations: int | None = Field(
+        None, ge=1, description="Generations a replica decodes at once, each of a request's n "
+                                "choices one (each holds a KV cache for its prompt and "
+                                "max_tokens); more wait for a slot, first come first served, "
+                                "holding no memory. None: max_ongoing_requests.")
     replica_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per decoder.")
     replica_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per decoder.")
     ingress_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs reserved by the ingress.")

@@ -98,15 +98,24 @@ class DecoderMetrics(_KeptGauges):
             "s3d_stats_dropped_writes", "Requests' statistics dropped: buffer full during an "
             "outage, or refused by Redis.")
         self._dropped_seen = 0
+        self.active_generations = metrics.Gauge(
+            "s3d_active_generations", "Generations the replica is decoding (each of a "
+            "request's n choices one).")
+        self.waiting_generations = metrics.Gauge(
+            "s3d_waiting_generations", "Generations waiting for a decoding slot "
+            "(max_active_generations busy).")
 
-    def watch_store(self, store) -> None:
-        """Export the store's waiting and dropped records with the gauges' refresh."""
-        self._watch = lambda: self._store_figures(store)
+    def watch(self, store, scheduler) -> None:
+        """Export the store's waiting and dropped records and the scheduler's generations with
+        the gauges' refresh."""
+        self._watch = lambda: self._figures(store, scheduler)
 
-    def _store_figures(self, store) -> None:
+    def _figures(self, store, scheduler) -> None:
         self._set(self.stats_pending, store.pending)
         _inc(self.stats_dropped, store.dropped_writes - self._dropped_seen, {})
         self._dropped_seen = store.dropped_writes
+        self._set(self.active_generations, scheduler.active)
+        self._set(self.waiting_generations, scheduler.waiting)
 
     def observe_request(self, stats: SpecDecodeStats, arm: str, seconds: float,
                         ttft: float, pool_tokens: int) -> None:

@@ -3,6 +3,9 @@
 The model runs one step at a time in a worker thread, so the replica's event loop stays free;
 active generations take turns (round robin), so a long request never holds a short one back to the
 end. A consumer that goes away (client disconnect, cancellation) frees its slot at once.
+
+``max_active`` bounds the generations decoding at once (each holds a KV cache for its prompt and
+``max_tokens``): more wait, first come first served, and take no memory until a slot frees.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -43,8 +47,12 @@ class Slot:
 
 
 class StepScheduler:
-    def __init__(self) -> None:
+    def __init__(self, max_active: int | None = None) -> None:
+        if max_active is not None and max_active < 1:
+            raise ValueError(f"max_active must be at least 1, not {max_active}")
+        self.max_active = max_active
         self.slots: dict[int, Slot] = {}
+        self._waiting: deque[Slot] = deque()  # admitted in order as slots free
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -53,7 +61,28 @@ class StepScheduler:
 
     @property
     def active(self) -> int:
+        """Generations decoding (their turns taken in round robin)."""
         return len(self.slots)
+
+    @property
+    def waiting(self) -> int:
+        """Generations waiting for a slot (``max_active`` decoding)."""
+        return len(self._waiting)
+
+    def _admit(self) -> None:
+        while self._waiting and (self.max_active is None or len(self.slots) < self.max_active):
+            slot = self._waiting.popleft()
+            self.slots[slot.id] = slot
+            self._wakeup.set()
+
+    def _release(self, slot: Slot) -> None:
+        """``slot`` leaves (finished, failed or its consumer gone): a waiting one takes it."""
+        if self.slots.pop(slot.id, None) is None:
+            try:
+                self._waiting.remove(slot)
+            except ValueError:
+                pass
+        self._admit()
 
     @property
     def healthy(self) -> bool:
@@ -69,8 +98,8 @@ class StepScheduler:
             raise EngineDeadError(f"decoder loop stopped: {self.error!r}")
         self._ensure_started()
         slot = Slot(next(self._ids), generation)
-        self.slots[slot.id] = slot
-        self._wakeup.set()
+        self._waiting.append(slot)
+        self._admit()
         try:
             while True:
                 item = await slot.queue.get()
@@ -81,7 +110,7 @@ class StepScheduler:
                     return
         finally:
             slot.cancelled = True
-            self.slots.pop(slot.id, None)
+            self._release(slot)
 
     async def _loop(self) -> None:
         order: list[int] = []
@@ -102,7 +131,7 @@ class StepScheduler:
                     log.exception("generation %s failed", slot.id)
                     slot.generation.finished = True
                     slot.queue.put_nowait(exc)
-                    self.slots.pop(slot.id, None)
+                    self._release(slot)
                     continue
                 self.steps += 1
                 finished = slot.generation.finished
@@ -112,9 +141,9 @@ class StepScheduler:
                     slot.queue.put_nowait(Step(tokens, finished, slot.generation.finish_reason,
                                                slot.generation.stats.copy()))
                 if finished:
-                    self.slots.pop(slot.id, None)
+                    self._release(slot)
         except BaseException as exc:
             self.error = exc
-            for slot in self.slots.values():
+            for slot in [*self.slots.values(), *self._waiting]:
                 slot.queue.put_nowait(EngineDeadError(f"decoder loop stopped: {exc!r}"))
             raise

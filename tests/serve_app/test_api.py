@@ -365,7 +365,8 @@ def test_recorded_decode_time_is_each_choice_s_own(served):
     """A replica decodes one step at a time, so its requests' own decoding times add up to at
     most the wall time they shared: the ``n`` choices of one request, decoded side by side,
     each once recorded the whole time after its first token (a busy replica made every arm
-    look slower, and whichever ran in a burst looked worst)."""
+    look slower, and whichever ran in a burst looked worst). The suite's replica has 3 decoding
+    slots (``max_ongoing_requests``): the fourth choice waits for one and still answers."""
     import redis
 
     prompt = "The river valley was settled by farmers long before the town grew. " * 24
@@ -374,6 +375,7 @@ def test_recorded_decode_time_is_each_choice_s_own(served):
                                          temperature=1.3, seed=7, extra_body={"arm": "none"})
     wall = time.perf_counter() - started
     assert out.usage.prompt_tokens >= 256  # a bucket of its own in this suite: prose.thi.pm
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
     client = redis.Redis.from_url(served.redis_url)
     key = f"{served.prefix}:{MODEL}:prose.thi.pm:none"
     deadline = time.time() + 30

@@ -220,3 +220,24 @@ def test_a_replica_starts_its_store_before_any_request(deployment, monkeypatch):
         await replica.__del__()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("fields,slots", [({"max_ongoing_requests": 3}, 3),
+                                          ({"max_ongoing_requests": 3,
+                                            "max_active_generations": 5}, 5)])
+def test_a_decoder_s_slots_bound_its_generations_not_its_requests(fields, slots, monkeypatch):
+    """A request's ``n`` choices each take a decoding slot: a replica held up to ``max_n`` x
+    ``max_ongoing_requests`` generations, each with a KV cache."""
+    from workers.engine import Engine
+
+    monkeypatch.setattr(Engine, "load", lambda *args: types.SimpleNamespace())
+
+    async def main():
+        replica = Decoder.func_or_class({"redis_url": None, **fields})
+        try:
+            assert replica.scheduler.max_active == slots
+            assert await replica.queue_length() == 0
+        finally:
+            await replica.__del__()
+
+    asyncio.run(main())

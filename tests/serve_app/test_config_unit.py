@@ -57,6 +57,15 @@ def test_max_queued_requests_zero_is_refused_at_config_time():
         load_config(overrides={"max_queued_requests": 0}, environ={})
 
 
+def test_max_active_generations_from_the_environment():
+    assert load_config(environ={}).max_active_generations is None  # max_ongoing_requests
+    assert load_config(environ={"S3D_MAX_ACTIVE_GENERATIONS": "4"}).max_active_generations == 4
+    assert load_config(environ={"S3D_MAX_ACTIVE_GENERATIONS": "null"}).max_active_generations \
+        is None
+    with pytest.raises(ValidationError):
+        load_config(overrides={"max_active_generations": 0}, environ={})
+
+
 @pytest.mark.parametrize("keys,message", [
     ([""], "empty or blank"), (["ok", "  "], "empty or blank"),
     ([" padded"], "whitespace"), (["padded\t"], "whitespace"),

@@ -103,3 +103,80 @@ def test_a_long_prompt_s_prefill_chunks_let_other_streams_decode():
     assert all(tokens for _, tokens in events)
     assert [tokens for name, tokens in events if name == "long"] == [[0], [1]]
     assert [name for name, _ in events][:2] == ["short", "short"]
+
+
+class RecordingGeneration(CountingGeneration):
+    """Notes in ``log`` each step it takes, under its ``name``."""
+
+    def __init__(self, name: str, log: list[str], steps: int):
+        super().__init__(steps, step_s=0.005)
+        self.name, self.log = name, log
+
+    def step(self) -> list[int]:
+        self.log.append(self.name)
+        return super().step()
+
+
+def test_generations_past_max_active_wait_their_turn_first_come_first_served():
+    """With two slots, a third and fourth generation take no step (hold no KV cache) until a
+    slot frees, and are admitted in the order they came."""
+    async def scenario():
+        scheduler = StepScheduler(max_active=2)
+        log: list[str] = []
+        counts: list[tuple[int, int]] = []
+
+        async def consume(name: str, steps: int, delay: float):
+            await asyncio.sleep(delay)
+            async for _ in scheduler.stream(RecordingGeneration(name, log, steps)):
+                counts.append((scheduler.active, scheduler.waiting))
+
+        await asyncio.gather(consume("a", 3, 0), consume("b", 6, 0.001),
+                             consume("c", 2, 0.002), consume("d", 2, 0.003))
+        return log, counts, scheduler
+
+    log, counts, scheduler = asyncio.run(scenario())
+    assert max(active for active, _ in counts) == 2
+    assert max(waiting for _, waiting in counts) == 2
+    # c starts only after a's last step, d only after c's or b's.
+    assert log.index("c") > max(i for i, name in enumerate(log) if name == "a")
+    assert log.index("d") > log.index("c")
+    assert log.index("d") > min(max(i for i, n in enumerate(log) if n == name)
+                                for name in ("b", "c"))
+    assert sorted(log) == ["a"] * 3 + ["b"] * 6 + ["c"] * 2 + ["d"] * 2
+    assert (scheduler.active, scheduler.waiting) == (0, 0)
+
+
+def test_a_waiting_generation_cancelled_frees_its_place_and_never_steps():
+    async def scenario():
+        scheduler = StepScheduler(max_active=1)
+        log: list[str] = []
+
+        async def consume(name: str, steps: int):
+            async for _ in scheduler.stream(RecordingGeneration(name, log, steps)):
+                pass
+
+        first = asyncio.create_task(consume("a", 5))
+        await asyncio.sleep(0.001)
+        waiting = asyncio.create_task(consume("b", 5))
+        last = asyncio.create_task(consume("c", 2))
+        await asyncio.sleep(0.002)
+        assert scheduler.waiting == 2
+        waiting.cancel()
+        await asyncio.gather(first, last)
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            pass
+        return log, scheduler
+
+    log, scheduler = asyncio.run(scenario())
+    assert "b" not in log
+    assert log == ["a"] * 5 + ["c"] * 2
+    assert (scheduler.active, scheduler.waiting) == (0, 0)
+
+
+def test_max_active_below_one_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="max_active"):
+        StepScheduler(max_active=0)
