@@ -672,6 +672,20 @@ def test_overlay_changes_only_its_args(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_every_ray_container_has_the_same_application_environment(variant):
+    """Serve builds the application in a task (``num_cpus=0``) that may run on the head: the
+    ``S3D_*`` variables (API keys, the Redis URL) must be the same there as on the workers, or
+    the API could come up open, or the router without its store, depending on where it ran."""
+    docs = render(VARIANTS[variant])
+    cluster = only(docs, "RayService")["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    envs = [[var for var in group["template"]["spec"]["containers"][0].get("env", [])
+             if var["name"].startswith("S3D_")] for group in groups]
+    assert {v["name"] for v in envs[0]} >= {"S3D_REDIS_URL", "S3D_API_KEYS"}
+    assert all(env == envs[0] for env in envs[1:]), envs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_application_builds_in_the_pods_environment(variant, monkeypatch):
     """build_app with the args and the env of a worker Pod: the graph Serve would deploy."""
     from ray.serve._private.build_app import build_app as build_graph
