@@ -16,10 +16,12 @@ import asyncio
 import contextlib
 import datetime
 import email.utils
+import functools
 import itertools
 import json
 import os
 import random
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -220,7 +222,8 @@ class APIError(S3DError):
     sends when it cannot take the request now (``overloaded``, ``replica_unavailable``), else 500.
 
     In the openai package's terms this is ``APIStatusError``, and the classes by status below are
-    related as openai's are; its ``APIError`` base is ``S3DError`` here.
+    related as openai's are; its ``APIError`` base is ``S3DError`` here. ``event`` is true for an
+    error event.
     """
 
     def __init__(self, message: str, *, status_code: int, type: str | None = None,
@@ -238,6 +241,15 @@ class APIError(S3DError):
         self.param = param
         self.code = code
         self.body = body
+        self.event = event
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuilt from its fields, so it crosses processes (Ray tasks, process pools): the
+        default calls the class with ``args`` alone, the formatted message."""
+        rebuild = functools.partial(type(self), self.message, status_code=self.status_code,
+                                    type=self.type, param=self.param, code=self.code,
+                                    body=self.body, event=self.event)
+        return rebuild, (), self.__dict__
 
 
 class BadRequestError(APIError):
@@ -273,8 +285,9 @@ class InternalServerError(APIError):
 
 
 class ServiceUnavailableError(InternalServerError):
-    """503: overloaded, or no replica could serve the request; retried. An
-    ``InternalServerError``, as openai's is for a 503: ``except InternalServerError`` in code
+    """503: overloaded, or no replica could serve the request. Retried (up to ``max_retries``)
+    when it is the HTTP answer; not when it arrives as an error event in a stream, after data.
+    An ``InternalServerError``, as openai's is for a 503: ``except InternalServerError`` in code
     written for that package catches it here too."""
 
 
@@ -459,16 +472,43 @@ def _shutdown(response: httpx.Response) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
 class _SSEDecoder:
-    """Server-sent events from lines: an event's ``data:`` lines joined by newlines, dispatched
-    at the blank line that ends it; comments, other fields and a leading BOM are skipped."""
+    """Server-sent events from the bytes of a body as they arrive: an event's ``data:`` lines
+    joined by newlines, dispatched at the blank line that ends it; comments, other fields and a
+    leading BOM are skipped.
+
+    Lines end at CR LF, LF or CR only, as the format defines: httpx's ``iter_lines`` breaks them
+    as ``str.splitlines`` does, at U+2028, U+0085 and the like too, which cut an event whose JSON
+    carries one raw in two. Each line is decoded as UTF-8 once whole, so a character split
+    between chunks arrives whole.
+    """
 
     def __init__(self) -> None:
+        self.pending = b""  # the start of a line whose end has not arrived
+        self.after_cr = False  # the last chunk ended in CR: an LF starting the next is its pair
         self.data: list[str] = []
         self.first = True
 
-    def feed(self, line: str) -> str | None:
-        """The data of the event this line completes, if it completes one."""
+    def feed(self, chunk: bytes) -> list[str]:
+        """The data of each event this chunk of the body completes."""
+        if not chunk:
+            return []
+        if self.after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        self.after_cr = chunk.endswith(b"\r")
+        *lines, self.pending = _LINE_BREAK.split(self.pending + chunk)
+        completed = (self._line(line.decode("utf-8", "replace")) for line in lines)
+        return [data for data in completed if data is not None]
+
+    def end(self) -> list[str]:
+        """The event the body ended in the middle of: a last line without its line break, an
+        event without the blank line after it."""
+        return self.feed(b"\n\n")
+
+    def _line(self, line: str) -> str | None:
         if self.first:
             line, self.first = line.removeprefix("\ufeff"), False
         if not line:
@@ -479,17 +519,13 @@ class _SSEDecoder:
             self.data.append(value.removeprefix(" "))
         return None
 
-    def end(self) -> str | None:
-        """An event the stream ended in the middle of (no blank line after it)."""
-        return self.feed("")
-
 
 def _decode_event(data: str, chunk_type: type[_ChunkT], status_code: int) -> _ChunkT:
     try:
         payload = json.loads(data)
     except ValueError as exc:
         raise _invalid("a stream event is not JSON", exc, status_code, data) from exc
-    if isinstance(payload, dict) and "error" in payload:
+    if isinstance(payload, dict) and payload.get("error"):  # "error": null is no error (openai)
         raise _event_error(payload)
     try:
         return chunk_type.model_validate(payload)
@@ -501,32 +537,54 @@ def _decode_event(data: str, chunk_type: type[_ChunkT], status_code: int) -> _Ch
 _NO_DONE = "the stream ended without data: [DONE]"
 
 
+def _events(response: httpx.Response, chunk_type: type[_ChunkT]) -> Iterator[_ChunkT]:
+    """A stream's chunks. A function, not a method of ``Stream``: a generator referring to its
+    stream would make a cycle, and an abandoned stream's response would wait for the cyclic GC."""
+    events = _SSEDecoder()
+    try:
+        for chunk in itertools.chain(response.iter_bytes(), [None]):
+            for data in events.end() if chunk is None else events.feed(chunk):
+                if data == "[DONE]":
+                    return
+                yield _decode_event(data, chunk_type, response.status_code)
+        raise APIConnectionError(_NO_DONE)
+    except _HTTPX_ERRORS as exc:
+        raise _transport_error(exc) from exc
+    finally:
+        response.close()
+
+
+async def _aevents(response: httpx.Response, chunk_type: type[_ChunkT]) -> AsyncIterator[_ChunkT]:
+    """An async stream's chunks; a function for the reason ``_events`` is."""
+    events = _SSEDecoder()
+    try:
+        async for chunk in response.aiter_bytes():
+            for data in events.feed(chunk):
+                if data == "[DONE]":
+                    return
+                yield _decode_event(data, chunk_type, response.status_code)
+        for data in events.end():
+            if data == "[DONE]":
+                return
+            yield _decode_event(data, chunk_type, response.status_code)
+        raise APIConnectionError(_NO_DONE)
+    except _HTTPX_ERRORS as exc:
+        raise _transport_error(exc) from exc
+    finally:
+        await response.aclose()
+
+
 class Stream(Generic[_ChunkT]):
     """Iterator of typed chunks from a server-sent-events response.
 
     Closing it (or leaving its ``with`` block) closes the HTTP response; so does reaching
-    ``data: [DONE]`` or an error.
+    ``data: [DONE]`` or an error, and so does dropping the last reference to it (after ``break``
+    in a bare ``for`` loop, or before iterating at all).
     """
 
     def __init__(self, response: httpx.Response, chunk_type: type[_ChunkT]):
         self.response = response
-        self._chunk_type = chunk_type
-        self._iterator = self._iterate()
-
-    def _iterate(self) -> Iterator[_ChunkT]:
-        events = _SSEDecoder()
-        try:
-            for line in itertools.chain(self.response.iter_lines(), [None]):
-                data = events.end() if line is None else events.feed(line)
-                if data == "[DONE]":
-                    return
-                if data:
-                    yield _decode_event(data, self._chunk_type, self.response.status_code)
-            raise APIConnectionError(_NO_DONE)
-        except _HTTPX_ERRORS as exc:
-            raise _transport_error(exc) from exc
-        finally:
-            self.response.close()
+        self._iterator = _events(response, chunk_type)
 
     def __iter__(self) -> Stream[_ChunkT]:
         return self
@@ -544,6 +602,13 @@ class Stream(Generic[_ChunkT]):
         with contextlib.suppress(ValueError):  # "generator already executing" elsewhere
             self._iterator.close()
 
+    def __del__(self) -> None:
+        """Closes the response: a generator never started never runs its ``finally``, so a
+        stream dropped before its loop would keep its connection and the server decoding."""
+        response = getattr(self, "response", None)  # absent if ``__init__`` failed
+        if response is not None:
+            response.close()
+
     def __enter__(self) -> Stream[_ChunkT]:
         return self
 
@@ -555,33 +620,15 @@ class AsyncStream(Generic[_ChunkT]):
     """Async iterator of typed chunks from a server-sent-events response.
 
     Closing it (``aclose`` or leaving its ``async with`` block) closes the HTTP response; so does
-    reaching ``data: [DONE]`` or an error.
+    reaching ``data: [DONE]`` or an error. Use it with ``async with`` (or call ``aclose()``):
+    dropped unclosed, its response is closed only by the event loop's finaliser of an abandoned
+    generator if it was iterated, and not at all (until the client closes) if it never was,
+    because ``__del__`` cannot await.
     """
 
     def __init__(self, response: httpx.Response, chunk_type: type[_ChunkT]):
         self.response = response
-        self._chunk_type = chunk_type
-        self._iterator = self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[_ChunkT]:
-        events = _SSEDecoder()
-        try:
-            async for line in self.response.aiter_lines():
-                data = events.feed(line)
-                if data == "[DONE]":
-                    return
-                if data:
-                    yield _decode_event(data, self._chunk_type, self.response.status_code)
-            data = events.end()
-            if data == "[DONE]":
-                return
-            if data:
-                yield _decode_event(data, self._chunk_type, self.response.status_code)
-            raise APIConnectionError(_NO_DONE)
-        except _HTTPX_ERRORS as exc:
-            raise _transport_error(exc) from exc
-        finally:
-            await self.response.aclose()
+        self._iterator = _aevents(response, chunk_type)
 
     def __aiter__(self) -> AsyncStream[_ChunkT]:
         return self
@@ -625,10 +672,12 @@ class S3DClient:
         self.models = Models(self)
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
-                 stream: bool = False, timeout: _Timeout = None) -> httpx.Response:
+                 stream: bool = False, timeout: _Timeout = None,
+                 headers: dict[str, str] | None = None,
+                 params: dict[str, Any] | None = None) -> httpx.Response:
         """Send with retries; only the initial response is retried, never a started stream."""
-        request = self._http.build_request(method, path, json=body,
-                                           timeout=_call_timeout(timeout))
+        request = self._http.build_request(method, path, json=body, headers=headers,
+                                           params=params, timeout=_call_timeout(timeout))
         attempt = 0
         while True:
             try:
@@ -648,9 +697,11 @@ class S3DClient:
             attempt += 1
 
     def _post(self, path: str, body: dict[str, Any], stream: bool, timeout: _Timeout,
-              response_type: type[_ResponseT],
-              chunk_type: type[_ChunkT]) -> _ResponseT | Stream[_ChunkT]:
-        response = self._request("POST", path, body, stream=stream, timeout=timeout)
+              response_type: type[_ResponseT], chunk_type: type[_ChunkT], *,
+              headers: dict[str, str] | None,
+              params: dict[str, Any] | None) -> _ResponseT | Stream[_ChunkT]:
+        response = self._request("POST", path, body, stream=stream, timeout=timeout,
+                                 headers=headers, params=params)
         if stream:
             return Stream(response, chunk_type)
         return _parse(response, response_type)
@@ -691,10 +742,12 @@ class AsyncS3DClient:
         self.models = AsyncModels(self)
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
-                       stream: bool = False, timeout: _Timeout = None) -> httpx.Response:
+                       stream: bool = False, timeout: _Timeout = None,
+                       headers: dict[str, str] | None = None,
+                       params: dict[str, Any] | None = None) -> httpx.Response:
         """Send with retries; only the initial response is retried, never a started stream."""
-        request = self._http.build_request(method, path, json=body,
-                                           timeout=_call_timeout(timeout))
+        request = self._http.build_request(method, path, json=body, headers=headers,
+                                           params=params, timeout=_call_timeout(timeout))
         attempt = 0
         while True:
             try:
@@ -714,9 +767,11 @@ class AsyncS3DClient:
             attempt += 1
 
     async def _post(self, path: str, body: dict[str, Any], stream: bool, timeout: _Timeout,
-                    response_type: type[_ResponseT],
-                    chunk_type: type[_ChunkT]) -> _ResponseT | AsyncStream[_ChunkT]:
-        response = await self._request("POST", path, body, stream=stream, timeout=timeout)
+                    response_type: type[_ResponseT], chunk_type: type[_ChunkT], *,
+                    headers: dict[str, str] | None,
+                    params: dict[str, Any] | None) -> _ResponseT | AsyncStream[_ChunkT]:
+        response = await self._request("POST", path, body, stream=stream, timeout=timeout,
+                                       headers=headers, params=params)
         if stream:
             return AsyncStream(response, chunk_type)
         return _parse(response, response_type)
@@ -745,6 +800,9 @@ class Completions:
                seed: int | None = None, stop: str | list[str] | None = None, n: int | None = None,
                stream: Literal[False] = False, stream_options: dict[str, Any] | None = None,
                arm: str | None = None, timeout: _Timeout = None,
+               extra_headers: dict[str, str] | None = None,
+               extra_query: dict[str, Any] | None = None,
+               extra_body: dict[str, Any] | None = None,
                **extra: Any) -> Completion: ...
 
     @overload
@@ -753,6 +811,9 @@ class Completions:
                seed: int | None = None, stop: str | list[str] | None = None, n: int | None = None,
                stream: Literal[True], stream_options: dict[str, Any] | None = None,
                arm: str | None = None, timeout: _Timeout = None,
+               extra_headers: dict[str, str] | None = None,
+               extra_query: dict[str, Any] | None = None,
+               extra_body: dict[str, Any] | None = None,
                **extra: Any) -> Stream[CompletionChunk]: ...
 
     @overload
@@ -761,6 +822,9 @@ class Completions:
                seed: int | None = None, stop: str | list[str] | None = None, n: int | None = None,
                stream: bool, stream_options: dict[str, Any] | None = None,
                arm: str | None = None, timeout: _Timeout = None,
+               extra_headers: dict[str, str] | None = None,
+               extra_query: dict[str, Any] | None = None,
+               extra_body: dict[str, Any] | None = None,
                **extra: Any) -> Completion | Stream[CompletionChunk]: ...
 
     def create(self, *, prompt: _Prompt, model: str | None = None, max_tokens: int | None = None,
@@ -768,14 +832,18 @@ class Completions:
                seed: int | None = None, stop: str | list[str] | None = None, n: int | None = None,
                stream: bool = False, stream_options: dict[str, Any] | None = None,
                arm: str | None = None, timeout: _Timeout = None,
+               extra_headers: dict[str, str] | None = None,
+               extra_query: dict[str, Any] | None = None,
+               extra_body: dict[str, Any] | None = None,
                **extra: Any) -> Completion | Stream[CompletionChunk]:
         """POST /v1/completions; ``arm`` pins the speculative arm, ``extra`` adds body fields,
-        ``timeout`` replaces the client's for this call."""
+        ``timeout`` replaces the client's for this call. ``extra_body`` (merged over the body),
+        ``extra_headers`` and ``extra_query`` are the openai package's, for code ported from it."""
         body = _body(model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
                      top_p=top_p, seed=seed, stop=stop, n=n, stream=stream,
-                     stream_options=stream_options, arm=arm, **extra)
+                     stream_options=stream_options, arm=arm, **extra) | (extra_body or {})
         return self._client._post("/v1/completions", body, stream, timeout, Completion,
-                                  CompletionChunk)
+                                  CompletionChunk, headers=extra_headers, params=extra_query)
 
 
 class ChatCompletions:
@@ -789,6 +857,9 @@ class ChatCompletions:
                stop: str | list[str] | None = None, n: int | None = None,
                stream: Literal[False] = False, stream_options: dict[str, Any] | None = None,
                arm: str | None = None, timeout: _Timeout = None,
+               extra_headers: dict[str, str] | None = None,
+               extra_query: dict[str, Any] | None = None,
+               extra_body: dict[str, Any] | None = None,
                **extra: Any) -> ChatCompletion: ...
 
     @overload
@@ -798,6 +869,9 @@ class ChatCompletions:
                stop: str | list[str] | None = None, n: int | None = None,
                stream: Literal[True], stream_options: dict[str, Any] | None = None,
                arm: str | None = None, timeout: _Timeout = None,
+               extra_headers: dict[str, str] | None = None,
+               extra_query: dict[str, Any] | None = None,
+               extra_body: dict[str, Any] | None = None,
                **extra: Any) -> Stream[ChatCompletionChunk]: ...
 
     @overload
@@ -807,6 +881,9 @@ class ChatCompletions:
                stop: str | list[str] | None = None, n: int | None = None,
                stream: bool, stream_options: dict[str, Any] | None = None,
                arm: str | None = None, timeout: _Timeout = None,
+               extra_headers: dict[str, str] | None = None,
+               extra_query: dict[str, Any] | None = None,
+               extra_body: dict[str, Any] | None = None,
                **extra: Any) -> ChatCompletion | Stream[ChatCompletionChunk]: ...
 
     def create(self, *, messages: list[dict[str, Any]], model: str | None = None,
@@ -815,14 +892,19 @@ class ChatCompletions:
                stop: str | list[str] | None = None, n: int | None = None,
                stream: bool = False, stream_options: dict[str, Any] | None = None,
                arm: str | None = None, timeout: _Timeout = None,
+               extra_headers: dict[str, str] | None = None,
+               extra_query: dict[str, Any] | None = None,
+               extra_body: dict[str, Any] | None = None,
                **extra: Any) -> ChatCompletion | Stream[ChatCompletionChunk]:
-        """POST /v1/chat/completions; ``arm`` pins the speculative arm, ``extra`` adds fields,
-        ``timeout`` replaces the client's for this call."""
+        """POST /v1/chat/completions; ``arm`` pins the speculative arm, ``extra`` adds body fields,
+        ``timeout`` replaces the client's for this call. ``extra_body`` (merged over the body),
+        ``extra_headers`` and ``extra_query`` are the openai package's, for code ported from it."""
         body = _body(model=model, messages=messages, max_tokens=max_tokens,
                      temperature=temperature, top_p=top_p, seed=seed, stop=stop, n=n,
-                     stream=stream, stream_options=stream_options, arm=arm, **extra)
+                     stream=stream, stream_options=stream_options, arm=arm,
+                     **extra) | (extra_body or {})
         return self._client._post("/v1/chat/completions", body, stream, timeout, ChatCompletion,
-                                  ChatCompletionChunk)
+                                  ChatCompletionChunk, headers=extra_headers, params=extra_query)
 
 
 class Chat:
@@ -854,6 +936,9 @@ class AsyncCompletions:
                      stop: str | list[str] | None = None, n: int | None = None,
                      stream: Literal[False] = False, stream_options: dict[str, Any] | None = None,
                      arm: str | None = None, timeout: _Timeout = None,
+                     extra_headers: dict[str, str] | None = None,
+                     extra_query: dict[str, Any] | None = None,
+                     extra_body: dict[str, Any] | None = None,
                      **extra: Any) -> Completion: ...
 
     @overload
@@ -863,6 +948,9 @@ class AsyncCompletions:
                      stop: str | list[str] | None = None, n: int | None = None,
                      stream: Literal[True], stream_options: dict[str, Any] | None = None,
                      arm: str | None = None, timeout: _Timeout = None,
+                     extra_headers: dict[str, str] | None = None,
+                     extra_query: dict[str, Any] | None = None,
+                     extra_body: dict[str, Any] | None = None,
                      **extra: Any) -> AsyncStream[CompletionChunk]: ...
 
     @overload
@@ -872,6 +960,9 @@ class AsyncCompletions:
                      stop: str | list[str] | None = None, n: int | None = None,
                      stream: bool, stream_options: dict[str, Any] | None = None,
                      arm: str | None = None, timeout: _Timeout = None,
+                     extra_headers: dict[str, str] | None = None,
+                     extra_query: dict[str, Any] | None = None,
+                     extra_body: dict[str, Any] | None = None,
                      **extra: Any) -> Completion | AsyncStream[CompletionChunk]: ...
 
     async def create(self, *, prompt: _Prompt, model: str | None = None,
@@ -880,14 +971,19 @@ class AsyncCompletions:
                      stop: str | list[str] | None = None, n: int | None = None,
                      stream: bool = False, stream_options: dict[str, Any] | None = None,
                      arm: str | None = None, timeout: _Timeout = None,
+                     extra_headers: dict[str, str] | None = None,
+                     extra_query: dict[str, Any] | None = None,
+                     extra_body: dict[str, Any] | None = None,
                      **extra: Any) -> Completion | AsyncStream[CompletionChunk]:
         """POST /v1/completions; ``arm`` pins the speculative arm, ``extra`` adds body fields,
-        ``timeout`` replaces the client's for this call."""
+        ``timeout`` replaces the client's for this call. ``extra_body`` (merged over the body),
+        ``extra_headers`` and ``extra_query`` are the openai package's, for code ported from it."""
         body = _body(model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
                      top_p=top_p, seed=seed, stop=stop, n=n, stream=stream,
-                     stream_options=stream_options, arm=arm, **extra)
+                     stream_options=stream_options, arm=arm, **extra) | (extra_body or {})
         return await self._client._post("/v1/completions", body, stream, timeout, Completion,
-                                         CompletionChunk)
+                                         CompletionChunk, headers=extra_headers,
+                                         params=extra_query)
 
 
 class AsyncChatCompletions:
@@ -901,6 +997,9 @@ class AsyncChatCompletions:
                      stop: str | list[str] | None = None, n: int | None = None,
                      stream: Literal[False] = False, stream_options: dict[str, Any] | None = None,
                      arm: str | None = None, timeout: _Timeout = None,
+                     extra_headers: dict[str, str] | None = None,
+                     extra_query: dict[str, Any] | None = None,
+                     extra_body: dict[str, Any] | None = None,
                      **extra: Any) -> ChatCompletion: ...
 
     @overload
@@ -910,6 +1009,9 @@ class AsyncChatCompletions:
                      stop: str | list[str] | None = None, n: int | None = None,
                      stream: Literal[True], stream_options: dict[str, Any] | None = None,
                      arm: str | None = None, timeout: _Timeout = None,
+                     extra_headers: dict[str, str] | None = None,
+                     extra_query: dict[str, Any] | None = None,
+                     extra_body: dict[str, Any] | None = None,
                      **extra: Any) -> AsyncStream[ChatCompletionChunk]: ...
 
     @overload
@@ -919,6 +1021,9 @@ class AsyncChatCompletions:
                      stop: str | list[str] | None = None, n: int | None = None,
                      stream: bool, stream_options: dict[str, Any] | None = None,
                      arm: str | None = None, timeout: _Timeout = None,
+                     extra_headers: dict[str, str] | None = None,
+                     extra_query: dict[str, Any] | None = None,
+                     extra_body: dict[str, Any] | None = None,
                      **extra: Any) -> ChatCompletion | AsyncStream[ChatCompletionChunk]: ...
 
     async def create(self, *, messages: list[dict[str, Any]], model: str | None = None,
@@ -927,14 +1032,20 @@ class AsyncChatCompletions:
                      stop: str | list[str] | None = None, n: int | None = None,
                      stream: bool = False, stream_options: dict[str, Any] | None = None,
                      arm: str | None = None, timeout: _Timeout = None,
+                     extra_headers: dict[str, str] | None = None,
+                     extra_query: dict[str, Any] | None = None,
+                     extra_body: dict[str, Any] | None = None,
                      **extra: Any) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
-        """POST /v1/chat/completions; ``arm`` pins the speculative arm, ``extra`` adds fields,
-        ``timeout`` replaces the client's for this call."""
+        """POST /v1/chat/completions; ``arm`` pins the speculative arm, ``extra`` adds body fields,
+        ``timeout`` replaces the client's for this call. ``extra_body`` (merged over the body),
+        ``extra_headers`` and ``extra_query`` are the openai package's, for code ported from it."""
         body = _body(model=model, messages=messages, max_tokens=max_tokens,
                      temperature=temperature, top_p=top_p, seed=seed, stop=stop, n=n,
-                     stream=stream, stream_options=stream_options, arm=arm, **extra)
+                     stream=stream, stream_options=stream_options, arm=arm,
+                     **extra) | (extra_body or {})
         return await self._client._post("/v1/chat/completions", body, stream, timeout,
-                                         ChatCompletion, ChatCompletionChunk)
+                                         ChatCompletion, ChatCompletionChunk,
+                                         headers=extra_headers, params=extra_query)
 
 
 class AsyncChat:

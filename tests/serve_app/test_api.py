@@ -293,17 +293,26 @@ def test_back_pressure_503_with_retry_after(served):
 
 
 def test_sdk_retries_503_until_served(served):
+    """Ten requests at once overflow a replica (3 running, 2 queued): some are answered 503, and
+    the SDK waits the Retry-After (1 s or more) and sends them again until all are served."""
     body = {"prompt": "Once upon a time, a dragon", "max_tokens": 32}
+    delays = []  # every retry's wait, from every thread (list.append is atomic)
+
+    def sleep(seconds):
+        delays.append(seconds)
+        time.sleep(seconds)
 
     def sdk_call(_):
         with S3DClient(served.base_url, api_key=served.api_key, max_retries=30,
-                       timeout=300) as client:
+                       timeout=300, sleep=sleep) as client:
             return client.completions.create(**body)
 
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         results = list(pool.map(sdk_call, range(10)))
     assert all(r.usage.completion_tokens >= 1 for r in results), results
     assert all(r.spec_decode is not None for r in results)
+    assert delays, "no request was answered 503 and retried"
+    assert min(delays) >= 1, delays  # the server's Retry-After, not a connection's backoff
 
 
 def test_sdk_sync_and_async(served):
