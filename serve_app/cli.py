@@ -58,12 +58,13 @@ def generate(
     from workers.sampling import SamplingParams
     from workers.textstream import TextStream
 
+    if arm is not None and (profile or model in BUNDLED_ALIASES):
+        # The arms are known before loading: the given profile's, or the bundled model's.
+        _check_arm(arm, _profile_arm_names(profile))
     _threads(threads)
     engine = Engine.load(model, dtype, device, quantization, profile)
-    names = [a.name for a in engine.profile.arms]
-    if arm is not None and arm not in names:
-        raise typer.BadParameter(f"unknown arm {arm!r}; the profile's arms: {', '.join(names)}",
-                                 param_hint="--arm")
+    if arm is not None:  # another model's: its profile is chosen when it loads
+        _check_arm(arm, [a.name for a in engine.profile.arms])
     record = (BenchPrompt(id="cli", category="cli", prompt=prompt) if raw else
               BenchPrompt(id="cli", category="cli", messages=[{"role": "user", "content": prompt}]))
     ids = record.to_token_ids(engine.tokenizer)
@@ -82,6 +83,17 @@ def generate(
         f"draft acceptance rate {summary['draft_acceptance_rate']:.2f}; "
         f"{summary['num_spec_steps']} steps, {summary['num_accepted_tokens']}/"
         f"{summary['num_draft_tokens']} drafts accepted]", err=True)
+
+
+# What `--model` calls the bundled model (workers.model.resolve_model_path; not imported: that
+# imports torch).
+BUNDLED_ALIASES = ("bundled", "default", "bundled:smollm2-135m-instruct")
+
+
+def _check_arm(arm: str, names: list[str]) -> None:
+    if names and arm not in names:
+        raise typer.BadParameter(f"unknown arm {arm!r}; the profile's arms: {', '.join(names)}",
+                                 param_hint="--arm")
 
 
 def _profile_arm_names(path: str | None) -> list[str]:
@@ -141,7 +153,15 @@ def bench(
     if mix and temperature > 0:
         raise typer.BadParameter("give either --temperature or --temperatures",
                                  param_hint="--temperatures")
-    suite = load_prompts(prompts, limit)
+    try:
+        suite = load_prompts(prompts, limit)
+    except ValueError as exc:  # PromptFileError: a file missing, unreadable or malformed
+        raise typer.BadParameter(str(exc), param_hint="--prompts") from None
+    try:  # now, not after the whole run
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot create folder {out}: {exc.strerror or exc}",
+                                 param_hint="--out") from None
     engine = Engine.load(model, dtype, device, quantization, profile, pool=pool)
     params = SamplingParams(temperature, top_p, 0, seed)
     runner = bench_mod.Bench(engine, suite, max_tokens, params, temperatures=mix)
@@ -243,7 +263,8 @@ def serve(
     config: Path = typer.Option(None, help="YAML file of ServeConfig fields."),
     host: str = typer.Option("127.0.0.1", help="HTTP bind address."),
     port: int = typer.Option(8000, min=1, max=65535, help="HTTP port."),
-    num_cpus: int = typer.Option(None, help="CPUs for the local Ray (default: all)."),
+    num_cpus: int = typer.Option(None, min=1, help="CPUs for the local Ray (default: all, "
+                                                   "at least 2)."),
     model: str = typer.Option(None, help="Override the config's model."),
     dtype: str = typer.Option(None, help="Override the config's dtype."),
     quantization: str = typer.Option(None, help="Override: none, 8bit or 4bit."),
@@ -251,6 +272,7 @@ def serve(
     max_replicas: int = typer.Option(None, help="Override the decoder pool's maximum size."),
 ) -> None:
     """Serve the OpenAI-compatible API on this machine (local Ray and Redis); Ctrl-C stops it."""
+    import yaml
     from pydantic import ValidationError
 
     from serve_app.config import load_config
@@ -261,13 +283,38 @@ def serve(
                                              "quantization": quantization,
                                              "redis_url": redis_url,
                                              "max_replicas": max_replicas})
+    except yaml.YAMLError as exc:
+        raise typer.BadParameter(f"{config} is not valid YAML: {exc}",
+                                 param_hint="--config") from None
     except (ValidationError, OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
+    # Files are read by the replicas, after Ray and redis-server have started: checked here.
+    _check_local_paths(cfg.model, cfg.profile, cfg.pool)
     try:
         serve_locally(cfg, host, port, lambda m: typer.echo(m, err=True), num_cpus)
     except LocalServeError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _looks_like_path(value: str) -> bool:
+    """A value meant as a local path: absolute, ``./`` or ``../`` relative, or with more than
+    one ``/`` (a hub id is ``owner/name``; ``name`` or ``owner/name`` alone may be either)."""
+    return value.startswith(("/", "./", "../", "~")) or value in (".", "..") \
+        or value.count("/") > 1
+
+
+def _check_local_paths(model: str, profile: str | None, pool: str | None) -> None:
+    """Refuse a model folder, profile or pool file that does not exist (a model that looks like
+    a hub id and is no local folder is left to the hub)."""
+    if _looks_like_path(model) and not Path(model).exists():
+        raise typer.BadParameter(f"model {model!r}: no such folder (a local Hugging Face "
+                                 f"folder, a hub id owner/name, or `bundled`)")
+    if profile and not Path(profile).is_file():
+        raise typer.BadParameter(f"profile {profile!r}: no such file")
+    if pool not in (None, "none") and not Path(pool).is_file():
+        raise typer.BadParameter(f"pool {pool!r}: no such file (`none`: start with an empty "
+                                 f"pool)")
 
 
 @app.command()
@@ -392,13 +439,17 @@ def train_cmd(
     from workers.engine import Engine
     from workers.train import train
 
+    try:
+        skip = tuple(int(x) for x in skip_layers.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected layer numbers separated by commas, got "
+                                 f"{skip_layers!r}", param_hint="--skip-layers") from None
     _threads(threads)
     engine = Engine.load(model, dtype, device, "none", None)
     try:
         train(engine, out, gamma=gamma, rank=rank, steps=steps, minutes=minutes, lr=lr,
               chunk_len=chunk_len, attach_per_chunk=attach_per_chunk, max_chars=max_chars,
-              eval_every=eval_every, resume=resume, init=init,
-              skip_layers=tuple(int(x) for x in skip_layers.split(",") if x.strip()),
+              eval_every=eval_every, resume=resume, init=init, skip_layers=skip,
               rollouts={"chat": chat, "code": code, "summary": summary},
               rollout_tokens=rollout_tokens, rollout_share=rollout_share, warmup=warmup,
               log=lambda m: typer.echo(m, err=True))

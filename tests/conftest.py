@@ -61,7 +61,8 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def redis_server():
     if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not installed (make install installs it)")
+        pytest.fail("redis-server is not installed: install it with `sudo apt-get install -y "
+                    "redis-server` (as root: `apt-get install -y redis-server`)")
     server = RedisServer()
     server.start()
     yield server

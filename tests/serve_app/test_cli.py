@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -24,6 +25,48 @@ def test_generate_runs_a_pinned_arm_and_refuses_an_unknown_one():
 def words(output: str) -> str:
     """A CLI message without the error box's frame and wrapping."""
     return " ".join(output.replace("│", " ").split())
+
+
+@pytest.fixture
+def no_s3d_env(monkeypatch):
+    """No ``S3D_*`` variables: a developer's own (S3D_MODEL, S3D_PORT...) would change what
+    `s3d serve` is given."""
+    for name in list(os.environ):
+        if name.startswith("S3D_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch, no_s3d_env):
+    """A command that gets as far as loading the model or starting Ray fails the test: these
+    settings must be refused before (in seconds, not after minutes of start-up)."""
+    from workers.engine import Engine
+
+    def started(*args, **kwargs):
+        raise AssertionError("started although the settings should have been refused")
+
+    monkeypatch.setattr("serve_app.local.serve_locally", started)
+    monkeypatch.setattr(Engine, "load", classmethod(started))
+
+
+def test_generate_refuses_an_unknown_arm_before_loading_the_model(nothing_starts):
+    bad = CliRunner().invoke(app, ["generate", "hi", "--arm", "warp_drive"])
+    assert bad.exit_code == 2, bad.output
+    assert "unknown arm 'warp_drive'" in words(bad.output) and "s3d_fused" in bad.output
+
+
+def test_the_cli_knows_the_bundled_models_names():
+    from serve_app import cli
+    from workers.model import BUNDLED_MODEL
+
+    assert BUNDLED_MODEL in cli.BUNDLED_ALIASES  # the CLI's copy, kept in step
+
+
+def test_train_refuses_skip_layers_that_are_not_numbers(nothing_starts, tmp_path):
+    bad = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "a.safetensors"),
+                                   "--skip-layers", "a,b"])
+    assert bad.exit_code == 2, bad.output
+    assert "--skip-layers" in bad.output and "'a,b'" in words(bad.output)
 
 
 def test_search_refuses_unknown_kinds_before_loading_anything(tmp_path):
@@ -69,7 +112,21 @@ def test_bench_refuses_bad_temperatures_before_loading_anything(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_serve_refuses_a_bad_config_and_a_port_in_use_before_starting_anything():
+def test_bench_refuses_a_missing_prompt_file_and_an_out_it_cannot_create(nothing_starts,
+                                                                          tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["bench", "--out", str(tmp_path / "out"), "--prompts",
+                                  str(tmp_path / "no-such.jsonl")])
+    assert missing.exit_code == 2, missing.output
+    assert "--prompts" in missing.output and "no-such.jsonl" in words(missing.output)
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    taken = runner.invoke(app, ["bench", "--out", str(a_file), "--limit", "1"])
+    assert taken.exit_code == 2, taken.output  # was: after the whole run
+    assert "--out" in taken.output and "cannot create folder" in words(taken.output)
+
+
+def test_serve_refuses_a_bad_config_and_a_port_in_use_before_starting_anything(no_s3d_env):
     import socket
 
     runner = CliRunner()
@@ -85,8 +142,62 @@ def test_serve_refuses_a_bad_config_and_a_port_in_use_before_starting_anything()
     assert busy.exception is None or isinstance(busy.exception, SystemExit)
 
 
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "192.0.2.1"])
+def test_serve_says_why_it_cannot_bind_a_host(no_s3d_env, host):
+    """Not "in use": a host that does not resolve, or an address not of this machine."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    bad = CliRunner().invoke(app, ["serve", "--host", host, "--port", str(port)])
+    assert bad.exit_code == 2, bad.output
+    assert f"cannot bind {host}:{port}: " in bad.output and "in use" not in bad.output
+
+
+def test_serve_refuses_bad_settings_and_missing_files_before_starting_anything(
+        nothing_starts, tmp_path):
+    runner = CliRunner()
+
+    def squeezed(text: str) -> str:  # the error box may break a long path anywhere
+        return "".join(text.replace("│", "").split())
+
+    def refused(*args: str) -> str:
+        result = runner.invoke(app, ["serve", *args])
+        assert result.exit_code == 2, (args, result.output)
+        return squeezed(result.output)
+
+    assert "--num-cpus" in refused("--num-cpus", "0")  # was: silently the default
+    assert "--num-cpus" in refused("--num-cpus", "-1")  # was: a traceback from ray.init
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [bundled\n")
+    assert squeezed("is not valid YAML") in refused("--config", str(broken))
+    assert squeezed("'./no-such-model': no such folder") in refused("--model", "./no-such-model")
+    assert squeezed("no such folder") in refused("--model", str(tmp_path / "no-such-model"))
+    for field in ("profile", "pool"):
+        config = tmp_path / f"{field}.yaml"
+        config.write_text(f"{field}: {tmp_path / 'no-such-file'}\n")
+        assert squeezed(f"{field} '{tmp_path / 'no-such-file'}': no such file") in refused(
+            "--config", str(config))
+
+
+def test_serve_leaves_a_hub_id_to_the_hub_and_exits_1_on_a_failure_after_start(
+        monkeypatch, no_s3d_env):
+    from serve_app.local import LocalServeError
+
+    given = []
+
+    def failed_after_start(config, *args):
+        given.append(config)
+        raise LocalServeError("the application did not deploy: Decoder: OSError", exit_code=1)
+
+    monkeypatch.setattr("serve_app.local.serve_locally", failed_after_start)
+    result = CliRunner().invoke(app, ["serve", "--model", "owner/name"])
+    assert [c.model for c in given] == ["owner/name"]
+    assert result.exit_code == 1, result.output  # not 2: no setting was refused
+    assert "error: the application did not deploy" in result.output
+
+
 @pytest.mark.parametrize("port", ["70000", "-1", "0"])
-def test_serve_refuses_a_port_outside_1_to_65535_with_a_usage_error(port):
+def test_serve_refuses_a_port_outside_1_to_65535_with_a_usage_error(no_s3d_env, port):
     """70000 and -1 ended in an OverflowError traceback (exit 1) from the port check; 0 passed
     it, started Ray and polled the health of port 0 for ten minutes."""
     result = CliRunner().invoke(app, ["serve", "--port", port])
