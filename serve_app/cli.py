@@ -54,6 +54,7 @@ def generate(
 ) -> None:
     """Stream one completion to stdout, then print its acceptance figures."""
     from workers.engine import Engine
+    from workers.model import BUNDLED_ALIASES
     from workers.prompts import BenchPrompt
     from workers.sampling import SamplingParams
     from workers.textstream import TextStream
@@ -83,11 +84,6 @@ def generate(
         f"draft acceptance rate {summary['draft_acceptance_rate']:.2f}; "
         f"{summary['num_spec_steps']} steps, {summary['num_accepted_tokens']}/"
         f"{summary['num_draft_tokens']} drafts accepted]", err=True)
-
-
-# What `--model` calls the bundled model (workers.model.resolve_model_path; not imported: that
-# imports torch).
-BUNDLED_ALIASES = ("bundled", "default", "bundled:smollm2-135m-instruct")
 
 
 def _check_arm(arm: str, names: list[str]) -> None:

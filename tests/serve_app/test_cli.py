@@ -55,13 +55,6 @@ def test_generate_refuses_an_unknown_arm_before_loading_the_model(nothing_starts
     assert "unknown arm 'warp_drive'" in words(bad.output) and "s3d_fused" in bad.output
 
 
-def test_the_cli_knows_the_bundled_models_names():
-    from serve_app import cli
-    from workers.model import BUNDLED_MODEL
-
-    assert BUNDLED_MODEL in cli.BUNDLED_ALIASES  # the CLI's copy, kept in step
-
-
 def test_train_refuses_skip_layers_that_are_not_numbers(nothing_starts, tmp_path):
     bad = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "a.safetensors"),
                                    "--skip-layers", "a,b"])
