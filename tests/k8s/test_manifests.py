@@ -30,6 +30,7 @@ import importlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -586,16 +587,62 @@ def redis_parts(docs: list[dict]) -> tuple[dict, dict, dict]:
         secret_values(docs)
 
 
+def redis_script(container: dict) -> str:
+    """The shell script the Redis container runs (`sh -c`)."""
+    assert container["command"] == ["sh", "-c"] and len(container["args"]) == 1
+    return container["args"][0]
+
+
+def test_redis_container_runs_with_the_secret_password_off_its_command_line(tmp_path):
+    """The container's own script, run with this machine's redis-server (only the port, bind
+    address and data folder changed): Redis asks for the Secret's password, keeps the
+    manifest's settings, and no process's command line carries the password."""
+    import subprocess
+
+    import redis as redis_py
+
+    from tests.conftest import free_port
+
+    _, statefulset, secrets = redis_parts(render(VARIANTS["base"]))
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    env = container_env(container, secrets)
+    password, port = env["REDIS_PASSWORD"], free_port()
+    script = redis_script(container)
+    local = script.replace("--dir /data", f"--dir {tmp_path}").replace(
+        "redis-server -", f"redis-server - --port {port} --bind 127.0.0.1", 1)
+    assert local.count(str(tmp_path)) == 1 and local.count(f"--port {port}") == 1
+    proc = subprocess.Popen(["sh", "-c", local], env={"PATH": os.environ["PATH"], **env})
+    client = redis_py.Redis(port=port, password=password, socket_timeout=5)
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis_py.ConnectionError:
+                assert proc.poll() is None, "redis-server exited"
+                time.sleep(0.1)
+        assert client.config_get("requirepass") == {"requirepass": password}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert client.config_get("maxmemory") == {"maxmemory": str(768 << 20)}
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        with pytest.raises(redis_py.AuthenticationError):
+            redis_py.Redis(port=port, socket_timeout=5).ping()
+        # `exec`: the shell became redis-server (PID 1 in the Pod, which gets the stop signal).
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert b"redis-server" in cmdline and password.encode() not in cmdline
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_stats_redis_url_comes_from_the_secret_and_reaches_redis(variant):
     docs = render(VARIANTS[variant])
     service, statefulset, secrets = redis_parts(docs)
     redis = statefulset["spec"]["template"]["spec"]["containers"][0]
-    redis_env = container_env(redis, secrets)
-    args = redis["args"]
-    password_ref = args[args.index("--requirepass") + 1]
-    password = re.sub(r"\$\((\w+)\)", lambda m: redis_env[m[1]], password_ref)
-    assert password != password_ref, "--requirepass must come from the Secret"
+    password = container_env(redis, secrets)["REDIS_PASSWORD"]
+    assert "requirepass $REDIS_PASSWORD" in redis_script(redis)
     assert re.fullmatch(r"[A-Za-z0-9._~-]+", password), "password must be URL-safe"
     for group, template in pod_templates(only(docs, "RayService")).items():
         env = container_env(template["spec"]["containers"][0], secrets)
