@@ -26,7 +26,7 @@ MODEL = "sim-model"
 class ArmTruth:
     """The true goodput of one arm in one bucket: a mean and a relative (lognormal) noise."""
 
-    mean: float  # tokens / s
+    mean: float  # tokens / s, the mean of one request's draws
     rel_noise: float = 0.1
 
     def sample(self, rng: random.Random) -> float:
@@ -34,12 +34,27 @@ class ArmTruth:
         sigma = math.sqrt(math.log1p(self.rel_noise ** 2))
         return self.mean * math.exp(rng.gauss(-sigma ** 2 / 2, sigma))
 
+    @property
+    def throughput(self) -> float:
+        """Tokens over decoding time of many requests, what the store estimates and the router
+        ranks arms by: every request decodes the same tokens, so it is the harmonic mean of the
+        draws, ``1 / E[1 / g]``. For ``g = mean * exp(Z)``, ``Z ~ N(-s^2 / 2, s^2)`` with
+        ``s^2 = log(1 + rel_noise^2)``, ``E[exp(-Z)] = exp(s^2)``: ``mean / (1 + rel_noise^2)``.
+        Below ``mean``, the more so the noisier the arm, so a noisy arm with the higher mean can
+        be the slower one."""
+        return self.mean / (1 + self.rel_noise ** 2)
+
 
 Truth = Mapping[str, Mapping[str, ArmTruth]]  # bucket -> arm -> truth
 
 
 def best_arm(arms: Mapping[str, ArmTruth]) -> str:
-    return max(arms, key=lambda arm: arms[arm].mean)
+    return max(arms, key=lambda arm: arms[arm].throughput)
+
+
+def total_rate(goodputs: Sequence[float]) -> float:
+    """Tokens over time of requests that decode the same tokens each at these goodputs."""
+    return len(goodputs) / sum(1 / g for g in goodputs) if goodputs else 0.0
 
 
 @dataclass(frozen=True)
@@ -52,24 +67,25 @@ class SimRecord:
     arm: str
     best_arm: str
     goodput: float  # sampled goodput of the chosen arm
-    arm_mean: float  # true mean goodput of the chosen arm
-    best_mean: float  # true mean goodput of the bucket's best arm at the time
+    arm_throughput: float  # true throughput of the chosen arm (``ArmTruth.throughput``)
+    best_throughput: float  # true throughput of the bucket's best arm at the time
 
     @property
     def regret(self) -> float:
         """Expected goodput lost to the choice (pseudo-regret: free of the sampling noise)."""
-        return self.best_mean - self.arm_mean
+        return self.best_throughput - self.arm_throughput
 
 
 @dataclass(frozen=True)
 class SimSummary:
-    """Figures over a window of requests."""
+    """Figures over a window of requests; the goodputs are its tokens over its decoding time
+    (``total_rate``), as the bench and the store count them."""
 
     requests: int
     regret: float  # summed over the window
-    achieved_goodput: float  # mean sampled goodput of the chosen arms
-    expected_goodput: float  # mean true goodput of the chosen arms
-    best_goodput: float  # mean true goodput of the per-bucket best arms
+    achieved_goodput: float  # at the sampled goodputs of the chosen arms
+    expected_goodput: float  # at the true throughputs of the chosen arms
+    best_goodput: float  # at the true throughputs of the per-bucket best arms
     best_arm_share: dict[str, float]  # per bucket, share of its requests on the best arm
 
     @property
@@ -93,12 +109,11 @@ class SimResult:
     def summary(self, start: int = 0, stop: int | None = None) -> SimSummary:
         """Figures over ``records[start:stop]``."""
         window = self.records[start:stop]
-        n = len(window) or 1
         return SimSummary(requests=len(window),
                           regret=sum(r.regret for r in window),
-                          achieved_goodput=sum(r.goodput for r in window) / n,
-                          expected_goodput=sum(r.arm_mean for r in window) / n,
-                          best_goodput=sum(r.best_mean for r in window) / n,
+                          achieved_goodput=total_rate([r.goodput for r in window]),
+                          expected_goodput=total_rate([r.arm_throughput for r in window]),
+                          best_goodput=total_rate([r.best_throughput for r in window]),
                           best_arm_share=_best_arm_share(window))
 
     def best_arm_share_last(self, k: int) -> dict[str, float]:
@@ -163,6 +178,6 @@ def simulate(truth: Truth, mix: Mapping[str, float], requests: int, seed: int, *
                      (output_tokens - 1) / goodput)
         best = best_arm(current[bucket])
         records.append(SimRecord(index, clock.now, bucket, arm, best, goodput,
-                                 current[bucket][arm].mean, current[bucket][best].mean))
+                                 current[bucket][arm].throughput, current[bucket][best].throughput))
         clock.now += interval_s
     return SimResult(records)

@@ -108,11 +108,11 @@ def _profile_arm_names(path: str | None) -> list[str]:
 def bench(
     out: Path = typer.Option(Path("bench-out"), help="Folder for bench.json, bench.md, bench.png."),
     methods: str = typer.Option(
-        None, help="Comma list of methods (default: all; method s3d is the profile's fastest "
-                   "arm in this dtype that drafts with S3D masks: s3d_fused, s3d_skip or a "
-                   "hybrid; any profile arm by its name). With a router, every profile arm "
-                   "the list leaves out runs too: a router is compared with all it may "
-                   "choose."),
+        None, help="Comma list of methods (default: every one the profile has the arms for; "
+                   "method s3d is the profile's fastest arm in this dtype that drafts with S3D "
+                   "masks: s3d_fused, s3d_skip or a hybrid; any profile arm by its name). With "
+                   "a router, every profile arm the list leaves out runs too: a router is "
+                   "compared with all it may choose."),
     max_tokens: int = typer.Option(128, min=1),
     limit: int = typer.Option(None, min=1, help="Only the first N prompts."),
     prompts: Path = typer.Option(None, help="Prompt suite JSONL (default: the shipped one)."),
@@ -128,23 +128,36 @@ def bench(
 ) -> None:
     """Run decoding methods side by side on the prompt suite; write JSON, Markdown and a plot."""
     from workers import bench as bench_mod
-    from workers.engine import Engine
+    from workers.arm import Profile
+    from workers.engine import BUNDLED_PROFILE, Engine
+    from workers.model import BUNDLED_ALIASES
     from workers.prompts import load_prompts
     from workers.sampling import SamplingParams
 
     _threads(threads)
+    # Without --methods, those the loaded profile has the arms for (known after loading).
     method_list = (list(dict.fromkeys(m.strip() for m in methods.split(",") if m.strip()))
-                   if methods is not None else list(bench_mod.ALL_METHODS))
-    if not method_list:
+                   if methods is not None else None)
+    if method_list == []:
         raise typer.BadParameter("no methods given", param_hint="--methods")
     # Arms run by name too; those of the profile the engine will load are only known after
     # loading the model, so here the given profile's, or the bundled one's.
     arm_names = _profile_arm_names(profile)
-    unknown = [m for m in method_list if m not in bench_mod.ALL_METHODS and m not in arm_names]
+    unknown = [m for m in method_list or () if m not in bench_mod.ALL_METHODS
+               and m not in arm_names]
     if unknown:
         raise typer.BadParameter(f"unknown methods {unknown}; known: "
                                  f"{', '.join(bench_mod.ALL_METHODS)} and the profile's arms "
                                  f"{', '.join(arm_names)}", param_hint="--methods")
+    if method_list and (profile or model in BUNDLED_ALIASES):
+        # The profile the engine will load is this one: a method without its arm there is
+        # refused now, not after loading the model (the engine reports a broken file).
+        try:
+            why = bench_mod.missing_arms(method_list, Profile.load(profile or BUNDLED_PROFILE).arms)
+        except (OSError, ValueError):
+            why = None
+        if why:
+            raise typer.BadParameter(why, param_hint="--methods")
     mix = _temperature_list(temperatures) if temperatures else None
     if mix and temperature > 0:
         raise typer.BadParameter("give either --temperature or --temperatures",
@@ -153,6 +166,9 @@ def bench(
         suite = load_prompts(prompts, limit)
     except ValueError as exc:  # PromptFileError: a file missing, unreadable or malformed
         raise typer.BadParameter(str(exc), param_hint="--prompts") from None
+    if not suite:  # now, not as an IndexError after loading the model
+        raise typer.BadParameter(f"{prompts or 'the shipped suite'} holds no prompts",
+                                 param_hint="--prompts")
     try:  # now, not after the whole run
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -160,7 +176,16 @@ def bench(
                                  param_hint="--out") from None
     engine = Engine.load(model, dtype, device, quantization, profile, pool=pool)
     params = SamplingParams(temperature, top_p, 0, seed)
-    runner = bench_mod.Bench(engine, suite, max_tokens, params, temperatures=mix)
+    try:  # before any method runs: a prompt too long for the model's context
+        runner = bench_mod.Bench(engine, suite, max_tokens, params, temperatures=mix)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=["--prompts", "--max-tokens"]) from None
+    if method_list is None:
+        method_list = runner.available_methods
+    try:  # another model's profile, known only now
+        runner.check_methods(method_list)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--methods") from None
     results = runner.run(method_list)
     meta = bench_mod.machine_meta(engine, {
         "max_tokens": max_tokens, "limit": limit, "temperature": temperature,

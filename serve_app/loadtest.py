@@ -39,7 +39,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from workers.stats import nearest_rank
+from workers.stats import mean_acceptance_length, nearest_rank
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -119,7 +119,8 @@ class LoadConfig(BaseModel):
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1,
-                               description="Request i uses prompts[i % len(prompts)].")
+                               description="Each kind of request (streamed or not, chat or "
+                                           "not) takes them in turn.")
     arm: str | None = Field(None, description="Pin this speculative-decoding arm.")
     timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False,
                              description="Total time allowed to one request.")
@@ -170,7 +171,8 @@ class LatencyStats(Percentiles):
 class SpecDecodeSummary(BaseModel):
     responses: int = Field(description="Successful responses that carried a spec_decode object.")
     mean_acceptance_length: float | None = Field(
-        description="Mean over those responses of their mean_acceptance_length.")
+        description="Tokens per verify step over those responses' steps together (their "
+                    "accepted tokens and steps pooled, as the server merges choices).")
     arms: dict[str, int] = Field(description="Arm that served each of those responses.")
 
 
@@ -193,9 +195,20 @@ class LoadReport(BaseModel):
     spec_decode: SpecDecodeSummary
 
 
-def _spread(index: int, fraction: float) -> bool:
-    """Whether item ``index`` is picked when ``fraction`` of the items are picked, evenly spaced."""
-    return math.floor((index + 1) * fraction) > math.floor(index * fraction)
+def _spread(index: int, fraction: float) -> tuple[bool, int]:
+    """Whether item ``index`` is picked when ``fraction`` of the items are picked, evenly spaced,
+    and its number among the items that went the same way."""
+    picked_before = math.floor(index * fraction)
+    picked = math.floor((index + 1) * fraction) > picked_before
+    return picked, picked_before if picked else index - picked_before
+
+
+def _kind(slot: int, stream_fraction: float, chat_fraction: float) -> tuple[bool, bool, int]:
+    """``(stream, chat, rank)`` of request number ``slot``, ``rank`` its number among the
+    requests of its kind."""
+    stream, rank = _spread(slot, stream_fraction)
+    chat, rank = _spread(rank, chat_fraction)
+    return stream, chat, rank
 
 
 def request_kind(slot: int, stream_fraction: float, chat_fraction: float) -> tuple[bool, bool]:
@@ -204,10 +217,8 @@ def request_kind(slot: int, stream_fraction: float, chat_fraction: float) -> tup
     ``chat_fraction`` applies within the streamed and within the unstreamed requests, so every
     combination of the two shows up in proportion.
     """
-    stream = _spread(slot, stream_fraction)
-    streamed_before = math.floor(slot * stream_fraction)
-    rank = streamed_before if stream else slot - streamed_before
-    return stream, _spread(rank, chat_fraction)
+    stream, chat, _ = _kind(slot, stream_fraction, chat_fraction)
+    return stream, chat
 
 
 @dataclass
@@ -220,8 +231,12 @@ class _Outcome:
     spec_decode: dict[str, Any] | None = None
 
 
-def _request(config: LoadConfig, slot: int, stream: bool, chat: bool) -> tuple[str, dict]:
-    prompt = config.prompts[slot % len(config.prompts)]
+def _request(config: LoadConfig, slot: int) -> tuple[str, dict]:
+    """Request ``slot``'s path and body. Each kind takes the prompts in turn on its own: taken by
+    ``slot``, a prompt would go with a kind (half the requests streamed and six prompts: streams
+    only ever sent the odd ones)."""
+    stream, chat, rank = _kind(slot, config.stream_fraction, config.chat_fraction)
+    prompt = config.prompts[rank % len(config.prompts)]
     body: dict[str, Any] = {"max_tokens": config.max_tokens, "temperature": config.temperature,
                             "stream": stream}
     if chat:
@@ -326,10 +341,9 @@ async def _streamed(client: httpx.AsyncClient, path: str, body: dict, started: f
 
 async def _send(client: httpx.AsyncClient, config: LoadConfig, slot: int) -> _Outcome:
     """One request; a failure is returned as the outcome's error kind, never raised."""
-    stream, chat = request_kind(slot, config.stream_fraction, config.chat_fraction)
-    path, body = _request(config, slot, stream, chat)
+    path, body = _request(config, slot)
     started = time.perf_counter()
-    call = _streamed if stream else _unary
+    call = _streamed if body["stream"] else _unary
     try:
         return await asyncio.wait_for(call(client, path, body, started), config.timeout_s)
     except (asyncio.TimeoutError, httpx.TimeoutException):
@@ -388,13 +402,18 @@ def _latency(samples: list[float]) -> LatencyStats:
 
 
 def _spec_summary(outcomes: list[_Outcome]) -> SpecDecodeSummary:
+    """The responses' ``spec_decode`` figures. Their acceptance length pools accepted tokens and
+    steps: a mean of the responses' means would weigh a response of two steps like one of two
+    hundred, and count one of a single token (no step, length 0) as a step that accepted none."""
     specs = [o.spec_decode for o in outcomes if o.spec_decode is not None]
-    lengths = [s["mean_acceptance_length"] for s in specs
-               if isinstance(s.get("mean_acceptance_length"), int | float)]
+    counts = [(s["num_accepted_tokens"], s["num_spec_steps"]) for s in specs
+              if isinstance(s.get("num_accepted_tokens"), int)
+              and isinstance(s.get("num_spec_steps"), int)]
+    accepted, steps = sum(a for a, _ in counts), sum(n for _, n in counts)
     arms = Counter(s["arm"] for s in specs if isinstance(s.get("arm"), str))
     return SpecDecodeSummary(
         responses=len(specs),
-        mean_acceptance_length=_round(sum(lengths) / len(lengths)) if lengths else None,
+        mean_acceptance_length=_round(mean_acceptance_length(accepted, steps)) if steps else None,
         arms=dict(sorted(arms.items())))
 
 

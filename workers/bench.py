@@ -12,7 +12,7 @@ import json
 import os
 import platform
 import random
-import threading
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -23,8 +23,9 @@ import torch
 from tqdm import tqdm
 
 from router.policy import ArmRouter, Route, context_bucket, conversation_text
+from workers.arm import NONE_ARM, Arm
 from workers.engine import Engine, Generation
-from workers.model import dtype_name
+from workers.model import context_length, dtype_name
 from workers.prompts import BenchPrompt
 from workers.sampling import MIN_TEMPERATURE, SamplingParams
 from workers.stats import SpecDecodeStats, nearest_rank
@@ -40,6 +41,35 @@ OWN_METHODS = ("vanilla", "skip_chain", "skip_tree", "ngram_tree", "hybrid", "s3
 ALL_METHODS = HF_METHODS + OWN_METHODS
 
 
+def missing_arm(method: str, arms: Sequence[Arm]) -> str | None:
+    """Why ``method`` cannot run on a profile of ``arms``, or None when it can (HF's methods and
+    the routers need no arm of their own; an unknown name is no concern of this)."""
+    if method in HF_METHODS or method in ROUTER_METHODS:
+        return None
+    if method == "s3d":
+        return None if any(a.drafts_s3d for a in arms) else (
+            "method 's3d' needs an arm that drafts with S3D masks on every step (drafter s3d or "
+            "s3d_skip, or hybrid without mask_fallback) in the profile")
+    arm = NONE_ARM.name if method == "vanilla" else method
+    if arm in {a.name for a in arms}:
+        return None
+    return f"method {method!r} needs an arm named {arm!r} in the profile"
+
+
+def missing_arms(methods: Sequence[str], arms: Sequence[Arm]) -> str | None:
+    """What each of ``methods`` whose arm ``arms`` (a profile's) lack needs, or None."""
+    missing = [why for m in methods if (why := missing_arm(m, arms))]
+    if not missing:
+        return None
+    return f"{'; '.join(missing)}; the profile's arms: {', '.join(a.name for a in arms)}"
+
+
+def available_methods(arms: Sequence[Arm]) -> list[str]:
+    """The methods a profile of ``arms`` has the arms for: what runs without ``--methods`` (the
+    generic profile of a model without one of its own has only ``none`` and ``ngram_tree``)."""
+    return [m for m in ALL_METHODS if missing_arm(m, arms) is None]
+
+
 @dataclass
 class PromptRun:
     prompt_id: str
@@ -49,11 +79,14 @@ class PromptRun:
     stats: SpecDecodeStats | None = None
     arm: str | None = None  # the arm that decoded it (own methods)
 
-    def figures(self) -> dict:
-        """This prompt's line of ``bench.json``."""
+    def figures(self, rounded: bool = True) -> dict:
+        """This prompt's line of ``bench.json`` (unrounded for figures taken from it: a ceiling
+        from seconds rounded to 0.1 ms can fall below the rate it bounds on fast prompts)."""
+        seconds, rate = self.seconds, len(self.tokens) / self.seconds if self.seconds else 0.0
+        if rounded:
+            seconds, rate = round(seconds, 4), round(rate, 3)
         return {"id": self.prompt_id, "category": self.category, "tokens": len(self.tokens),
-                "seconds": round(self.seconds, 4),
-                "tokens_per_s": round(len(self.tokens) / self.seconds, 3) if self.seconds else 0.0,
+                "seconds": seconds, "tokens_per_s": rate,
                 "mean_accepted_length": (round(self.stats.mean_acceptance_length, 4)
                                          if self.stats is not None else None),
                 "arm": self.arm}
@@ -64,42 +97,20 @@ class MethodRun:
     method: str
     detail: dict = field(default_factory=dict)
     runs: list[PromptRun] = field(default_factory=list)
-    peak_rss_mb: float = 0.0
 
 
-class RssSampler:
-    """Peak resident memory of this process while a method runs (sampled from /proc)."""
-
-    def __init__(self, interval_s: float = 0.05):
-        self.interval_s = interval_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    @staticmethod
-    def rss_bytes() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss_bytes())
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> RssSampler:
-        self.peak = self.rss_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss_bytes())
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far in MB, None where the platform keeps none.
+    One figure for a run, never one a method: the methods share the process (the model, their
+    pools) and take turns on every prompt, and the allocator keeps what one of them frees, so
+    each method's high-water mark would be the process's."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # In bytes on macOS, in KiB on Linux and the BSDs.
+    return round(peak / 2**20 if sys.platform == "darwin" else peak / 2**10, 1)
 
 
 def draws_from_pool(gen: Generation) -> Generation:
@@ -166,6 +177,23 @@ class Bench:
         self.progress = progress
         self.early_exit_layer: int | None = None
         self.router_logs: dict[str, RouterLog] = {}
+        self.check_prompts()
+
+    def check_prompts(self) -> None:
+        """Refuse a suite that cannot run to its end, before the model decodes anything: the
+        warm-up decodes only the first prompt, and a prompt failing mid-run loses the run."""
+        if not self.prompts:
+            raise ValueError("no prompts to run (the prompt file is empty)")
+        context = context_length(self.engine.runner.config)
+        too_long = [f"{p.id} ({len(ids)} + {self.max_tokens_for(p)})"
+                    for p, ids in zip(self.prompts, self.ids, strict=True)
+                    if len(ids) + self.max_tokens_for(p) > context]
+        if too_long:
+            raise ValueError(f"prompt plus max_tokens exceeds the model's context of {context} "
+                             f"tokens for prompts {', '.join(too_long)}")
+        empty = [p.id for p, ids in zip(self.prompts, self.ids, strict=True) if not ids]
+        if empty:
+            raise ValueError(f"prompts {', '.join(empty)} have no tokens")
 
     def max_tokens_for(self, prompt: BenchPrompt) -> int:
         return prompt.max_tokens or self.max_tokens
@@ -287,14 +315,15 @@ class Bench:
         return run
 
     def choose_early_exit_layer(self, candidates=(6, 10, 14, 18, 22)) -> int:
-        """HF's assistant_early_exit at the exit layer fastest on one calibration prompt."""
+        """HF's assistant_early_exit at the exit layer with the most tokens/s on one calibration
+        prompt (not the fewest seconds: a sampled prompt ends at another length per layer)."""
         num_layers = self.engine.runner.num_layers
-        best, best_time = None, float("inf")
+        best, best_rate = None, -1.0
         for layer in [c for c in candidates if c < num_layers]:
-            run = self._hf(assistant_early_exit=layer)
-            t = run(0, min(32, self.max_tokens)).seconds
-            if t < best_time:
-                best, best_time = layer, t
+            run = self._hf(assistant_early_exit=layer)(0, min(32, self.max_tokens))
+            rate = len(run.tokens) / run.seconds if run.seconds else 0.0
+            if rate > best_rate:
+                best, best_rate = layer, rate
         if best is None:
             raise ValueError(f"method 'hf_early_exit' needs an exit layer among {candidates} "
                              f"below the model's {num_layers} layers")
@@ -319,11 +348,8 @@ class Bench:
         if name == "s3d":
             fastest = self.s3d_arm()
             if fastest is None:
-                profile = self.engine.profile
-                raise ValueError("method 's3d' needs an arm that drafts with S3D masks on every "
-                                 "step (drafter s3d or s3d_skip, or hybrid without "
-                                 f"mask_fallback) in the profile; it has "
-                                 f"{[a.name for a in profile.arms]}")
+                raise ValueError(f"{missing_arm(name, self.engine.profile.arms)}; it has "
+                                 f"{self.profile_arms}")
             return self._own(fastest), {
                 "arm": self.engine.arm(fastest).model_dump(),
                 "fastest_of": [a.name for a in self.engine.profile.arms if a.drafts_s3d]}
@@ -331,14 +357,19 @@ class Bench:
             try:
                 arm = self.engine.arm(name)
             except KeyError:
-                raise ValueError(f"method {name!r} needs an arm named {name!r} in the profile; "
-                                 f"it has {[a.name for a in self.engine.profile.arms]}") from None
+                raise ValueError(f"{missing_arm(name, self.engine.profile.arms)}; it has "
+                                 f"{self.profile_arms}") from None
             return self._own(name), {"arm": arm.model_dump()}
         raise ValueError(f"unknown method {name!r}; known: {', '.join(ALL_METHODS)}")
 
     @property
     def profile_arms(self) -> list[str]:
         return [a.name for a in self.engine.profile.arms]
+
+    @property
+    def available_methods(self) -> list[str]:
+        """The methods this profile has the arms for (``available_methods``)."""
+        return available_methods(self.engine.profile.arms)
 
     def s3d_arm(self) -> str | None:
         """The arm method ``s3d`` runs (see ``OWN_METHODS``), or None."""
@@ -371,17 +402,26 @@ class Bench:
             run, _ = self.method(name)
             run(0, 4)
 
-    def run(self, methods: list[str]) -> list[MethodRun]:
-        """Every method on a prompt before the next prompt, the order rotating by one each
-        prompt: a shared host's speed drifts by tens of percent within minutes, and methods run
-        one after another in blocks would be compared at different speeds."""
+    def check_methods(self, methods: list[str]) -> list[str]:
+        """The methods ``run`` runs (each once, and a router's arms), or ValueError for a name
+        that is no method, or a method whose arm the profile lacks: refused before the run, not
+        after the methods before it have warmed up."""
         unknown = [m for m in methods if m not in ALL_METHODS and m not in self.profile_arms]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS)} and "
                              f"the profile's arms {self.profile_arms}")
+        if why := missing_arms(methods, self.engine.profile.arms):
+            raise ValueError(why)
         methods = self.with_router_arms(list(dict.fromkeys(methods)))  # each method once
         if not methods:
             raise ValueError("no methods to run")
+        return methods
+
+    def run(self, methods: list[str]) -> list[MethodRun]:
+        """Every method on a prompt before the next prompt, the order rotating by one each
+        prompt: a shared host's speed drifts by tens of percent within minutes, and methods run
+        one after another in blocks would be compared at different speeds."""
+        methods = self.check_methods(methods)
         self.warm_up(methods)
         runners = {}
         results = {}
@@ -393,9 +433,7 @@ class Bench:
         for index, prompt in enumerate(self.prompts):
             for name in rotated(methods, index):
                 bar.set_postfix_str(f"{name} {prompt.id}")
-                with RssSampler() as rss:
-                    results[name].runs.append(runners[name](index, self.max_tokens_for(prompt)))
-                results[name].peak_rss_mb = max(results[name].peak_rss_mb, rss.peak / 2**20)
+                results[name].runs.append(runners[name](index, self.max_tokens_for(prompt)))
                 bar.update()
         bar.close()
         for name in results.keys() & ROUTER_METHODS.keys():
@@ -446,13 +484,15 @@ def report(results: list[MethodRun], *, temperatures: Sequence[float], meta: dic
            buckets: Sequence[str] | None = None) -> dict:
     """Each method's figures, overall and per category, and per temperature for a mixed suite
     (``temperatures[i]``: prompt i's). ``identical_to_vanilla`` is the share of the greedy
-    prompts on which a method's output equals plain decoding's, None without greedy prompts or a
-    ``vanilla`` run. A router method is compared with the static ones (``versus_static``; with
-    ``buckets``, the prompts' router buckets, also with their best per bucket)."""
+    prompts on which a method's output equals plain decoding's (the method ``vanilla``, or the
+    ``none`` arm run by its name), None without greedy prompts or such a run. A router method is
+    compared with the static ones (``versus_static``; with ``buckets``, the prompts' router
+    buckets, also with their best per bucket)."""
     greedy = [t < MIN_TEMPERATURE for t in temperatures]
     mixed = len(set(temperatures)) > 1
     by_name = {r.method: r for r in results}
-    vanilla = by_name.get("vanilla")
+    vanilla = next((r for r in results if r.method == "vanilla" or static_arm(
+        {"method": r.method, "detail": r.detail}) == NONE_ARM.name), None)
     hf = by_name.get("hf_vanilla")
     hf_runs = hf.runs if hf else None
     hf_tps = summarise(hf_runs)["tokens_per_s"] if hf_runs else None
@@ -466,15 +506,16 @@ def report(results: list[MethodRun], *, temperatures: Sequence[float], meta: dic
             entry["identical_to_vanilla"] = round(sum(same) / len(same), 4)
         else:
             entry["identical_to_vanilla"] = None
-        entry["peak_rss_mb"] = round(r.peak_rss_mb, 1)
         entry["categories"] = grouped(r.runs, hf_runs, [p.category for p in r.runs])
         if mixed:
             entry["temperatures"] = grouped(r.runs, hf_runs, [f"T={t:g}" for t in temperatures])
-        entry["runs"] = [p.figures() for p in r.runs]
+        entry["runs"] = [p.figures(rounded=False) for p in r.runs]  # for the ceilings
         entries.append(entry)
     for entry in entries:
         if entry["method"] in ROUTER_METHODS:
             entry["versus_static"] = versus_static(entry, entries, buckets)
+    for entry, r in zip(entries, results, strict=True):
+        entry["runs"] = [p.figures() for p in r.runs]
     return {"meta": meta, "results": entries}
 
 
@@ -599,6 +640,7 @@ def machine_meta(engine: Engine, args: dict) -> dict:
         "dtype": dtype_name(engine.runner.dtype),
         "quantization": engine.loaded.quantization,
         "pool_tokens": len(engine.pool),  # the replica's pool the methods start from
+        "peak_rss_mb": peak_rss_mb(),  # the process's, model and every method's run included
         "model": engine.loaded.path,
         "torch": torch.__version__,
         **args,
@@ -625,18 +667,19 @@ def markdown_table(data: dict) -> str:
     dtype = meta["dtype"]
     if meta.get("quantization", "none") != "none":
         dtype += f" ({meta['quantization']} weights)"
+    rss = (f", process peak RSS {meta['peak_rss_mb']:.0f} MB"
+           if meta.get("peak_rss_mb") is not None else "")
     lines = [f"Benchmark: {meta['date']}, {meta['machine']}, {meta['device']}, {dtype}, "
              f"max_tokens {meta['max_tokens']}, {temperature_label(meta)}, "
-             f"{data['results'][0]['prompts'] if data['results'] else 0} prompts", "",
+             f"{data['results'][0]['prompts'] if data['results'] else 0} prompts{rss}", "",
              "| method | tokens/s | speedup vs hf | mean accepted length | tokens per forward | "
-             "acceptance rate | identical to vanilla | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "acceptance rate | identical to vanilla |",
+             "|---|---|---|---|---|---|---|"]
     for e in data["results"]:
         lines.append(f"| {method_label(e)} | {_fmt(e['tokens_per_s'])} | "
                      f"{_fmt(e['speedup_vs_hf'])} | {_fmt(e['mean_accepted_length'])} | "
                      f"{_fmt(e.get('tokens_per_forward'))} | "
-                     f"{_fmt(e['acceptance_rate'])} | "
-                     f"{_fmt(e['identical_to_vanilla'])} | {_fmt(e['peak_rss_mb'], 0)} |")
+                     f"{_fmt(e['acceptance_rate'])} | {_fmt(e['identical_to_vanilla'])} |")
     for groups, by in (("categories", "category"), ("temperatures", "temperature")):
         labels = sorted({c for e in data["results"] for c in e.get(groups, {})})
         if not labels:

@@ -677,14 +677,38 @@ def test_simulation_is_deterministic_per_seed() -> None:
 def test_simulation_measures_regret_against_the_per_bucket_best_arm() -> None:
     result = simulate(TRUTH, MIX, 600, 0, mode="fixed", default_arm="none")
     assert {r.arm for r in result.records} == {"none"}
-    expected = sum(max(a.mean for a in TRUTH[r.bucket].values()) - TRUTH[r.bucket]["none"].mean
-                   for r in result.records)
+    expected = sum(max(a.throughput for a in TRUTH[r.bucket].values())
+                   - TRUTH[r.bucket]["none"].throughput for r in result.records)
     assert result.cumulative_regret == pytest.approx(expected)
     summary = result.summary()
     assert summary.best_arm_share == {"A": 0.0, "B": 1.0, "C": 0.0}
     assert summary.goodput_ratio < 0.85
-    # The sampled goodput is centred on the true mean of the chosen arm.
+    # The tokens over time at the sampled goodputs are centred on the chosen arm's throughput.
     assert summary.achieved_goodput == pytest.approx(summary.expected_goodput, rel=0.02)
+
+
+def test_simulation_ranks_arms_by_the_tokens_over_time_the_router_estimates() -> None:
+    """The store estimates an arm's goodput as its tokens over its decoding time: at lognormal
+    per-request goodputs, ``mean / (1 + rel_noise^2)``. A noisy arm with the higher mean is then
+    the slower one; the simulation's best arm, regret and ratios are the router's, which ends on
+    the steady arm."""
+    noisy, steady = ArmTruth(100, 0.8), ArmTruth(80, 0.05)
+    assert (noisy.throughput, steady.throughput) == pytest.approx((100 / 1.64, 80 / 1.0025))
+    clock = SimClock()
+    store = InProcessStatsStore(clock=clock)
+    rng = random.Random(0)
+    for arm, truth in (("a", noisy), ("b", steady)):
+        for _ in range(20_000):
+            store.record(StatsKey("m", "A", arm), SpecDecodeStats(num_output_tokens=128),
+                         127 / truth.sample(rng))
+    estimates = store_estimates(store, "m")("A")
+    assert estimates["a"].goodput == pytest.approx(noisy.throughput, rel=0.03)
+    assert estimates["b"].goodput == pytest.approx(steady.throughput, rel=0.01)
+    result = simulate({"A": {"a": noisy, "b": steady}}, {"A": 1.0}, 600, 0)
+    assert {r.best_arm for r in result.records} == {"b"}
+    last = result.summary(300)
+    assert last.best_arm_share["A"] > 0.95 and last.goodput_ratio > 0.99
+    assert last.achieved_goodput == pytest.approx(last.expected_goodput, rel=0.05)
 
 
 @pytest.mark.parametrize("exploration", EXPLORATIONS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -117,6 +118,60 @@ def test_bench_refuses_a_missing_prompt_file_and_an_out_it_cannot_create(nothing
     taken = runner.invoke(app, ["bench", "--out", str(a_file), "--limit", "1"])
     assert taken.exit_code == 2, taken.output  # was: after the whole run
     assert "--out" in taken.output and "cannot create folder" in words(taken.output)
+
+
+def test_bench_refuses_an_empty_prompt_file_before_loading_the_model(nothing_starts, tmp_path):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    empty = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "out"), "--prompts",
+                                     str(blank)])
+    assert empty.exit_code == 2, empty.output  # was: an IndexError after loading the model
+    assert "--prompts" in empty.output and "holds no prompts" in words(empty.output)
+
+
+def test_bench_refuses_a_method_without_its_arm_before_loading_the_model(nothing_starts,
+                                                                         tmp_path):
+    """A profile without the layer-skip arms: naming one is refused now, not after loading."""
+    from workers.engine import generic_profile
+
+    profile = tmp_path / "profile.json"
+    generic_profile("another-model").save(profile)
+    missing = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "out"), "--profile",
+                                       str(profile), "--methods", "vanilla,skip_chain"])
+    assert missing.exit_code == 2, missing.output
+    said = words(missing.output)
+    assert "method 'skip_chain' needs an arm named 'skip_chain'" in said
+    assert "the profile's arms: none, ngram_tree" in said
+
+
+def test_bench_runs_by_default_the_methods_the_loaded_profile_has_arms_for(monkeypatch,
+                                                                            no_s3d_env, tmp_path):
+    """Another model's generic profile has no layer-skip or S3D arms: those methods are left out
+    (they once ran, and failed after the model had loaded and the methods before had warmed up)."""
+    from workers import bench as bench_mod
+    from workers.engine import Engine, generic_profile
+
+    profile = generic_profile("another-model")
+    monkeypatch.setattr(Engine, "load", classmethod(
+        lambda cls, *args, **kwargs: SimpleNamespace(profile=profile)))
+    ran = []
+
+    class Ran(Exception):
+        pass
+
+    class Bench(bench_mod.Bench):
+        def __init__(self, engine, *args, **kwargs):
+            self.engine = engine
+
+        def run(self, methods):
+            ran.append(methods)
+            raise Ran
+
+    monkeypatch.setattr(bench_mod, "Bench", Bench)
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--model", "owner/name"])
+    assert isinstance(result.exception, Ran), result.output
+    assert ran == [["hf_vanilla", "hf_prompt_lookup", "hf_early_exit", "vanilla", "ngram_tree",
+                    "router", "router_thompson"]]
 
 
 def test_serve_refuses_a_bad_config_and_a_port_in_use_before_starting_anything(no_s3d_env):

@@ -3,13 +3,15 @@
 The imitation answers 503 (with Retry-After) to every 5th request it receives; some prompts
 change its behaviour: FAIL-MID-STREAM (error event in the stream, 500 when not streamed),
 NO-DONE (stream without [DONE]), BAD-JSON (undecodable event), NO-USAGE (stream without the
-usage chunk) and SLOW (a stream that takes far longer than any test waits).
+usage chunk), SLOW (a stream that takes far longer than any test waits), and ONE-TOKEN and LONG
+(other spec_decode figures: no verify step, and more steps than SPEC's).
 """
 
 import asyncio
 import json
 import threading
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -18,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve_app.loadtest import (
+    DEFAULT_PROMPTS,
     LoadConfig,
     LoadReport,
     check_loopback,
@@ -33,6 +36,10 @@ CHUNKS = ["Hello", ",", " world"]
 COMPLETION_TOKENS = 7  # deliberately not len(CHUNKS): usage wins over counting events
 SPEC = {"arm": "skip12-17", "mean_acceptance_length": 2.5, "draft_acceptance_rate": 0.75,
         "num_spec_steps": 4, "num_drafts": 4, "num_draft_tokens": 8, "num_accepted_tokens": 6}
+SPECS = {"ONE-TOKEN": {**SPEC, "mean_acceptance_length": 0.0, "num_spec_steps": 0,
+                       "num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0},
+         "LONG": {**SPEC, "mean_acceptance_length": 3.0, "num_spec_steps": 12, "num_drafts": 12,
+                  "num_draft_tokens": 36, "num_accepted_tokens": 24}}
 USAGE = {"prompt_tokens": 3, "completion_tokens": COMPLETION_TOKENS,
          "total_tokens": 3 + COMPLETION_TOKENS}
 
@@ -70,6 +77,7 @@ def create_fake_api(state: FakeServer) -> FastAPI:
         if len(state.bodies) % 5 == 0:
             return error(503, "the server is at capacity; retry later", {"Retry-After": "1"})
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        spec = SPECS.get(prompt, SPEC)
         obj = "chat.completion" if chat else "text_completion"
         if not body.get("stream"):
             if prompt == "FAIL-MID-STREAM":
@@ -79,7 +87,7 @@ def create_fake_api(state: FakeServer) -> FastAPI:
                        "finish_reason": "length"} if chat else
                       {"index": 0, "text": text, "finish_reason": "length", "logprobs": None})
             return {"id": "cmpl-1", "object": obj, "created": 0, "model": "tiny",
-                    "choices": [choice], "usage": USAGE, "spec_decode": SPEC}
+                    "choices": [choice], "usage": USAGE, "spec_decode": spec}
 
         def chunk(text: str | None, **extra) -> str:
             if text is None:
@@ -107,9 +115,9 @@ def create_fake_api(state: FakeServer) -> FastAPI:
                     return
                 if prompt == "BAD-JSON":
                     yield "data: {not json\n\n"
-            yield chunk("", spec_decode=SPEC)
+            yield chunk("", spec_decode=spec)
             if body.get("stream_options", {}).get("include_usage") and prompt != "NO-USAGE":
-                yield chunk(None, usage=USAGE, spec_decode=SPEC)
+                yield chunk(None, usage=USAGE, spec_decode=spec)
             if prompt != "NO-DONE":
                 yield "data: [DONE]\n\n"
 
@@ -211,6 +219,18 @@ def test_request_kinds_are_spread_evenly_and_deterministically():
     assert all(all(request_kind(i, 1.0, 1.0)) for i in range(20))
 
 
+def test_every_prompt_goes_with_every_kind_of_request(server):
+    """Each kind takes the prompts in turn on its own: with the command's defaults (half the
+    requests streamed, half chat, six prompts), streamed requests once only sent the odd ones."""
+    load(server, clients=2, requests=4 * len(DEFAULT_PROMPTS), stream_fraction=0.5,
+         chat_fraction=0.5)
+    sent = Counter((b["stream"], "messages" in b,
+                    b["messages"][-1]["content"] if "messages" in b else b["prompt"])
+                   for b in server.bodies)
+    assert sent == Counter({(stream, chat, prompt): 1 for stream in (True, False)
+                            for chat in (True, False) for prompt in DEFAULT_PROMPTS})
+
+
 # --- runs against the imitation ----------------------------------------------------------------
 
 
@@ -274,6 +294,17 @@ def test_stream_tokens_are_counted_from_events_without_usage(server):
     assert report.requests_ok == 2
     assert report.output_tokens == 2 * len(CHUNKS)
     assert report.spec_decode.responses == 2
+
+
+def test_acceptance_length_pools_the_responses_steps(server):
+    """Accepted tokens and steps summed over the responses, as the server merges a request's
+    choices: (6 + 0 + 24 accepted + 16 steps) / 16 steps, not the mean of 2.5, 0.0 and 3.0 (a
+    one-token answer ran no verify step)."""
+    report = load(server, clients=1, requests=3, prompts=["hello", "ONE-TOKEN", "LONG"])
+    assert report.spec_decode.responses == 3
+    assert report.spec_decode.mean_acceptance_length == (30 + 16) / 16
+    none = load(server, clients=1, requests=1, prompts=["ONE-TOKEN"])
+    assert none.spec_decode.responses == 1 and none.spec_decode.mean_acceptance_length is None
 
 
 def test_duration_run_stops_by_itself(server):

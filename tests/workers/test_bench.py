@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import sys
+from types import SimpleNamespace
 
 import pytest
 
 from workers.bench import (
+    ALL_METHODS,
     REPEAT_DECISIONS,
     Bench,
+    MethodRun,
     PromptRun,
+    available_methods,
     best_total_rate,
     hindsight_best,
     machine_meta,
     markdown_table,
+    peak_rss_mb,
     report,
     rotated,
     router_summary,
@@ -21,7 +27,7 @@ from workers.bench import (
     versus_static,
     write_outputs,
 )
-from workers.engine import Engine, resolve_profile
+from workers.engine import Engine, generic_profile, resolve_profile
 from workers.prompts import load_prompts
 from workers.sampling import SamplingParams
 from workers.stats import nearest_rank
@@ -116,6 +122,7 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 0
     meta = machine_meta(engine, {"max_tokens": 6})
     assert (meta["quantization"], meta["pool_tokens"]) == ("none", len(engine.pool))
+    assert meta["peak_rss_mb"] > 100  # the process's, the model's weights included
     quantized = {**data, "meta": {**data["meta"], "quantization": "8bit"}}
     assert "cpu, float32 (8bit weights), max_tokens 6" in markdown_table(quantized)
     assert "temperatures" not in entries["router"] and "temperatures" not in vs
@@ -331,3 +338,111 @@ def test_bench_interleaves_methods_prompt_by_prompt(bundled, monkeypatch):
                      (2, "hybrid"), (2, "vanilla"), (2, "ngram_tree")]
     assert [r.method for r in results] == ["vanilla", "ngram_tree", "hybrid"]
     assert all([run.prompt_id for run in r.runs] == [p.id for p in suite] for r in results)
+
+
+META = {"date": "now", "machine": "test", "device": "cpu", "dtype": "float32", "max_tokens": 4,
+        "temperature": 0.0}
+
+
+def runs(outputs: list[list[int]], seconds: float = 0.1) -> list[PromptRun]:
+    return [PromptRun(f"p{i}", "chat", tokens, seconds) for i, tokens in enumerate(outputs)]
+
+
+def test_peak_rss_is_the_process_s_once_not_a_column_per_method(monkeypatch):
+    """The methods share the process and take turns on every prompt: each one's high-water mark
+    was the process's, the same figure in every row. It is given once, in the header."""
+    data = report([MethodRun("vanilla", {"arm": "none"}, runs([[1, 2]])),
+                   MethodRun("ngram_tree", {"arm": "ngram_tree"}, runs([[1, 2]]))],
+                  temperatures=[0.0], meta={**META, "peak_rss_mb": 2091.4})
+    assert all("peak_rss_mb" not in e for e in data["results"])
+    table = markdown_table(data)
+    assert table.splitlines()[0].endswith("1 prompts, process peak RSS 2091 MB")
+    assert "peak RSS MB |" not in table
+    assert "| ngram_tree | 20.00 | - | - | - | - | 1.00 |" in table
+
+
+def test_peak_rss_reads_ru_maxrss_in_the_platform_s_unit(monkeypatch):
+    """Bytes on macOS, KiB on Linux (it was taken for KiB everywhere)."""
+    import resource
+
+    for platform, unit in (("darwin", 1), ("linux", 2**10)):
+        monkeypatch.setattr(sys, "platform", platform)
+        monkeypatch.setattr(resource, "getrusage",
+                            lambda who, unit=unit: SimpleNamespace(ru_maxrss=3 * 2**30 // unit))
+        assert peak_rss_mb() == 3072.0
+
+
+def test_identical_to_vanilla_compares_with_the_none_arm_run_by_its_name():
+    """With a router and no ``vanilla``, plain decoding runs as the profile arm ``none``: the
+    outputs are compared with that run's."""
+    none = {"arm": {"name": "none", "drafter": "none"}}
+    results = [MethodRun("none", none, runs([[1, 2], [3, 4]])),
+               MethodRun("ngram_tree", {"arm": {"name": "ngram_tree"}}, runs([[1, 2], [3, 5]])),
+               MethodRun("router", {"arms": ["none", "ngram_tree"]}, runs([[1, 2], [3, 4]]))]
+    data = report(results, temperatures=[0.0, 0.0], meta=META)
+    assert [e["identical_to_vanilla"] for e in data["results"]] == [1.0, 0.5, 1.0]
+
+
+def test_hindsight_ceiling_uses_unrounded_seconds_on_fast_prompts():
+    """Per-prompt seconds rounded to 0.1 ms (as ``bench.json`` shows them) put the ceiling of a
+    single static method 0.4% below that method's own tokens/s; unrounded it is the same."""
+    results = [MethodRun("vanilla", {"arm": "none"}, runs([[1, 2, 3]] * 2, 0.01235001)),
+               MethodRun("router", {"arms": ["none"]}, runs([[1, 2, 3]] * 2, 0.0125))]
+    data = report(results, temperatures=[0.0, 0.0], meta=META, buckets=["b", "b"])
+    vs = data["results"][1]["versus_static"]
+    assert vs["hindsight"]["ratio_to_best"] == vs["hindsight_per_bucket"]["ratio_to_best"] == 1.0
+    assert data["results"][0]["runs"][0]["seconds"] == 0.0124  # rounded in the JSON
+
+
+@pytest.fixture
+def engine(bundled) -> Engine:
+    return Engine(bundled.loaded, bundled.runner, bundled.stops,
+                  resolve_profile(None, bundled.loaded.fingerprint, bundled.runner.num_layers))
+
+
+def test_bench_refuses_prompts_that_cannot_run_before_any_method_runs(engine):
+    """A prompt whose length plus max_tokens exceeds the context failed mid-run (the warm-up
+    decodes only the first prompt), losing the run; no prompts at all failed in the warm-up."""
+    suite = load_prompts(limit=2)
+    context = engine.runner.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"context of {context} tokens for prompts "
+                                         f"{suite[0].id} .*, {suite[1].id} "):
+        Bench(engine, suite, context, SamplingParams())
+    long_one = [suite[0], suite[1].model_copy(update={"max_tokens": context})]
+    with pytest.raises(ValueError, match=f"prompts {suite[1].id} \\("):
+        Bench(engine, long_one, 4, SamplingParams())
+    with pytest.raises(ValueError, match="no prompts"):
+        Bench(engine, [], 4, SamplingParams())
+
+
+def test_methods_are_those_the_profile_has_arms_for(bundled, monkeypatch):
+    """A profile without the layer-skip or S3D arms (the generic one of a model without its own):
+    by default only the methods it has the arms for run, and one named without its arm is
+    refused before the warm-up, not after the methods before it have loaded and warmed up."""
+    generic = generic_profile(bundled.loaded.fingerprint)
+    assert available_methods(generic.arms) == ["hf_vanilla", "hf_prompt_lookup", "hf_early_exit",
+                                               "vanilla", "ngram_tree", "router",
+                                               "router_thompson"]
+    engine = Engine(bundled.loaded, bundled.runner, bundled.stops, generic)
+    bench = Bench(engine, load_prompts(limit=1), 4, SamplingParams())
+    assert bench.available_methods == available_methods(generic.arms)
+    monkeypatch.setattr(bench, "warm_up", lambda methods: pytest.fail("warmed up"))
+    with pytest.raises(ValueError, match="'skip_chain' needs an arm named 'skip_chain'.*'s3d' "
+                                         "needs an arm that drafts.*arms: none, ngram_tree"):
+        bench.run(["vanilla", "skip_chain", "s3d"])
+    full = resolve_profile(None, bundled.loaded.fingerprint, bundled.runner.num_layers)
+    assert available_methods(full.arms) == list(ALL_METHODS)
+
+
+def test_early_exit_layer_is_chosen_by_tokens_per_second(engine, monkeypatch):
+    """A sampled calibration prompt ends at another length per exit layer: the fewest seconds
+    may be the fewest tokens."""
+    bench = Bench(engine, load_prompts(limit=1), 32, SamplingParams())
+    timings = {6: (4, 0.1), 10: (32, 0.2), 14: (30, 0.3)}
+
+    def hf(assistant_early_exit):
+        tokens, seconds = timings.get(assistant_early_exit, (1, 1.0))
+        return lambda index, max_tokens: PromptRun("p", "chat", [1] * tokens, seconds)
+
+    monkeypatch.setattr(bench, "_hf", hf)
+    assert bench.choose_early_exit_layer() == 10
