@@ -456,6 +456,7 @@ def train_cmd(
     threads: int = THREADS_OPT,
 ) -> None:
     """Train the S3D mask embedding and draft-only adapters by self-distillation."""
+    from workers.corpus import TrainingDataError
     from workers.drafters.s3d import AdapterMismatchError
     from workers.engine import Engine
     from workers.train import train
@@ -474,7 +475,8 @@ def train_cmd(
               rollouts={"chat": chat, "code": code, "summary": summary},
               rollout_tokens=rollout_tokens, rollout_share=rollout_share, warmup=warmup,
               log=lambda m: typer.echo(m, err=True))
-    except AdapterMismatchError as e:  # a checkpoint or --init of another model or shape
+    # A checkpoint or --init of another model or shape, a checkpoint cut short, too little text.
+    except (AdapterMismatchError, TrainingDataError) as e:
         typer.echo(f"s3d train: {e}", err=True)
         raise typer.Exit(2) from None
 

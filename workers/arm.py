@@ -213,4 +213,8 @@ class Profile(BaseModel):
         return Profile.model_validate(json.loads(Path(path).read_text()))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+        """Written whole or not at all: ``--remeasure p.json --out p.json`` replaces the profile
+        it read, which a write cut short would lose."""
+        from workers.files import write_text
+
+        write_text(path, self.model_dump_json(indent=2) + "\n")

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from workers.engine import Engine
+from workers.files import write_text
 from workers.prompts import (
     SUMMARY_INSTRUCTION,
     BenchPrompt,
@@ -36,10 +37,20 @@ from workers.prompts import (
     load_prompts,
     plain_description,
 )
-from workers.search import CALIBRATION_DOCSTRINGS, CALIBRATION_FUNCTIONS, CALIBRATION_MODULES
+from workers.search import (
+    CALIBRATION_DOCSTRINGS,
+    CALIBRATION_FUNCTIONS,
+    CALIBRATION_MODULES,
+    stdlib_source,
+)
 
 HELD_OUT_EVERY = 10  # every 10th chunk or rollout is held out
 ROLLOUT_KINDS = ("chat", "code", "summary")
+
+
+class TrainingDataError(ValueError):
+    """Too little training text to train on and hold some out (no sources installed, or a
+    ``max_chars`` too small): names the sources found and the setting."""
 
 
 @dataclass
@@ -69,7 +80,11 @@ def held_back_sources() -> HeldBack:
     """The benchmark suite's sources and the search's calibration modules."""
     sources = [p.source or "" for p in load_prompts()]
     stdlib = {s.removeprefix("stdlib:") for s in sources if s.startswith("stdlib:")}
-    stdlib |= {*CALIBRATION_MODULES, *CALIBRATION_FUNCTIONS, *CALIBRATION_DOCSTRINGS}
+    calibration = (*CALIBRATION_MODULES, *CALIBRATION_FUNCTIONS, *CALIBRATION_DOCSTRINGS)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    # The files the calibration reads on this Python too (pathlib's is a package's from 3.13).
+    stdlib |= {*calibration, *(path.relative_to(root).as_posix()
+                               for path in map(stdlib_source, calibration) if path is not None)}
     debian = {s.removeprefix("debian:") for s in sources if s.startswith("debian:")}
     return HeldBack(frozenset(stdlib), frozenset(debian))
 
@@ -105,6 +120,29 @@ def _debian_descriptions(held: HeldBack) -> list[tuple[str, str]]:
     return [(p, d) for p, d in _installed_descriptions() if p not in held.debian]
 
 
+def _debian_texts(held: HeldBack) -> list[str]:
+    """The longer descriptions of installed packages (held-back ones left out), as text."""
+    return [f"{package}: {description}" for package, description in _debian_descriptions(held)
+            if len(package) + len(description) > 198]
+
+
+def _pydoc_files(held: HeldBack) -> list[str]:
+    """Python's documentation sources, when installed (python3-doc), held-back modules' left
+    out."""
+    return [path for path in sorted(glob.glob("/usr/share/doc/python3*/html/_sources/**/*.txt",
+                                              recursive=True))
+            if Path(path).name.split(".")[0] not in held.modules]
+
+
+def source_counts() -> dict[str, int]:
+    """How many texts each source of ``corpus_texts`` offers on this machine (for an error
+    that finds too few)."""
+    held = held_back_sources()
+    return {"stdlib files": len(_stdlib_files(held)),
+            "Debian descriptions": len(_debian_texts(held)),
+            "Python docs pages": len(_pydoc_files(held))}
+
+
 def corpus_texts(max_chars: int = 3_000_000, sources: tuple[str, ...] = ("stdlib", "debian",
                                                                           "pydoc")) -> list[str]:
     """Offline real text: stdlib source, Debian package descriptions, Python docs if installed
@@ -114,13 +152,9 @@ def corpus_texts(max_chars: int = 3_000_000, sources: tuple[str, ...] = ("stdlib
     if "stdlib" in sources:
         texts.extend(path.read_text(errors="ignore") for _, path in _stdlib_files(held))
     if "debian" in sources:
-        texts.extend(f"{package}: {description}" for package, description
-                     in _debian_descriptions(held) if len(package) + len(description) > 198)
+        texts.extend(_debian_texts(held))
     if "pydoc" in sources:
-        for path in sorted(glob.glob("/usr/share/doc/python3*/html/_sources/**/*.txt",
-                                     recursive=True)):
-            if Path(path).name.split(".")[0] not in held.modules:
-                texts.append(Path(path).read_text(errors="ignore"))
+        texts.extend(Path(path).read_text(errors="ignore") for path in _pydoc_files(held))
     random.Random(0).shuffle(texts)
     out, total = [], 0
     for t in texts:
@@ -299,7 +333,7 @@ def load_rollouts(engine: Engine, path: Path, kind: str, count: int, new_tokens:
     sequences = rollouts(engine, prompts, new_tokens, desc=f"{kind} rollouts")
     log(f"{kind} rollouts: {len(sequences)} answers, "
         f"{sum(len(s.tokens) - s.first_attach - 1 for s in sequences)} tokens generated")
-    path.write_text(json.dumps({"key": key, "sequences": [
+    write_text(path, json.dumps({"key": key, "sequences": [  # whole, or the old cache stays
         {"tokens": s.tokens, "first_attach": s.first_attach} for s in sequences]}))
     return sequences
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from workers.files import replacing, write_text
+
 log = logging.getLogger(__name__)
 
 BUNDLED_POOL = Path(__file__).parent / "data" / "pool-smollm2-135m-instruct.safetensors"
@@ -41,6 +43,17 @@ def add_branch(found: list[list[int]], seen: set[tuple[int, ...]], cont: list[in
     return len(found) >= max_branches
 
 
+def _split(flat):
+    """The sequences of ``flat`` (back to back, each ended by ``SEPARATOR``)."""
+    seq: list[int] = []
+    for token in flat:
+        if token == SEPARATOR:
+            yield seq
+            seq = []
+        else:
+            seq.append(token)
+
+
 class PoolMismatchError(ValueError):
     """The pool file was made with another model (another tokenizer)."""
 
@@ -53,6 +66,11 @@ class TokenPool:
         self.capacity, self.ngram_min, self.ngram_max = capacity, ngram_min, ngram_max
         self.chain = chain
         self.live = live  # whether finished requests join the pool
+        # Tokens held (separators not counted), set once an addition or a drop is complete:
+        # ``len`` reads this one attribute, as a replica's gauge reads it on another thread while
+        # the decoding thread changes the pool (taken from the tokens and the count of
+        # sequences, it read negative while ``_clear`` had reset one and not yet the other).
+        self._held = 0
         self._clear()
 
     def _clear(self) -> None:
@@ -67,7 +85,7 @@ class TokenPool:
 
     def __len__(self) -> int:
         """Tokens held (separators not counted)."""
-        return len(self.tokens) - self.sequences
+        return self._held
 
     @staticmethod
     def _key(ngram) -> int:
@@ -83,6 +101,11 @@ class TokenPool:
             return
         while len(self) + len(sequence) > self.capacity:  # the newer half may be the longer
             self._drop_older_half()
+        self._index(sequence)
+        self._held += len(sequence)
+
+    def _index(self, sequence: list[int]) -> None:
+        """Append ``sequence`` and index its n-grams (``_held`` is the caller's)."""
         start = len(self.tokens)
         self._starts.append(start)
         self.tokens.extend(sequence)
@@ -99,19 +122,16 @@ class TokenPool:
     def add_all(self, flat) -> None:
         """Add every sequence of ``flat`` (sequences back to back, each ended by ``SEPARATOR``,
         as ``tokens`` holds them)."""
-        seq: list[int] = []
-        for token in flat:
-            if token == SEPARATOR:
-                self.add(seq)
-                seq = []
-            else:
-                seq.append(token)
+        for seq in _split(flat):
+            self.add(seq)
 
     def _drop_older_half(self) -> None:
         keep = self._starts[len(self._starts) // 2] if len(self._starts) > 1 else len(self.tokens)
         rest = self.tokens[keep:]
         self._clear()
-        self.add_all(rest)
+        for seq in _split(rest):  # each was kept once: it fits
+            self._index(seq)
+        self._held = len(self.tokens) - self.sequences
 
     def continuations(self, tokens: list[int], depth: int, max_branches: int,
                       ngram_min: int = 1, exclude: set[tuple[int, ...]] | None = None
@@ -144,7 +164,7 @@ class TokenPool:
         other = TokenPool(self.capacity, self.ngram_min, self.ngram_max, self.chain,
                           self.live if live is None else live)
         other.tokens, other._starts = array("i", self.tokens), array("q", self._starts)
-        other.sequences = self.sequences
+        other.sequences, other._held = self.sequences, self._held
         other.head = {n: dict(h) for n, h in self.head.items()}
         other.prev = {n: array("q", p) for n, p in self.prev.items()}
         return other
@@ -155,9 +175,10 @@ class TokenPool:
         """The pool's sequences (back to back, ``-1`` between) as safetensors; ``metadata``
         (the model's fingerprint, how it was made) in the file and in a JSON file beside it."""
         path = Path(path)
-        save_file({"tokens": torch.tensor(self.tokens.tolist(), dtype=torch.int32)}, str(path),
-                  metadata={"s3d_pool": json.dumps(metadata)})
-        path.with_suffix(".json").write_text(json.dumps(metadata, indent=2) + "\n")
+        with replacing(path) as tmp:  # whole or not at all, as the JSON
+            save_file({"tokens": torch.tensor(self.tokens.tolist(), dtype=torch.int32)},
+                      str(tmp), metadata={"s3d_pool": json.dumps(metadata)})
+        write_text(path.with_suffix(".json"), json.dumps(metadata, indent=2) + "\n")
 
     @staticmethod
     def read_metadata(path: str | Path) -> dict:

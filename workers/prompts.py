@@ -100,8 +100,8 @@ def plain_description(raw: str) -> str:
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[BenchPrompt]:
     """Read a prompt JSONL file (default: the shipped suite), keeping the first ``limit``.
 
-    Blank lines are skipped. Bad JSON, an invalid record or a repeated id raises
-    :class:`PromptFileError` naming the file and the line number.
+    Lines end at ``\\n`` (``\\r\\n`` too); blank lines are skipped. Bad JSON, an invalid record or
+    a repeated id raises :class:`PromptFileError` naming the file and the line number.
     """
     file = Path(path) if path is not None else DEFAULT_PROMPTS_PATH
     if limit is not None and limit < 0:
@@ -112,9 +112,12 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
         raise PromptFileError(f"{file}: cannot read prompt file: {e}") from e
     prompts: list[BenchPrompt] = []
     seen: dict[str, int] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Records end at "\n" only: str.splitlines also splits at U+2028, U+2029 and U+0085, which
+    # JSON strings may hold raw (a suite written with ensure_ascii=False).
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if limit is not None and len(prompts) >= limit:
             break
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

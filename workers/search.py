@@ -24,6 +24,7 @@ import ast
 import sysconfig
 import time
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import get_args
 
@@ -86,17 +87,31 @@ def function_start(source: str, lines: int) -> str:
     return "\n".join(source.splitlines()[first - 1:first - 1 + lines]) + "\n"
 
 
+def stdlib_source(name: str) -> Path | None:
+    """The source file of the stdlib module ``name`` (``"pathlib.py"``) on this Python: the
+    module's file, or a package's largest one (``pathlib`` is a package from Python 3.13, whose
+    ``__init__.py`` there only imports its submodules); None when it has neither. Looked up in
+    the stdlib folder, not by ``importlib.util.find_spec``: frozen modules (``os``, ``ntpath``
+    from 3.11) have no file as their spec's origin."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    module = stdlib / name
+    if module.is_file():
+        return module
+    package = stdlib / name.removesuffix(".py")
+    files = sorted(package.glob("*.py")) if package.is_dir() else []
+    return max(files, key=lambda f: f.stat().st_size) if files else None
+
+
 def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[tuple[str, list[int]]]:
     """``(prompt class, token ids)``: stdlib code to continue, chat questions, and chat requests
     to summarise a module docstring (text-grounded chat, where copying from the prompt pays),
     each in the class the router's classifier gives it."""
     from router.policy import classify_prompt
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     prompts = []
     for name in CALIBRATION_MODULES:
-        path = stdlib / name
-        if not path.exists():
+        path = stdlib_source(name)
+        if path is None:
             continue
         text = path.read_text(errors="ignore")
         start = text.find("\ndef ", len(text) // 3)
@@ -106,15 +121,15 @@ def calibration_prompts(tokenizer, max_prompt_tokens: int = 200) -> list[tuple[s
         ids = tokenizer(text[max(0, start - 600): start + 200])["input_ids"][-max_prompt_tokens:]
         prompts.append((classify_prompt(tokenizer.decode(ids), False), ids))
     for name in CALIBRATION_FUNCTIONS:
-        path = stdlib / name
-        if path.exists():
+        path = stdlib_source(name)
+        if path is not None:
             text = function_start(path.read_text(errors="ignore"), CALIBRATION_FUNCTION_LINES)
             ids = tokenizer(text)["input_ids"][:max_prompt_tokens]
             prompts.append((classify_prompt(text, False), ids))
     contents = list(CALIBRATION_QUESTIONS)
     for name in CALIBRATION_DOCSTRINGS:
-        path = stdlib / name
-        if not path.exists():
+        path = stdlib_source(name)
+        if path is None:
             continue
         doc = ast.get_docstring(ast.parse(path.read_text(errors="ignore")))
         if doc:
@@ -141,15 +156,24 @@ def candidate_skip_sets(num_layers: int, lengths=(2, 4, 6, 8, 10)) -> list[tuple
     return out
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: CUDA kernels run after their call returns, so a timer
+    read without it measures the launches, not the forward."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _forward_time(engine: Engine, tokens: int, layers=None, repeats: int = 5) -> float:
     runner = engine.runner
     cache = runner.new_cache(400)
     runner.forward(cache, torch.arange(200) % 1000, torch.arange(200), Attention.causal(0))
     times = []
     for _ in range(repeats):
+        _synchronize(runner.device)
         t0 = time.perf_counter()
         runner.forward(cache, torch.arange(tokens), torch.arange(200, 200 + tokens),
                        Attention.causal(200), layers, logits_rows=slice(-1, None))
+        _synchronize(runner.device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -165,7 +189,7 @@ def teacher_forced(engine: Engine, sequences: list[tuple[list[int], int]],
         logits = runner.forward(cache, torch.tensor(seq), torch.arange(len(seq)),
                                 Attention.causal(0), layers,
                                 logits_rows=slice(prompt_len - 1, len(seq) - 1))
-        target = torch.tensor(seq[prompt_len:])
+        target = torch.tensor(seq[prompt_len:], device=logits.device)
         top4 = logits.topk(4, -1).indices
         hit1 += int((top4[:, 0] == target).sum())
         hit4 += int((top4 == target[:, None]).any(-1).sum())
@@ -173,33 +197,52 @@ def teacher_forced(engine: Engine, sequences: list[tuple[list[int], int]],
     return hit1 / total, hit4 / total
 
 
+# What the search's tokens per second are (``notes.goodput``): ``decode``, the tokens after the
+# first over the request's own decoding time after it, as replicas record goodput for the router
+# (``SpecDecodeStats.decode_time_s``). Profiles without the note timed whole requests, prefill and
+# first token included, which every arm pays alike: their ratios between arms are compressed.
+GOODPUT = "decode"
+WARMUP_TOKENS = 4  # each arm's untimed decoding before a measurement
+
+
+def _rate(tokens: float, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
+
+
 def measure_interleaved(engine: Engine, prompts: list[tuple[str, list[int]]], arms: list[Arm],
                         max_tokens: int, params: SamplingParams | None = None) -> list[dict]:
-    """Tokens per second and mean accepted length of each of ``arms`` over ``(class, ids)``
-    prompts, overall, (``by_class``) per prompt class and (``per_prompt``) per prompt, in order:
-    every arm decodes the same prompts, so the router can compare arms prompt by prompt. Every
-    arm decodes a prompt before the next prompt starts, in an order that rotates, so a host whose
-    speed drifts (a shared machine) slows every arm alike instead of whichever ran in its slow
-    minutes. With sampling ``params`` every arm decodes prompt ``i`` with seed ``seed + i``."""
+    """Tokens per second (``GOODPUT``) and mean accepted length of each of ``arms`` over
+    ``(class, ids)`` prompts, overall, (``by_class``) per prompt class and (``per_prompt``) per
+    prompt, in order: every arm decodes the same prompts, so the router can compare arms prompt
+    by prompt. Every arm decodes a prompt before the next prompt starts, in an order that
+    rotates, so a host whose speed drifts (a shared machine) slows every arm alike instead of
+    whichever ran in its slow minutes. Each arm first decodes a few tokens of the first prompt
+    untimed: one-time costs (a draft vocabulary's output layer built on first use, row counts
+    of the products tuned when first seen) are not charged to whichever arm meets them first.
+    With sampling ``params`` every arm decodes prompt ``i`` with seed ``seed + i``."""
     tokens: list[dict[str, int]] = [{} for _ in arms]
     seconds: list[dict[str, float]] = [{} for _ in arms]
     stats = [SpecDecodeStats() for _ in arms]
     per_prompt: list[list[float]] = [[] for _ in arms]
     pool = engine.pool.copy(live=False)  # arms must not draft from each other's answers
+    if prompts:
+        seeded = None if params is None else params.for_prompt(0)
+        for arm in arms:
+            engine.generation(prompts[0][1], min(WARMUP_TOKENS, max_tokens), arm, params=seeded,
+                              pool=pool).run()
     for index, (prompt_class, ids) in enumerate(prompts):
         seeded = None if params is None else params.for_prompt(index)
         for a in rotated(list(range(len(arms))), index):
             gen = engine.generation(ids, max_tokens, arms[a], params=seeded, pool=pool)
-            t0 = time.perf_counter()
             gen.run()
-            elapsed = time.perf_counter() - t0
+            decoded, elapsed = max(len(gen.output) - 1, 0), gen.stats.decode_time_s
             seconds[a][prompt_class] = seconds[a].get(prompt_class, 0.0) + elapsed
-            tokens[a][prompt_class] = tokens[a].get(prompt_class, 0) + len(gen.output)
+            tokens[a][prompt_class] = tokens[a].get(prompt_class, 0) + decoded
             stats[a].merge(gen.stats)
-            per_prompt[a].append(len(gen.output) / elapsed)
-    return [{"tokens_per_s": sum(tokens[a].values()) / sum(seconds[a].values()),
+            per_prompt[a].append(_rate(decoded, elapsed))
+    return [{"tokens_per_s": _rate(sum(tokens[a].values()), sum(seconds[a].values())),
              "mean_accepted_length": stats[a].mean_acceptance_length,
-             "by_class": {c: tokens[a][c] / seconds[a][c] for c in tokens[a]},
+             "by_class": {c: _rate(tokens[a][c], seconds[a][c]) for c in tokens[a]},
              "per_prompt": per_prompt[a]} for a in range(len(arms))]
 
 
@@ -425,6 +468,17 @@ def class_leaders(arms: list[Arm], figs: list[dict], specialists: dict[Arm, str]
     return kept
 
 
+def by_class_in_turn(prompts: list[tuple[str, list[int]]], count: int
+                     ) -> list[tuple[str, list[int]]]:
+    """The first ``count`` of ``prompts`` taken class by class in turn (each class's first
+    prompt, then each one's second, ...): stage 2's trials decode every prompt class alike,
+    however many prompts of each the calibration holds and in whatever order."""
+    classes: dict[str, list[tuple[str, list[int]]]] = {}
+    for prompt in prompts:
+        classes.setdefault(prompt[0], []).append(prompt)
+    return [p for turn in zip_longest(*classes.values()) for p in turn if p is not None][:count]
+
+
 def skip_stage(engine: Engine, prompts: list[tuple[str, list[int]]], max_tokens: int,
                finalists: int, lengths: tuple[int, ...], trials: int, trial_prompts: int,
                log) -> tuple[list[tuple[int, ...]], dict]:
@@ -450,9 +504,8 @@ def skip_stage(engine: Engine, prompts: list[tuple[str, list[int]]], max_tokens:
         candidates.append(Candidate(skip, top1, top4, best))
         log(f"skip {skip[0]}-{skip[-1]}: top1 {top1:.2f} top4 {top4:.2f} est {best:.2f}x")
     candidates.sort(key=lambda c: -c.est_speedup)
-    # Trials decode code and chat prompts alike: take them alternately from both ends.
-    mixed = [p for pair in zip(prompts, reversed(prompts)) for p in pair][:trial_prompts]
-    skip_trials = optimize_skip_sets(engine, mixed, trials, max_tokens,
+    trial_set = by_class_in_turn(prompts, trial_prompts)
+    skip_trials = optimize_skip_sets(engine, trial_set, trials, max_tokens,
                                      warm_start=[c.skip for c in candidates[:finalists]], log=log)
     notes = {"trials": [{"skip": list(t.skip), "tokens_per_s": round(t.tokens_per_s, 2),
                          "mean_accepted_length": round(t.mean_accepted_length, 2)}
@@ -587,7 +640,9 @@ def remeasure(engine: Engine, profile: Profile, max_tokens: int = 48,
     arm), and the figures go under ``notes.by_temperature[dtype][bucket]`` for requests in that
     temperature bucket (``Profile.sampled_measurements``): a sampling verifier accepts drafts
     by their probability, not by matching its argmax, so the arms rank differently. The greedy
-    figures and the default arm stay."""
+    figures and the default arm stay. Greedy figures of a dtype replaced drop that dtype's
+    sampled ones: the router would weigh figures of two measurements (two machines, perhaps)
+    against each other; they are to be measured again with ``temperature``."""
     from router.policy import temperature_bucket
 
     prompts = calibration_prompts(engine.tokenizer)[:max_prompts]
@@ -603,22 +658,31 @@ def remeasure(engine: Engine, profile: Profile, max_tokens: int = 48,
                      temperature_bucket(temperature): fresh}
         return profile.model_copy(update={"notes": {
             **profile.notes, "by_temperature": {**by_temperature, fresh["dtype"]: per_dtype}}})
-    if profile.notes.get("dtype", fresh["dtype"]) != fresh["dtype"]:
-        by_dtype = {**profile.notes.get("by_dtype", {}), fresh["dtype"]: fresh}
-        return profile.model_copy(update={"notes": {**profile.notes, "by_dtype": by_dtype}})
+    notes = dict(profile.notes)
+    by_temperature = dict(notes.pop("by_temperature", {}))
+    stale = by_temperature.pop(fresh["dtype"], None)
+    if by_temperature:
+        notes["by_temperature"] = by_temperature
+    if stale:
+        log(f"dropped the sampled figures in {fresh['dtype']} ({', '.join(sorted(stale))}), "
+            "measured beside the greedy figures replaced: measure them again (--remeasure with "
+            "--temperature)")
+    if notes.get("dtype", fresh["dtype"]) != fresh["dtype"]:
+        notes["by_dtype"] = {**notes.get("by_dtype", {}), fresh["dtype"]: fresh}
+        return profile.model_copy(update={"notes": notes})
     default = max(measured, key=lambda k: measured[k]["tokens_per_s"])
-    notes = {**profile.notes, **fresh}
-    return profile.model_copy(update={"default_arm": default, "notes": notes})
+    return profile.model_copy(update={"default_arm": default, "notes": {**notes, **fresh}})
 
 
 def measurement_notes(engine: Engine, prompts: list[tuple[str, list[int]]],
                       measured: dict[str, dict], max_tokens: int) -> dict:
-    """Where and how the arms' goodput was measured; ``prior_weight``: the fewest calibration
-    prompts of any class (the router weighs the measured prior as that many requests)."""
+    """Where and how the arms' goodput was measured (``goodput``: which tokens per second,
+    ``GOODPUT``); ``prior_weight``: the fewest calibration prompts of any class (the router
+    weighs the measured prior as that many requests)."""
     per_class: dict[str, int] = {}
     for prompt_class, _ in prompts:
         per_class[prompt_class] = per_class.get(prompt_class, 0) + 1
-    return {"dtype": dtype_name(engine.runner.dtype),
+    return {"goodput": GOODPUT, "dtype": dtype_name(engine.runner.dtype),
             "quantization": engine.loaded.quantization, "pool_tokens": len(engine.pool),
             "device": str(engine.runner.device), "max_tokens": max_tokens,
             "calibration_prompts": per_class, "prior_weight": min(per_class.values()),

@@ -28,16 +28,25 @@ from workers.corpus import (
     HELD_OUT_EVERY,
     ROLLOUT_KINDS,
     Sequence,
+    TrainingDataError,
     chunk_tokens,
     corpus_texts,
     load_rollouts,
     rollouts_path,
+    source_counts,
     split_held_out,
 )
 from workers.drafters.s3d import AdapterMismatchError, MaskAdapter
 from workers.drafters.skip import kept_layers
 from workers.engine import Engine
+from workers.files import replacing, write_text
 from workers.runner import MASK_ID, Attention, DraftRows
+
+
+class CheckpointError(AdapterMismatchError):
+    """A checkpoint that cannot be resumed: unreadable (a save cut short, a disk error) or
+    missing part of its state. Refused like a checkpoint of another shape, naming the file and
+    the way to start afresh."""
 
 
 def consistent_targets(chunk: torch.Tensor, greedy: torch.Tensor, attach: torch.Tensor,
@@ -47,10 +56,11 @@ def consistent_targets(chunk: torch.Tensor, greedy: torch.Tensor, attach: torch.
     Its target, the base model's choice at t + 1 + j, continues the text ``chunk[t+1..t+1+j]``,
     which the mask does not see; at inference those tokens are the base model's own choices, so
     the target is the base model's continuation only where ``chunk[t+1+i] == greedy[t+i]`` for
-    every ``i <= j``.
+    every ``i <= j``. On ``greedy``'s device (the model's): ``chunk`` and ``attach`` are built on
+    the CPU.
     """
-    idx = attach[:, None] + torch.arange(gamma)[None]
-    return (chunk[idx + 1] == greedy[idx]).long().cumprod(-1).bool()
+    idx = (attach[:, None] + torch.arange(gamma)[None]).to(greedy.device)
+    return (chunk.to(greedy.device)[idx + 1] == greedy[idx]).long().cumprod(-1).bool()
 
 
 def consistent_agreement(logits: torch.Tensor, target: torch.Tensor,
@@ -90,13 +100,13 @@ def mask_forward(engine: Engine, adapter: MaskAdapter, chunk: list[int], attach:
 def targets_for(greedy: torch.Tensor, attach: torch.Tensor, gamma: int) -> torch.Tensor:
     """Mask j after attach point t learns the base's greedy choice at position t + 1 + j."""
     idx = attach[:, None] + 1 + torch.arange(gamma)[None]
-    return greedy[idx]
+    return greedy[idx.to(greedy.device)]
 
 
 def evaluate(engine: Engine, adapter: MaskAdapter, sequences: list[Sequence],
              attach_per_chunk: int, layers: list[int] | None = None) -> list[float]:
     """Per-position top-1 agreement of the masks with the base model's own continuation on
-    held-out sequences (consistent targets only, as at inference)."""
+    held-out sequences (consistent targets only, as at inference), counted on the CPU."""
     hits = torch.zeros(adapter.gamma)
     total = torch.zeros(adapter.gamma)
     gen = torch.Generator().manual_seed(1234)
@@ -110,8 +120,8 @@ def evaluate(engine: Engine, adapter: MaskAdapter, sequences: list[Sequence],
             target = targets_for(greedy, attach, adapter.gamma)
             valid = consistent_targets(torch.tensor(seq.tokens), greedy, attach, adapter.gamma)
             step_hits, step_total = consistent_agreement(logits, target, valid)
-            hits += step_hits
-            total += step_total
+            hits += step_hits.cpu()
+            total += step_total.cpu()
     return (hits / total.clamp(min=1)).tolist()
 
 
@@ -165,6 +175,8 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     gives the starting weights, step count and history; the optimizer then starts afresh.
     ``warmup``: steps over which this run's learning rate rises from zero to the schedule's
     (``learning_rate``)."""
+    if eval_chunks < 1:
+        raise ValueError("eval_chunks must be at least 1: held-out text measures the adapter")
     torch.manual_seed(seed)
     runner = engine.runner
     for p in engine.loaded.model.parameters():
@@ -181,6 +193,14 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
     train_sets, held_sets = {}, {}
     train_sets["text"], held_sets["text"] = split_held_out(
         [Sequence(c) for c in chunk_tokens(engine.tokenizer, texts, chunk_len)], eval_chunks)
+    if not train_sets["text"]:  # refused before the rollouts and the model's passes
+        found = ", ".join(f"{count} {source}" for source, count in source_counts().items())
+        raise TrainingDataError(
+            f"too little training text: {len(texts)} texts ({sum(map(len, texts))} characters, "
+            f"max_chars {max_chars}; found {found}) make {len(held_sets['text'])} chunks of "
+            f"{chunk_len} tokens, too few to hold one out and train on another: raise max_chars "
+            "(--max-chars) or install more sources (Python's stdlib source, Debian package "
+            "descriptions, python3-doc)")
     log(f"corpus: {len(texts)} texts, {len(train_sets['text'])} train / "
         f"{len(held_sets['text'])} held-out chunks of {chunk_len} tokens")
     for kind, count in (rollouts or {}).items():
@@ -271,9 +291,10 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
             entry["loss"] = round(last_loss, 4)
         history.append(entry)
         log(f"step {at}: held-out {describe(entry)}")
-        torch.save({"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
-                    "step": at, "history": history, "shape": adapter_shape(adapter),
-                    "fingerprint": engine.loaded.fingerprint}, ckpt)
+        with replacing(ckpt) as tmp:  # killed mid-save, the previous checkpoint stays
+            torch.save({"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
+                        "step": at, "history": history, "shape": adapter_shape(adapter),
+                        "fingerprint": engine.loaded.fingerprint}, tmp)
         saved_step = at
 
     while step < steps and time.time() < deadline:
@@ -322,8 +343,9 @@ def train(engine: Engine, out: Path, *, gamma: int = 3, rank: int = 16, steps: i
             "parameter_fraction": round(adapter.num_parameters() / sum(
                 p.numel() for p in engine.loaded.model.parameters()), 5),
             "train_tokens_per_s": round(trained_tokens / max(time.time() - started, 1e-6), 1)}
-    adapter.save(out, meta)
-    (out.with_suffix(".json")).write_text(json.dumps({**meta, "history": history}, indent=2))
+    with replacing(out) as tmp:
+        adapter.save(tmp, meta)
+    write_text(out.with_suffix(".json"), json.dumps({**meta, "history": history}, indent=2))
     log(f"wrote {out}: {describe(final)}")
     return meta
 
@@ -342,9 +364,18 @@ def resumable(ckpt: Path, adapter: MaskAdapter, fingerprint: str, runner) -> dic
     """The checkpoint's state, refused (``AdapterMismatchError``) when it was saved for another
     model or an adapter of another shape: resuming it would mix a run's settings, silently for
     gamma (the mask embedding's size does not depend on it). Checkpoints from before these
-    were saved are checked by their weights' names and sizes."""
-    state = torch.load(ckpt, map_location=runner.device, weights_only=False)
+    were saved are checked by their weights' names and sizes. One that cannot be read is
+    refused (``CheckpointError``) rather than failing in ``torch.load``'s own words."""
     retry = f"; train with --no-resume, or remove {ckpt}, to start afresh"
+    try:
+        state = torch.load(ckpt, map_location=runner.device, weights_only=False)
+    except Exception as e:  # truncated, not a checkpoint at all, unreadable
+        raise CheckpointError(f"checkpoint {ckpt} cannot be read ({type(e).__name__}: "
+                              f"{e}){retry}") from e
+    missing = sorted({"adapter", "optimizer", "step", "history"}
+                     - (set(state) if isinstance(state, dict) else set()))
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt} lacks {', '.join(missing)}{retry}")
     saved = state.get("fingerprint")
     if saved is not None and saved != fingerprint:
         raise AdapterMismatchError(

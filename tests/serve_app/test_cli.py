@@ -281,3 +281,15 @@ def test_train_refuses_another_models_checkpoint_with_a_message(tmp_path):
     assert result.exit_code == 2, result.output
     assert "another-model" in result.output and "--no-resume" in result.output
     assert not out.exists()
+
+
+def test_train_refuses_too_little_text_with_a_message(tmp_path, monkeypatch):
+    from workers import train as train_module
+
+    monkeypatch.setattr(train_module, "corpus_texts", lambda max_chars: ["Only a few words."])
+    out = tmp_path / "adapter.safetensors"
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--steps", "1",
+                                      "--max-chars", "100"])
+    assert result.exit_code == 2, result.output  # was a traceback
+    assert "too little training text" in words(result.output) and "--max-chars" in result.output
+    assert not out.exists()

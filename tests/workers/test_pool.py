@@ -61,6 +61,58 @@ def test_a_full_pool_stays_within_its_capacity_when_its_newer_half_is_the_longer
     assert pool.continuations([400, 401], 1, 4) == [[402]]
 
 
+def test_the_length_never_reads_a_pool_half_changed():
+    """A replica's gauge reads ``len(pool)`` on another thread while the decoding thread adds
+    and drops sequences: at every change of an attribute it is a length the pool had once an
+    addition or a drop was complete (it read negative while a drop cleared the pool)."""
+    seen: list[int] = []
+    lengths = {0}
+
+    class Watched(TokenPool):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            try:
+                seen.append(len(self))
+            except AttributeError:  # not yet built
+                pass
+
+        def _drop_older_half(self):
+            super()._drop_older_half()
+            lengths.add(len(self))
+
+    pool = Watched(capacity=20)
+    for first in range(1, 12):
+        pool.add([first, 100, 101, 102, 103, 104][:2 + first % 5])
+        lengths.add(len(pool))
+    assert len(lengths) > 5 and max(lengths) <= 20
+    assert set(seen) <= lengths, sorted(set(seen) - lengths)
+
+
+def test_a_save_cut_short_keeps_the_pool_file(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import workers.pool as pool_module
+
+    pool = TokenPool()
+    pool.add([1, 2, 3, 4, 5])
+    path = tmp_path / "pool.safetensors"
+    pool.save(path, {"fingerprint": "abc"})
+    pool.add([6, 2, 3, 8])
+
+    class Killed(BaseException):
+        pass
+
+    def cut_short(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"cut short")
+        raise Killed
+
+    monkeypatch.setattr(pool_module, "save_file", cut_short)
+    with pytest.raises(Killed):
+        pool.save(path, {"fingerprint": "abc"})
+    assert len(TokenPool.load(path, "abc")) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pool.json", "pool.safetensors"]
+
+
 def test_copies_are_independent_and_frozen_pools_record_nothing(bundled):
     pool = TokenPool()
     pool.add([1, 2, 3, 4])

@@ -77,6 +77,22 @@ def test_limit_and_path_forms():
         load_prompts(limit=-1)
 
 
+def test_line_and_paragraph_separators_inside_a_record_stay_in_it(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 raw (a suite written with
+    ensure_ascii=False); str.splitlines ended a record there. Windows line ends still end one."""
+    text = "First line\u2028second\u2029third\u0085fourth"
+    record = json.dumps({"id": "chat-02", "category": "chat",
+                         "messages": [{"role": "user", "content": text}]}, ensure_ascii=False)
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes("\r\n".join([GOOD_PROMPT, record, "", GOOD_CHAT, ""]).encode())
+    prompts = load_prompts(path)
+    assert [p.id for p in prompts] == ["code-01", "chat-02", "chat-01"]
+    assert prompts[1].messages[0]["content"] == text
+    bad = write_lines(tmp_path, [GOOD_PROMPT, "{\"id\": 1\u2028"])
+    with pytest.raises(PromptFileError, match=r":2: invalid JSON"):  # line numbers as before
+        load_prompts(bad)
+
+
 # --- invalid files -------------------------------------------------------------------------------
 
 def test_bad_json_names_file_and_line(tmp_path):

@@ -651,15 +651,20 @@ def test_sampled_remeasure_goes_beside_the_greedy_figures(bundled, monkeypatch):
     generation = engine.generation
 
     def spy(prompt, max_tokens, arm=None, params=None, *args, **kwargs):
-        seen.append((arm.name, params))
+        seen.append((arm.name, params, max_tokens))
         return generation(prompt, max_tokens, arm, params, *args, **kwargs)
 
     monkeypatch.setattr(engine, "generation", spy)
     hot = remeasure(engine, old, max_tokens=6, max_prompts=2, log=lambda m: None,
                     temperature=1.0)
-    # Every arm decoded each prompt sampled, with that prompt's seed.
-    assert sorted((name, p.temperature, p.seed) for name, p in seen) == [
-        ("ngram_tree", 1.0, 0), ("ngram_tree", 1.0, 1), ("none", 1.0, 0), ("none", 1.0, 1)]
+    # Every arm decoded each prompt sampled, with that prompt's seed (after a few untimed tokens
+    # of the first prompt).
+    warm, timed = seen[:2], seen[2:]
+    assert sorted((name, p.temperature, p.seed) for name, p, _ in warm) == [
+        ("ngram_tree", 1.0, 0), ("none", 1.0, 0)] and all(n < 6 for *_, n in warm)
+    assert sorted((name, p.temperature, p.seed, n) for name, p, n in timed) == [
+        ("ngram_tree", 1.0, 0, 6), ("ngram_tree", 1.0, 1, 6), ("none", 1.0, 0, 6),
+        ("none", 1.0, 1, 6)]
     assert hot.default_arm == "none" and hot.notes["measured"] == old.notes["measured"]
     sampled = hot.sampled_measurements("float32")
     assert set(sampled) == {"thi"} and sampled["thi"]["temperature"] == 1.0
@@ -800,6 +805,8 @@ def test_interleaved_measurement_pairs_arms_prompt_by_prompt():
     # every arm drafts from one frozen copy of the engine's pool: none sees another's answers
     (pool,) = pools
     assert pool is not Engine.pool and not pool.live
+    assert order[:3] == [(0, "a1"), (0, "a2"), (0, "a3")]  # untimed warm-ups
+    order = order[3:]
     assert [p for p, _ in order] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     assert [a for _, a in order[:6]] == ["a1", "a2", "a3", "a2", "a3", "a1"]
     # 12 x depth tokens in 8 steps (the mean of the per-prompt figures would be 2 x depth)
