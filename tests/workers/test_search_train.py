@@ -143,16 +143,19 @@ def test_greedy_figures_measured_again_drop_that_dtypes_sampled_ones(bundled, mo
     assert not any("dropped" in line for line in said)
 
 
-def test_the_shipped_profile_reads_as_before():
-    """Its figures timed whole requests (no ``goodput`` note) until it is measured again; the
-    router reads them as ever."""
+def test_the_shipped_profile_reads_with_both_kinds_of_figures():
+    """Its bf16 figures are decoding goodput, measured again; its float32 ones timed whole
+    requests (no ``goodput`` note): the router reads both."""
     from router.policy import Priors
     from workers.engine import BUNDLED_PROFILE
 
     profile = Profile.load(BUNDLED_PROFILE)
-    assert "goodput" not in profile.notes
+    assert profile.notes["dtype"] == "bfloat16" and profile.notes["goodput"] == "decode"
+    assert all(m["goodput"] == "decode" for m in profile.sampled_measurements("bfloat16").values())
+    assert "goodput" not in profile.measurement("float32")
     names = [a.name for a in profile.arms]
-    for dtype, temperature in (("bfloat16", None), ("float32", None), ("float32", "thi")):
+    for dtype, temperature in (("bfloat16", None), ("bfloat16", "thi"), ("float32", None),
+                               ("float32", "thi")):
         priors = Priors.measured(profile, names, profile.default_arm, dtype, temperature)
         overall, _ = profile.measured_goodput(dtype, temperature)
         assert priors.overall == overall and set(priors.by_class) >= {"code", "chat", "doc"}
