@@ -92,16 +92,20 @@ def _check_arm(arm: str, names: list[str]) -> None:
                                  param_hint="--arm")
 
 
-def _profile_arm_names(path: str | None) -> list[str]:
-    """The arm names of profile ``path`` (the bundled profile's without one), or none if it
-    cannot be read here (the engine reports it when it loads)."""
+def _profile_arms(path: str | None) -> list:
+    """The arms of profile ``path`` (the bundled profile's without one), or none if it cannot be
+    read here (the engine reports it when it loads)."""
     from workers.arm import Profile
     from workers.engine import BUNDLED_PROFILE
 
     try:
-        return [arm.name for arm in Profile.load(path or BUNDLED_PROFILE).arms]
+        return Profile.load(path or BUNDLED_PROFILE).arms
     except (OSError, ValueError):
         return []
+
+
+def _profile_arm_names(path: str | None) -> list[str]:
+    return [arm.name for arm in _profile_arms(path)]
 
 
 @app.command()
@@ -128,8 +132,7 @@ def bench(
 ) -> None:
     """Run decoding methods side by side on the prompt suite; write JSON, Markdown and a plot."""
     from workers import bench as bench_mod
-    from workers.arm import Profile
-    from workers.engine import BUNDLED_PROFILE, Engine
+    from workers.engine import Engine
     from workers.model import BUNDLED_ALIASES
     from workers.prompts import load_prompts
     from workers.sampling import SamplingParams
@@ -142,21 +145,18 @@ def bench(
         raise typer.BadParameter("no methods given", param_hint="--methods")
     # Arms run by name too; those of the profile the engine will load are only known after
     # loading the model, so here the given profile's, or the bundled one's.
-    arm_names = _profile_arm_names(profile)
+    arms = _profile_arms(profile)
+    arm_names = [arm.name for arm in arms]
     unknown = [m for m in method_list or () if m not in bench_mod.ALL_METHODS
                and m not in arm_names]
     if unknown:
         raise typer.BadParameter(f"unknown methods {unknown}; known: "
                                  f"{', '.join(bench_mod.ALL_METHODS)} and the profile's arms "
                                  f"{', '.join(arm_names)}", param_hint="--methods")
-    if method_list and (profile or model in BUNDLED_ALIASES):
+    if method_list and arms and (profile or model in BUNDLED_ALIASES):
         # The profile the engine will load is this one: a method without its arm there is
         # refused now, not after loading the model (the engine reports a broken file).
-        try:
-            why = bench_mod.missing_arms(method_list, Profile.load(profile or BUNDLED_PROFILE).arms)
-        except (OSError, ValueError):
-            why = None
-        if why:
+        if why := bench_mod.missing_arms(method_list, arms):
             raise typer.BadParameter(why, param_hint="--methods")
     mix = _temperature_list(temperatures) if temperatures else None
     if mix and temperature > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +56,17 @@ def bundled() -> Bundled:
     prompts = [p.to_token_ids(loaded.tokenizer) for p in load_prompts()]
     stops = stop_token_ids(loaded.tokenizer, loaded.model)
     return Bundled(loaded, ModelRunner(loaded.model), stops, prompts)
+
+
+class Killed(BaseException):
+    """The process killed in the middle of a write."""
+
+
+def cut_short(monkeypatch, owner, name: str, target: int = 1) -> None:
+    """``owner.name``, a writer whose ``target``-th argument is the file, writes part of a file
+    there and is killed."""
+    def write(*args, **kwargs):
+        Path(args[target]).write_bytes(b"PK\x03\x04 cut short")
+        raise Killed
+
+    monkeypatch.setattr(owner, name, write)

@@ -3,6 +3,7 @@ model; the benchmark and the search keep each arm's answers out of the others' p
 
 import pytest
 
+from tests.workers.conftest import Killed, cut_short
 from workers.arm import Arm
 from workers.pool import BUNDLED_POOL, PoolMismatchError, TokenPool, resolve_pool
 
@@ -89,8 +90,6 @@ def test_the_length_never_reads_a_pool_half_changed():
 
 
 def test_a_save_cut_short_keeps_the_pool_file(tmp_path, monkeypatch):
-    from pathlib import Path
-
     import workers.pool as pool_module
 
     pool = TokenPool()
@@ -99,14 +98,7 @@ def test_a_save_cut_short_keeps_the_pool_file(tmp_path, monkeypatch):
     pool.save(path, {"fingerprint": "abc"})
     pool.add([6, 2, 3, 8])
 
-    class Killed(BaseException):
-        pass
-
-    def cut_short(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"cut short")
-        raise Killed
-
-    monkeypatch.setattr(pool_module, "save_file", cut_short)
+    cut_short(monkeypatch, pool_module, "save_file")
     with pytest.raises(Killed):
         pool.save(path, {"fingerprint": "abc"})
     assert len(TokenPool.load(path, "abc")) == 5

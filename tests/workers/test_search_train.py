@@ -10,23 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.workers.conftest import Killed, cut_short
 from workers.arm import NONE_ARM, Arm, Profile
 from workers.stats import SpecDecodeStats
-
-
-class Killed(BaseException):
-    """The process killed in the middle of a write."""
-
-
-def cut_short(monkeypatch, owner, name: str, target: int = 1) -> None:
-    """``owner.name``, a writer whose ``target``-th argument is the file, writes part of a file
-    there and is killed."""
-    def write(*args, **kwargs):
-        Path(args[target]).write_bytes(b"PK\x03\x04 cut short")
-        raise Killed
-
-    monkeypatch.setattr(owner, name, write)
-
 
 # --- the search's measurements -------------------------------------------------------------------
 
