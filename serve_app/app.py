@@ -223,7 +223,7 @@ class Decoder(_StoreUser):
             # The router compares arms by the request's own decoding time: its wall time
             # counts the other requests' steps between its own, which says how busy the
             # replica was, not how fast the arm decodes.
-            self.store.record(StatsKey(self.config.served_model_name, payload["bucket"],
+            self.store.record(StatsKey(self.config.stats_model, payload["bucket"],
                                        gen.arm.name), stats, max(stats.decode_time_s, 1e-6))
         except Exception:
             log.exception("recording the statistics of a request failed")
@@ -409,7 +409,7 @@ class IngressBase(_StoreUser):
                                             exploration=self.config.router_exploration)
         # Bayes-UCB routes are chosen when the store's refresh brings new figures (on the
         # event loop, between requests); a request classifies its prompt and looks one up.
-        self.router.follow(self.store, self.config.served_model_name)
+        self.router.follow(self.store, self.config.stats_model)
         self._start_store()
         # One thread: a fast tokenizer used from two threads at once can fail ("Already
         # borrowed"), so requests take turns, off the event loop.

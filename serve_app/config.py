@@ -130,6 +130,17 @@ class ServeConfig(BaseModel):
             raise ValueError("quantized weights need dtype bfloat16 or float16 compute")
         return self
 
+    @property
+    def stats_model(self) -> str:
+        """The model under which replicas record acceptance statistics and the router reads
+        them: the served name with the weights' numerics (``smollm2-135m-instruct@float32``,
+        ``...@float16+8bit``). Drafts accept differently, and arms rank differently, in other
+        precisions, so a fleet changed to another dtype or quantization under the same name (a
+        rolling upgrade, or two fleets sharing a Redis) starts from the profile's priors for
+        its own numerics instead of the old fleet's figures."""
+        quantized = "" if self.quantization == "none" else f"+{self.quantization}"
+        return f"{self.served_model_name}@{self.dtype}{quantized}"
+
 
 # Fields for which ``none`` is a value of its own (an empty pool, the arm that drafts nothing, no
 # quantization), not the field's default.

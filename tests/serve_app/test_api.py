@@ -17,6 +17,8 @@ from serve_app.client import AsyncS3DClient, S3DClient
 
 pytestmark = pytest.mark.serve
 MODEL = "smollm2-135m-instruct"
+# The model under which the suite's replicas record statistics: the name with its numerics.
+STATS_MODEL = f"{MODEL}@float32"
 
 SPEC_FIELDS = {"arm", "mean_acceptance_length", "draft_acceptance_rate", "num_spec_steps",
                "num_draft_tokens", "num_accepted_tokens"}
@@ -386,7 +388,7 @@ def test_recorded_decode_time_is_each_choice_s_own(served):
     assert out.usage.prompt_tokens >= 256  # a bucket of its own in this suite: prose.thi.pm
     assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
     client = redis.Redis.from_url(served.redis_url)
-    key = f"{served.prefix}:{MODEL}:prose.thi.pm:none"
+    key = f"{served.prefix}:{STATS_MODEL}:prose.thi.pm:none"
     deadline = time.time() + 30
     while float(client.hget(key, "lifetime_requests") or 0) < 4:
         assert time.time() < deadline, client.hgetall(key)
@@ -462,7 +464,7 @@ def test_router_sets_a_layer_skip_arms_depth_from_fleet_statistics(served):
                     stats.observe_step(chain.depth, accepted, 0.05 * chain.depth, 0.05,
                                        chain.depth)
                 # the chain: 1000 tokens/s; every other arm 10
-                store.record(StatsKey(MODEL, bucket, arm.name), stats,
+                store.record(StatsKey(STATS_MODEL, bucket, arm.name), stats,
                              0.1 if arm is chain else 10.0)
         assert await store.flush()
         await store.close()
@@ -483,7 +485,7 @@ def test_router_sets_a_layer_skip_arms_depth_from_fleet_statistics(served):
     finally:
         keys = RedisStatsStore(served.redis_url, prefix=served.prefix)
         redis.Redis.from_url(served.redis_url).delete(
-            *(keys.hash_key(StatsKey(MODEL, bucket, arm.name)) for arm in profile.arms))
+            *(keys.hash_key(StatsKey(STATS_MODEL, bucket, arm.name)) for arm in profile.arms))
 
 
 def test_serve_config_file_validates():

@@ -77,3 +77,16 @@ def test_blank_api_keys_are_refused(keys, message):
         load_config(overrides={"api_keys": keys}, environ={})
     with pytest.raises(ValidationError, match="empty or blank"):
         load_config(environ={"S3D_API_KEYS": '[""]'})
+
+
+def test_statistics_are_kept_apart_per_numerics():
+    """Replicas of one served name in another dtype or quantization record (and route by)
+    statistics of their own: drafts accept differently in another precision."""
+    models = {load_config(overrides=o, environ={}).stats_model for o in (
+        {}, {"dtype": "bfloat16"}, {"dtype": "float16"},
+        {"dtype": "float16", "quantization": "8bit"}, {"dtype": "float16", "quantization": "4bit"})}
+    assert len(models) == 5
+    assert load_config(environ={}).stats_model == "smollm2-135m-instruct@float32"
+    assert load_config(overrides={"served_model_name": "m", "dtype": "float16",
+                                  "quantization": "4bit"}, environ={}).stats_model \
+        == "m@float16+4bit"

@@ -130,18 +130,27 @@ def test_greedy_figures_measured_again_drop_that_dtypes_sampled_ones(bundled, mo
 
 
 def test_the_shipped_profile_reads_with_both_kinds_of_figures():
-    """Its bf16 figures are decoding goodput, measured again; its float32 ones timed whole
-    requests (no ``goodput`` note): the router reads both."""
+    """The shipped figures, greedy and sampled in both dtypes, are decoding goodput; figures
+    measured before the ``goodput`` note (whole requests timed) read all the same."""
+    import copy
+
     from router.policy import Priors
     from workers.engine import BUNDLED_PROFILE
 
-    profile = Profile.load(BUNDLED_PROFILE)
-    assert profile.notes["dtype"] == "bfloat16" and profile.notes["goodput"] == "decode"
-    assert all(m["goodput"] == "decode" for m in profile.sampled_measurements("bfloat16").values())
-    assert "goodput" not in profile.measurement("float32")
-    names = [a.name for a in profile.arms]
-    for dtype, temperature in (("bfloat16", None), ("bfloat16", "thi"), ("float32", None),
-                               ("float32", "thi")):
+    shipped = Profile.load(BUNDLED_PROFILE)
+    assert shipped.notes["dtype"] == "bfloat16" and shipped.notes["goodput"] == "decode"
+    for dtype in ("bfloat16", "float32"):
+        assert shipped.measurement(dtype)["goodput"] == "decode"
+        sampled = shipped.sampled_measurements(dtype)
+        assert set(sampled) == {"thi", "tlo"}
+        assert all(m["goodput"] == "decode" for m in sampled.values())
+    older = shipped.model_copy(update={"notes": copy.deepcopy(shipped.notes)})
+    del older.notes["by_dtype"]["float32"]["goodput"]
+    assert "goodput" not in older.measurement("float32")
+    names = [a.name for a in shipped.arms]
+    for profile, dtype, temperature in ((shipped, "bfloat16", None), (shipped, "bfloat16", "thi"),
+                                        (shipped, "float32", None), (older, "float32", None),
+                                        (older, "float32", "thi")):
         priors = Priors.measured(profile, names, profile.default_arm, dtype, temperature)
         overall, _ = profile.measured_goodput(dtype, temperature)
         assert priors.overall == overall and set(priors.by_class) >= {"code", "chat", "doc"}
