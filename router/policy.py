@@ -90,6 +90,11 @@ SENTENCE_END = (".", "?", "!")
 # What is classified of a prompt: its last this many characters (the last 40 non-empty lines
 # of source fit). A request's class then costs the same whatever its length.
 CLASSIFY_CHARS = 16_384
+# Lines longer than this (leading whitespace aside) are not read for a statement's shape, only
+# for their end and operators: each alternative of ``CODE_START`` may scan a line whole, so a
+# request of a few long lines of spaces or dots cost the decision over a millisecond, while a line
+# of source is rarely a quarter as long (minified code ends with ";" or a brace).
+STATEMENT_CHARS = 256
 # A line opening with "#": a comment in source, or a markdown heading (or "#1 tip ..."). It counts
 # as source only beside other source lines.
 HASH_LINE = re.compile(r"^\s*#")
@@ -119,8 +124,9 @@ def classify_prompt(text: str, is_chat: bool) -> str:
     needed = math.ceil(CODE_SHARE * len(lines) - 1e-9) - hashes
     spare = len(others) - max(needed, 1)  # lines that may fail before code is out of reach
     for line in others:
-        end = line.rstrip()
-        if (CODE_START.match(line) or end.endswith(CODE_END)
+        end, start = line.rstrip(), line.lstrip()
+        if ((len(start) <= STATEMENT_CHARS and CODE_START.match(start))
+                or end.endswith(CODE_END)
                 or (CODE_OPERATOR.search(line) and not end.endswith(SENTENCE_END))):
             needed -= 1
             if needed <= 0:
@@ -501,6 +507,8 @@ class ArmRouter:
         try:
             estimates = self.estimates(bucket)
             arm = self._choose(bucket, estimates)
+            if arm not in self.arms:  # e.g. no score comparable (NaN figures)
+                raise ValueError(f"no arm chosen: {arm!r}")
             return arm, estimates[arm].stats if arm in estimates else None
         except Exception:
             log.exception("choosing an arm for bucket %s failed; routing it to %s", bucket,

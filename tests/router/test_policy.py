@@ -992,6 +992,27 @@ def test_a_failing_choice_routes_to_the_default_arm(caplog) -> None:
     assert "choosing an arm for bucket chat.t0.ps failed" in caplog.text
 
 
+def test_a_choice_of_no_arm_routes_to_the_default_arm(caplog) -> None:
+    """Scores that compare with nothing (a NaN goodput) chose no arm, and the request took arm
+    None (a 500 when its metric was tagged with it)."""
+    router = ArmRouter(["none", "ngram"], "ngram", rng=random.Random(0))
+    router.estimates = lambda bucket: {"none": ArmEstimate(math.nan, 50.0),
+                                       "ngram": ArmEstimate(math.nan, 50.0)}
+    assert router.route("chat.t0.ps") == Route("ngram")
+    assert "no arm chosen" in caplog.text
+
+
+def test_a_long_line_is_read_by_its_end_not_its_statement_shape() -> None:
+    """A line past ``STATEMENT_CHARS`` (leading whitespace aside) is not matched against the
+    statement patterns (each could scan it whole): it is source by its end or operators only."""
+    from router.policy import STATEMENT_CHARS
+
+    long = "value = " + "a" * STATEMENT_CHARS
+    assert classify_prompt(long + "\n", False) == "prose"
+    assert classify_prompt(long + ";\n", False) == "code"
+    assert classify_prompt(" " * 4 * STATEMENT_CHARS + "value = 1\n", False) == "code"
+
+
 def test_records_with_figures_that_are_not_finite_are_refused() -> None:
     with pytest.raises(ValueError, match="not finite"):
         ArmStats.from_fields({"requests": "inf", "decode_time_s": "1.0"})
