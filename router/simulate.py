@@ -10,6 +10,7 @@ router's decision time is measured where it is timed against real decoding: ``s3
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -148,7 +149,8 @@ def simulate(truth: Truth, mix: Mapping[str, float], requests: int, seed: int, *
              changes: Mapping[int, Truth] | None = None, default_arm: str | None = None,
              prior: dict[str, float] | None = None, mode: str = "adaptive",
              half_life_s: float = 3600.0, interval_s: float = 1.0,
-             output_tokens: int = 128, exploration: str = "ucb") -> SimResult:
+             output_tokens: int = 128, exploration: str = "ucb",
+             feedback_delay_s: float | None = None) -> SimResult:
     """Route ``requests`` simulated requests and return what happened to each.
 
     ``truth`` gives every bucket of ``mix`` (bucket -> traffic weight) the true goodput of every
@@ -156,6 +158,12 @@ def simulate(truth: Truth, mix: Mapping[str, float], requests: int, seed: int, *
     arrive every ``interval_s`` seconds of the injected clock; the store decays with
     ``half_life_s``. The arms are those of the first bucket; the default arm is the first arm
     unless given; ``exploration`` is the router's (``ArmRouter``).
+
+    A request's record reaches the store at once (None), as if requests took turns, or
+    ``feedback_delay_s`` after the request finished decoding, its ``output_tokens`` at its
+    sampled goodput (as a fleet's records reach the ingress: decoding, the replica's flush and
+    the ingress's refresh), so requests of a busy bucket are routed before the figures of the
+    ones in flight are known.
     """
     arms = list(next(iter(truth.values())))
     clock = SimClock()
@@ -168,14 +176,23 @@ def simulate(truth: Truth, mix: Mapping[str, float], requests: int, seed: int, *
     buckets, weights = list(mix), list(mix.values())
     records = []
     current = truth
+    in_flight: list[tuple[float, int, StatsKey, float]] = []  # (lands at, index, key, time)
     for index in range(requests):
+        while in_flight and in_flight[0][0] <= clock.now:
+            _, _, key, decode_s = heapq.heappop(in_flight)
+            store.record(key, SpecDecodeStats(num_output_tokens=output_tokens), decode_s)
         current = (changes or {}).get(index, current)
         bucket = rng.choices(buckets, weights)[0]
         arm = router.choose(bucket)
         goodput = current[bucket][arm].sample(rng)
         # The first token comes with the prompt; the others take the decode time.
-        store.record(StatsKey(MODEL, bucket, arm), SpecDecodeStats(num_output_tokens=output_tokens),
-                     (output_tokens - 1) / goodput)
+        decode_s = (output_tokens - 1) / goodput
+        if feedback_delay_s is None:
+            store.record(StatsKey(MODEL, bucket, arm),
+                         SpecDecodeStats(num_output_tokens=output_tokens), decode_s)
+        else:
+            heapq.heappush(in_flight, (clock.now + decode_s + feedback_delay_s, index,
+                                       StatsKey(MODEL, bucket, arm), decode_s))
         best = best_arm(current[bucket])
         records.append(SimRecord(index, clock.now, bucket, arm, best, goodput,
                                  current[bucket][arm].throughput, current[bucket][best].throughput))
