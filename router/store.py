@@ -8,9 +8,19 @@ Every record is decayed with a half-life (except its ``lifetime_requests`` count
 values are added, both the stored and the new figures are scaled by ``0.5 ** (age /
 half_life_s)`` to the later of the two timestamps.
 ``snapshot()`` returns the figures decayed to the time of the call; ``updated_at`` stays the time
-of the last write. Writers stamp records with their own clocks; Redis takes no stamp later than
-its own clock by more than ``MAX_CLOCK_AHEAD_S`` (a writer whose clock ran ahead would make every
-other writer's records look old).
+of the last write.
+
+Every figure is a finite number of at least zero: ``record()`` refuses a request whose figures
+are not (a NaN or an infinity stored once would stay through every later write, each of which
+refreshes the key's TTL), the script refuses them again, and a refresh deletes a stored hash
+that holds one.
+
+Redis stamps records with its own clock, so writers' clocks need not agree: a writer sends each
+record's age (its clock now minus the record's stamp, both on its clock), and the script stamps
+the record with the server's ``TIME`` minus that age. Stamps taken from writers' clocks once let
+a replica a day ahead freeze a key (every other record looked old beside it) and one 6 h behind
+decay its records to nothing while they still counted in ``lifetime_requests``. The reader
+decays the figures to its own clock, which must agree with the server's.
 
 Redis key schema (numbers only: no prompt text, nothing pickled; values are parsed with float()):
 
@@ -21,14 +31,14 @@ Redis key schema (numbers only: no prompt text, nothing pickled; values are pars
   per second and of its square: how widely goodput spreads), ``acc_pos:0``, ``acc_pos:1``, ...
   (steps that accepted the draft at that position), ``tried_pos:0``, ``tried_pos:1``, ...
   (steps whose draft reached that position with the earlier ones accepted) and ``updated_at``
-  (unix seconds), and ``lifetime_requests``: the requests ever recorded under the key, the one
-  field never decayed (how much traffic has ridden on the bucket's choice). Components are
-  percent-encoded (``%`` -> ``%25``, ``:`` -> ``%3A``) so a
+  (unix seconds on the Redis server's clock), and ``lifetime_requests``: the requests ever
+  recorded under the key, the one field never decayed (how much traffic has ridden on the
+  bucket's choice). Components are percent-encoded (``%`` -> ``%25``, ``:`` -> ``%3A``) so a
   ``:`` in a name cannot collide. Each write refreshes the hash's TTL.
 * ``{prefix}:index`` -- a sorted set of the hash keys scored by ``updated_at``, so reads need no
   SCAN; members older than the TTL are pruned on write, and the index shares the TTL.
 
-Each record is applied atomically by one Lua script (decay, add, stamp, EXPIRE, index).
+Each record is applied atomically by one Lua script (check, stamp, decay, add, EXPIRE, index).
 """
 
 from __future__ import annotations
@@ -46,8 +56,8 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
+    ClusterDownError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -55,6 +65,7 @@ from redis.exceptions import (
     ResponseError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from workers.stats import (
@@ -76,11 +87,16 @@ _COUNTERS = ("requests", "num_spec_steps", "num_drafts", "num_draft_tokens",
 _LASTING = ("lifetime_requests",)
 # Per-position lists: attribute -> hash field prefix.
 _POS_FIELDS = {"accepted_per_pos": "acc_pos:", "tried_per_pos": "tried_pos:"}
+# redis-py raises its own classes for the replies it knows, the code stripped from the message:
+# ``MASTERDOWN`` (a replica cut from its primary) as MasterDownError, a ClusterDownError, and
+# ``LOADING`` as BusyLoadingError, a ConnectionError. NOSCRIPT is resent at once with the script
+# loaded again (``RedisStatsStore._write``): it is an outage only when that fails too.
 _OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError,
-                  NoScriptError, TryAgainError, OSError, asyncio.TimeoutError)
+                  NoScriptError, TryAgainError, ClusterDownError, OSError, asyncio.TimeoutError)
 # Replies of a server that cannot write for now (disk full for its snapshots, a script running
-# too long): the records wait for it like for an outage.
-_TRANSIENT_REPLIES = ("MISCONF", "BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN")
+# too long), which redis-py passes on as plain ResponseErrors: the records wait for it like for
+# an outage.
+_TRANSIENT_REPLIES = ("MISCONF", "BUSY")
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
@@ -95,24 +111,32 @@ def _is_outage(error: object) -> bool:
     return isinstance(error, _OUTAGE_ERRORS) or (
         isinstance(error, ResponseError) and str(error).startswith(_TRANSIENT_REPLIES))
 
-# A record is stamped with its writer's clock, but never later than the server's clock plus
-# this: one replica whose clock ran ahead stamped keys in the future, and every other replica's
-# records were then decayed as old (a day ahead froze a key: 100 later records weighed nothing).
-MAX_CLOCK_AHEAD_S = 2.0
-
+# ARGV: the record's age (seconds, on its writer's clock), the half-life, the TTL, then pairs of
+# field name and value. Every number is checked before anything is written, so a refused record
+# changes nothing (Redis 7's tonumber() reads 'nan' and 'inf' as such).
 _APPLY_RECORD_LUA = """
 if redis.replicate_commands then redis.replicate_commands() end
-local now, half_life, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 1, #ARGV do
+  if i < 4 or i % 2 == 1 then
+    local value = tonumber(ARGV[i])
+    if not (value and value >= 0 and value < math.huge) then
+      return redis.error_reply('ERR statistics record refused: argument ' .. i .. ' is ' ..
+                               ARGV[i] .. ', not a finite number of at least zero')
+    end
+  end
+end
+local age, half_life, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local time = redis.call('TIME')
 local server_now = tonumber(time[1]) + tonumber(time[2]) / 1000000
-local latest = server_now + """ + repr(MAX_CLOCK_AHEAD_S) + """
-now = math.min(now, latest)
+local now = server_now - age
 local fields = {}
 local current = redis.call('HGETALL', KEYS[1])
 for i = 1, #current, 2 do
   fields[current[i]] = tonumber(current[i + 1]) or 0
 end
-local old = math.min(fields['updated_at'] or now, latest)
+-- A stamp ahead of this server's clock (written by a server whose clock ran ahead, before a
+-- failover) would make every new record look old.
+local old = math.min(fields['updated_at'] or now, server_now)
 fields['updated_at'] = nil
 local stamp = math.max(old, now)
 local keep = 0.5 ^ ((stamp - old) / half_life)
@@ -135,7 +159,7 @@ end
 redis.call('HSET', KEYS[1], unpack(flat))
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('ZADD', KEYS[2], stamp, KEYS[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', server_now - ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 return 1
 """
@@ -260,6 +284,12 @@ class ArmStats:
             fields.update({f"{prefix}{i}": float(n) for i, n in enumerate(getattr(self, name))})
         return fields
 
+    def invalid_fields(self) -> dict[str, float]:
+        """The fields that are not finite numbers of at least zero (none in a sound record)."""
+        fields = self.counter_fields() | {"updated_at": float(self.updated_at)}
+        return {name: value for name, value in fields.items()
+                if not (math.isfinite(value) and value >= 0)}
+
     @classmethod
     def from_fields(cls, fields: Mapping[str, str | float]) -> ArmStats:
         """The record a hash holds; ValueError for a field that is not a finite number."""
@@ -293,6 +323,7 @@ class StatsStore(abc.ABC):
         self.skipped_records = 0
         self.write_errors = 0
         self.read_errors = 0
+        self._refusals_logged = False
         # The cached records by (model, bucket): a decision reads one bucket's, whatever else
         # the fleet's cache holds.
         self._buckets: dict[tuple[str, str], dict[StatsKey, ArmStats]] = {}
@@ -301,7 +332,9 @@ class StatsStore(abc.ABC):
     def subscribe(self, model: str, listener: Callable[[list[str]], None]) -> None:
         """Call ``listener`` with ``model``'s buckets whose cached figures changed: after each
         record merged into the cache (in-process), after each refresh (Redis; an empty list
-        when nothing changed, so the listener still hears the refresh's tick)."""
+        when nothing changed, so the listener still hears the refresh's tick).
+
+        A Redis store with subscribers reads only their models' records."""
         self._listeners.append((model, listener))
 
     def _notify(self, changed: Iterable[tuple[str, str]], tick: bool = False) -> None:
@@ -338,11 +371,25 @@ class StatsStore(abc.ABC):
         A request that ended with its first token (``max_tokens`` 1, a stop string in the
         first token) ran no decoding step: its goodput would be a token over a few
         microseconds, an outlier that would inflate the bucket's spread for hours. It says
-        nothing of the arm, so it is not recorded."""
+        nothing of the arm, so it is not recorded.
+
+        A record with a figure that is not a finite number of at least zero (a NaN timing, an
+        infinite decode time) is refused and counted in ``dropped_writes``: merged into a key
+        it would spoil the key for good. The first is logged, not the storm a bug may send."""
         if stats.num_output_tokens < MIN_RECORDED_TOKENS:
             self.skipped_records += 1
             return
-        self._record(key, ArmStats.from_spec_decode(stats, decode_time_s, self.clock()))
+        record = ArmStats.from_spec_decode(stats, decode_time_s, self.clock())
+        invalid = record.invalid_fields()
+        if invalid:
+            self.dropped_writes += 1
+            if not self._refusals_logged:
+                self._refusals_logged = True
+                log.warning("refusing statistics records whose figures are not finite numbers "
+                            "of at least zero (counted in dropped_writes, logged once), first "
+                            "for %s: %s", key, invalid)
+            return
+        self._record(key, record)
 
     @abc.abstractmethod
     def _record(self, key: StatsKey, stats: ArmStats) -> None: ...
@@ -351,7 +398,8 @@ class StatsStore(abc.ABC):
                  bucket: str | None = None) -> dict[StatsKey, ArmStats]:
         """Cached figures decayed to now, optionally of one model and one bucket; never touches
         the network. Only the records asked for are decayed: a router asks for one bucket per
-        request, and a fleet's cache holds every bucket's."""
+        request, and a fleet's cache holds every bucket's (of the subscribed models, for a
+        Redis store with subscribers)."""
         now = self.clock()
         if model is not None and bucket is not None:
             records = self._buckets.get((model, bucket), {}).items()
@@ -422,7 +470,8 @@ class RedisStatsStore(StatsStore):
     resend it, and a batch whose replies never came (``UnknownOutcome``: a stalled server
     runs it after the socket timed out) is dropped and counted, not queued again. What met an
     outage before anything was sent (a ping first says the connection stands), or a reply
-    saying the server ran none of it, is queued again for the next flush.
+    saying the server ran none of it, is queued again for the next flush; records the server
+    ran no script for (NOSCRIPT: it restarted) are sent again at once, the script loaded.
 
     ``reads=False`` (a decoder replica, which writes and never routes) pings Redis on the
     refresh interval instead of reading every record: its availability stays current while
@@ -454,10 +503,12 @@ class RedisStatsStore(StatsStore):
         self._redis = aioredis.Redis.from_url(
             url, password=password, decode_responses=True, socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0))
-        # The script is loaded before a batch when the server may not have it (first, and
-        # after a NOSCRIPT reply: a restarted server), so a batch is one round trip and each
+        # The script is loaded before a send when the server may not have it (first, and
+        # after a NOSCRIPT reply: a restarted server), so a send is one round trip and each
         # record's EVALSHA either runs or is refused, never half-sent after a check.
         self._script_sha: str | None = None
+        # Index members whose hash could not be parsed, warned about once while they last.
+        self._malformed: set[str] = set()
         # Waiting records by key, oldest key first: (merged record, requests in it).
         self._buffer: dict[StatsKey, tuple[ArmStats, int]] = {}
         self._in_flight = 0
@@ -549,7 +600,25 @@ class RedisStatsStore(StatsStore):
             return self._settle(batch, results)
 
     async def _write(self, batch: list[tuple[StatsKey, tuple[ArmStats, int]]]) -> list:
-        """One result per record: the script's reply or the error it met."""
+        """One result per record: the script's reply or the error it met.
+
+        A NOSCRIPT reply (a server restarted, or its script cache flushed) says the script did
+        not run for that record: those records, and only those (the others' ran, and a
+        record applied twice counts twice), are sent once more with the script loaded again,
+        in the same flush. What fails then is settled like any other reply."""
+        results = await self._send(batch)
+        unrun = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if unrun:
+            log.info("statistics script missing on %s (%d of %d records): loading it again",
+                     self._where, len(unrun), len(batch))
+            for i, r in zip(unrun, await self._send([batch[i] for i in unrun]), strict=True):
+                results[i] = r
+        return results
+
+    async def _send(self, batch: list[tuple[StatsKey, tuple[ArmStats, int]]]) -> list:
+        """One pipeline of the batch's records, the script loaded first if need be; each
+        record is sent with its age on this writer's clock (the script stamps it on the
+        server's)."""
         try:  # nothing sent yet: an outage here leaves the batch unapplied
             if self._script_sha is None:
                 self._script_sha = await self._redis.script_load(_APPLY_RECORD_LUA)
@@ -557,10 +626,11 @@ class RedisStatsStore(StatsStore):
                 await self._redis.ping()
         except _REDIS_ERRORS as exc:
             return [exc] * len(batch)
+        now = self.clock()
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key, (stats, _) in batch:
-                    args = [stats.updated_at, self.half_life_s, self.ttl_s]
+                    args = [max(now - stats.updated_at, 0.0), self.half_life_s, self.ttl_s]
                     for name, value in stats.counter_fields().items():
                         args += [name, value]
                     pipe.evalsha(self._script_sha, 2, self.hash_key(key), self.index_key, *args)
@@ -570,7 +640,7 @@ class RedisStatsStore(StatsStore):
                 return [UnknownOutcome(repr(exc))] * len(batch)
             return [exc] * len(batch)
         if any(isinstance(r, NoScriptError) for r in results):
-            self._script_sha = None  # a restarted server: load it again before the next batch
+            self._script_sha = None  # a restarted server: load it again before the next send
         return results
 
     def _settle(self, batch: list[tuple[StatsKey, tuple[ArmStats, int]]],
@@ -608,7 +678,9 @@ class RedisStatsStore(StatsStore):
         return not (outages or unknown)
 
     async def refresh(self) -> bool:
-        """Reload the cache (``reads``), or ping: either says whether Redis is reachable."""
+        """Reload the cache (``reads``), or ping: either says whether Redis is reachable. A
+        read that failed for any Redis error leaves the store unavailable until one succeeds:
+        the cache is as stale as in an outage."""
         try:
             if self.reads:
                 cache = await self._read()
@@ -616,25 +688,35 @@ class RedisStatsStore(StatsStore):
                 await self._redis.ping()
         except _REDIS_ERRORS as exc:
             self.read_errors += 1
-            if _is_outage(exc):
-                self._set_available(False, exc, "read")
-            else:
+            if not _is_outage(exc):
                 log.error("reading statistics failed: %r", exc)
+            self._set_available(False, exc, "read")
             return False
         if self.reads:
             self._replace_cache(cache)
         self._set_available(True, None, "read")
         return True
 
+    def _models_read(self) -> set[str] | None:
+        """The models whose records a refresh reads: the subscribed ones, or every model (None)
+        when nothing subscribed (a store read only through ``snapshot()``). A fleet's Redis
+        holds every model's records and a router follows one: fetching and parsing the others'
+        on the event loop every refresh was work for nothing."""
+        return {model for model, _ in self._listeners} or None
+
     async def _read(self) -> dict[StatsKey, ArmStats]:
         names = await self._redis.zrange(self.index_key, 0, -1)
+        models = self._models_read()
+        if models is not None:
+            heads = tuple(f"{self.prefix}:{_escape(model)}:" for model in models)
+            names = [name for name in names if name.startswith(heads)]
         async with self._redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(name)
             # One key of the wrong type (written by something else under the prefix) skips
             # that key, not the refresh.
             hashes = await pipe.execute(raise_on_error=False)
-        cache = {}
+        cache, malformed = {}, {}
         for name, fields in zip(names, hashes, strict=True):
             if isinstance(fields, Exception):
                 if _is_outage(fields):
@@ -645,11 +727,46 @@ class RedisStatsStore(StatsStore):
             if not fields:
                 continue
             try:
-                cache[self.parse_hash_key(name)] = ArmStats.from_fields(fields)
-            except ValueError as exc:
+                key = self.parse_hash_key(name)
+            except ValueError:
                 self.read_errors += 1
-                log.warning("skipping malformed statistics hash %s: %s", name, exc)
+                log.warning("skipping statistics key %s: not a name this store writes", name)
+                continue
+            try:
+                cache[key] = ArmStats.from_fields(fields)
+            except ValueError as exc:
+                malformed[name] = exc
+        for name, exc in malformed.items():
+            await self._discard(name, exc)
+        self._malformed = set(malformed)
         return cache
+
+    async def _discard(self, name: str, error: ValueError) -> None:
+        """Delete a hash that cannot be parsed (a NaN stored by a writer from before the checks)
+        and its index member. Skipped, it would stay for good: the script keeps a NaN through
+        every write and each write refreshes the TTL, so the router saw the arm as never tried.
+
+        The hash is read again under WATCH and deleted only if it still cannot be parsed and no
+        record landed since. A failure (a demoted primary refuses the delete) is left for the
+        next refresh, without touching the availability: the read succeeded, and writes are
+        judged by the flushes. Each hash is warned about once while it lasts."""
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(name)
+                try:
+                    ArmStats.from_fields(await pipe.hgetall(name))
+                    return  # gone since (another reader deleted it) or readable again
+                except ValueError:
+                    pipe.multi()
+                    pipe.delete(name)
+                    pipe.zrem(self.index_key, name)
+                    await pipe.execute()
+            outcome = "deleted"
+        except _REDIS_ERRORS as exc:  # WatchError too: a record landed since
+            outcome = f"not deleted yet ({exc!r}), tried again each refresh"
+        if name not in self._malformed:
+            self.read_errors += 1
+            log.warning("malformed statistics hash %s (%s): %s", name, error, outcome)
 
     async def _every(self, interval_s: float, operation: Callable[[], Awaitable[bool]]) -> None:
         delay = interval_s

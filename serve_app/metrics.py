@@ -96,7 +96,7 @@ class DecoderMetrics(_KeptGauges):
             "s3d_stats_pending_writes", "Requests' statistics waiting to be written to Redis.")
         self.stats_dropped = metrics.Counter(
             "s3d_stats_dropped_writes", "Requests' statistics dropped: buffer full during an "
-            "outage, or refused by Redis.")
+            "outage, refused by Redis, or figures that are not finite numbers.")
         self._dropped_seen = 0
         self.active_generations = metrics.Gauge(
             "s3d_active_generations", "Generations the replica is decoding (each of a "
