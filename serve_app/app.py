@@ -189,7 +189,7 @@ class Decoder(_StoreUser):
                                 payload.get("seed"))
         gen = self.engine.generation(payload["prompt_ids"], payload["max_tokens"],
                                      payload["arm"], params, payload.get("depth"))
-        text = TextStream(self.engine.tokenizer)
+        text = TextStream(self.engine.tokenizer, prompt=gen.prompt)
         stops = StopStrings(payload.get("stop") or [])
         completion_tokens = None  # set when a stop string ends the text before the tokens do
         start = time.perf_counter()

@@ -70,7 +70,7 @@ def generate(
               BenchPrompt(id="cli", category="cli", messages=[{"role": "user", "content": prompt}]))
     ids = record.to_token_ids(engine.tokenizer)
     gen = engine.generation(ids, max_tokens, arm, SamplingParams(temperature, top_p, 0, seed))
-    stream = TextStream(engine.tokenizer, skip_special_tokens=True)
+    stream = TextStream(engine.tokenizer, prompt=ids)
     t0 = time.perf_counter()
     while not gen.finished:
         sys.stdout.write(stream.push(gen.step()))

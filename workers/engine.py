@@ -122,9 +122,14 @@ class Generation:
         path, next_token = self._verify(tree)
         t2 = time.perf_counter()
         self.drafter.observe(tree, len(path))
-        self.stats.observe_step(len(tree), len(path), t1 - t0, t2 - t1, tree.depth,
-                                self.runner.num_forwards - forwards)
         committed = self._commit([int(tree.tokens[i]) for i in path] + [next_token])
+        # The statistics count what was output: a stop token inside the accepted path ends the
+        # step there, as its last token (so committed tokens stay accepted drafts plus one per
+        # step), and the drafts accepted after it are not output.
+        reached = len(path) + bool(tree.children()[path[-1] + 1 if path else 0])
+        self.stats.observe_step(len(tree), min(len(path), len(committed) - 1), t1 - t0,
+                                t2 - t1, tree.depth, self.runner.num_forwards - forwards,
+                                reached)
         self.stats.decode_time_s += time.perf_counter() - t0
         self._pool_output()  # after the timing: the pool's upkeep is not this arm's cost
         return committed

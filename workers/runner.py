@@ -213,8 +213,8 @@ class ModelRunner:
         return KVCache(self.num_layers, self.kv_heads, self.head_dim, capacity, self.dtype,
                        self.device)
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        needed = int(positions.max()) + 1
+    def _rope(self, positions: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at ``positions``; ``needed``: the table's length they require."""
         if needed > self._rope_len:
             length = max(needed, 2 * self._rope_len, 1024)
             ids = torch.arange(length, device=self.device)[None]
@@ -268,12 +268,14 @@ class ModelRunner:
         """
         self.num_forwards += 1
         tokens = tokens.to(self.device)
+        # Read before the move: int() of a tensor on a GPU waits for the device, every forward.
+        rope_len = int(positions.max()) + 1
         positions = positions.to(self.device)
         num_new = tokens.shape[0]
         start = attention.start
         end = start + num_new
         mask = attention.mask(num_new, self.device)
-        cos, sin = self._rope(positions)
+        cos, sin = self._rope(positions, rope_len)
         cos, sin = cos[None, None], sin[None, None]
         hidden = self.embed(tokens.clamp(min=0))
         if draft is not None:

@@ -65,9 +65,13 @@ class SpecDecodeStats:
 
     def observe_step(self, num_draft_tokens: int, num_accepted: int,
                      draft_time_s: float, verify_time_s: float, draft_depth: int,
-                     forward_passes: int = 1) -> None:
-        """One verify step; ``draft_depth`` is the draft's deepest position (a chain's length),
-        ``forward_passes`` the model passes it ran, its verify forward included."""
+                     forward_passes: int = 1, reached: int | None = None) -> None:
+        """One verify step; ``num_accepted`` counts the accepted drafts the step committed,
+        ``draft_depth`` is the draft's deepest position (a chain's length), ``forward_passes``
+        the model passes it ran, its verify forward included. ``reached``: the positions the
+        acceptance walk tried, its accepted nodes and one more if the last of them (or the
+        root) has children; a tree's deepest node may lie on a branch the walk left. Without
+        it, a chain's: every position up to the first rejected one."""
         self.num_spec_steps += 1
         self.num_forward_passes += forward_passes
         if num_draft_tokens:
@@ -77,7 +81,8 @@ class SpecDecodeStats:
         self.num_accepted_tokens += num_accepted
         self.num_draft_levels += draft_depth
         _add_ones(self.accepted_per_pos, num_accepted)
-        _add_ones(self.tried_per_pos, min(num_accepted + 1, draft_depth))
+        _add_ones(self.tried_per_pos, min(num_accepted + 1,
+                                          draft_depth if reached is None else reached))
         self.draft_time_s += draft_time_s
         self.verify_time_s += verify_time_s
 

@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
+from itertools import islice
+
+# Prompt tokens a stream starts from as context (vLLM's incremental detokenizer takes 5): a
+# token's text may depend on the tokens before it, and SentencePiece decoders (Llama-2, Mistral)
+# drop the leading space of a text's first token, so the output decoded alone loses the space
+# before its first word ("Paris." for " Paris.") and a stop string starting with a space could
+# not match there.
+CONTEXT_TOKENS = 5
+
 
 class TextStream:
-    """Returns only the new, complete text as tokens arrive.
+    """Returns only the new, complete text as tokens arrive: what the prompt and the tokens so
+    far decode to past what the prompt decodes to.
 
     Each push decodes a window, not the whole output (that cost time quadratic in the output's
     length on the replica's event loop: 7 s over 8,000 tokens): the tokens since the last
-    emitted text, after the tokens of the emission before it as context (a tokenizer may
-    decode a token differently at the start of a text: SentencePiece drops a leading space).
-    The new text is what the window decodes to past what its context decodes to."""
+    emitted text, after the tokens of the emission before it as context (before the first
+    emission, the prompt's last ``CONTEXT_TOKENS``; their text is never emitted). The new text
+    is what the window decodes to past what its context decodes to."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, skip_special_tokens: bool = True, prompt: list[int] = ()):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
-        self.tokens: list[int] = []
+        context: list[int] = []
+        if prompt:
+            # Special tokens skipped in decoding give no context: a chat prompt may end with
+            # several of them.
+            skipped = set(tokenizer.all_special_ids) if self.skip else set()
+            context = list(islice((t for t in reversed(prompt) if t not in skipped),
+                                  CONTEXT_TOKENS))[::-1]
+        self.tokens: list[int] = context  # the context, then the output's tokens
+        self.start = len(context)  # where the output's tokens start
+        self.context_chars = len(self._decode(context))
         self.prefix_offset = 0  # where the window's context starts
-        self.read_offset = 0  # where the tokens not yet emitted start
+        self.read_offset = self.start  # where the tokens not yet emitted start
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=self.skip)
@@ -40,16 +59,17 @@ class TextStream:
 
     @property
     def text(self) -> str:
-        return self._decode(self.tokens)
+        """The output's text: all the pushes emit once flushed."""
+        return self._decode(self.tokens)[self.context_chars:]
 
     def tokens_through(self, chars: int) -> int:
-        """How many of the tokens so far it takes for the decoded text to reach ``chars``
+        """How many of the output's tokens so far it takes for its text to reach ``chars``
         characters (all of them if it never does)."""
-        lo, hi = 0, len(self.tokens)
+        lo, hi = 0, len(self.tokens) - self.start
         while lo < hi:  # the fewest tokens whose text is at least ``chars`` long
             mid = (lo + hi) // 2
-            text = self.tokenizer.decode(self.tokens[:mid], skip_special_tokens=self.skip)
-            if len(text.rstrip("\ufffd")) >= chars:
+            text = self._decode(self.tokens[:self.start + mid])
+            if len(text.rstrip("\ufffd")) - self.context_chars >= chars:
                 hi = mid
             else:
                 lo = mid + 1

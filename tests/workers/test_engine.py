@@ -219,6 +219,70 @@ def test_step_statistics_and_a_router_depth_cap(bundled):
         engine.generation(bundled.prompts[0], 32, "chain", depth=5)
 
 
+class FixedDrafter:
+    """Proposes one given tree, then nothing."""
+
+    def __init__(self, tree):
+        self.trees = [tree]
+
+    def propose(self, ctx):
+        from workers.tree import DraftTree
+
+        return self.trees.pop() if self.trees else DraftTree.empty()
+
+    def observe(self, tree, num_accepted):
+        pass
+
+    def mask_groups(self, tree):
+        return None
+
+
+def _step_on(bundled, tree_of, stops=frozenset()):
+    """The statistics of the first decode step of prompt 0 verifying ``tree_of(vanilla)``
+    (``vanilla``: plain decoding's output), and the tokens it committed."""
+    from workers.engine import Generation
+
+    vanilla = bundled.vanilla(0, 8)
+    arm = Arm(name="ngram", drafter="ngram_tree", depth=4, top_k=2, total_tokens=8)
+    gen = Generation(bundled.runner, bundled.prompts[0], 8, arm, stop_token_ids=stops)
+    gen.drafter = FixedDrafter(tree_of(vanilla))
+    assert gen.step() == vanilla[:1]  # the prompt
+    return gen.stats, gen.step()
+
+
+def test_a_tree_step_counts_only_the_positions_its_walk_reached(bundled):
+    """The root has a leaf A (the right token) and a chain B -> C -> D (wrong): A is accepted
+    and has no children, so position 1 was never tried, whatever the tree's depth."""
+    from workers.tree import DraftTree
+
+    def tree(vanilla):
+        wrong = (vanilla[1] + 1) % len(bundled.loaded.tokenizer)
+        return DraftTree.from_nodes([(vanilla[1], -1), (wrong, -1), (wrong, 1), (wrong, 2)])
+
+    stats, committed = _step_on(bundled, tree)
+    assert committed == bundled.vanilla(0, 8)[1:3]
+    assert stats.num_accepted_tokens == 1 and stats.accepted_per_pos == [1]
+    assert stats.tried_per_pos == [1]
+    assert stats.num_draft_levels == 3  # the tree's depth, what a level-paying drafter drafted
+
+
+def test_a_step_counts_no_accepted_drafts_past_a_stop_token(bundled):
+    """A chain of plain decoding's next three tokens, the second of which stops the request:
+    all three are accepted, two are output (the stop token as the step's last), and the
+    statistics count one accepted draft, as committed tokens minus one per step."""
+    from workers.tree import DraftTree
+
+    vanilla = bundled.vanilla(0, 8)
+    assert vanilla[2] not in vanilla[:2]
+    stats, committed = _step_on(bundled, lambda v: DraftTree.chain(v[1:4]),
+                                frozenset({vanilla[2]}))
+    assert committed == vanilla[1:3]
+    assert stats.num_accepted_tokens == 1 and stats.accepted_per_pos == [1]
+    assert stats.tried_per_pos == [1, 1]  # the stop token's position, not an accepted draft
+    assert stats.num_output_tokens == 3
+    assert stats.mean_acceptance_length == len(committed)
+
+
 def test_decode_time_is_the_request_s_own_steps(bundled):
     """``decode_time_s``: the request's steps after its first token, drafting to commit, not
     the time between them (a busy replica runs other requests' steps there): what the router
