@@ -716,7 +716,6 @@ def test_password_protected_server(password_server):
     asyncio.run(scenario())
 
 
-
 def test_records_with_figures_that_are_not_finite_are_refused(caplog):
     """A NaN or an infinity merged into a key spoiled it for good: refused and counted in
     ``dropped_writes``, logged once however many come."""
