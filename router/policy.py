@@ -16,7 +16,10 @@ traffic (Bayes-UCB, ``bayes_ucb_choice``), or the highest draw from it (Thompson
 
 Bayes-UCB is deterministic given a bucket's figures, so a router that follows a store
 (``ArmRouter.follow``) chooses a bucket's arm when the store's figures for it change, off the
-request path, and a request only classifies its prompt and looks its bucket's route up.
+request path, and a request only classifies its prompt and looks its bucket's route up. Such a
+router also counts the requests it sent out as pending observations on their arms until their
+records reach its figures (``ArmRouter.route``): the next request of a busy bucket is then
+chosen again, on the request, with them counted in.
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ _STANDARD_NORMAL = NormalDist()
 # this many of the store's half-lives old (3 minutes at an hour): its figures' decay since has
 # moved them 3.4%, less than one request moves a bucket with 30 behind it.
 ROUTE_MAX_AGE_HALF_LIVES = 0.05
+# A request a following router sent out counts as pending (``posteriors``) until its bucket's
+# figures show a record more on its arm: while it decodes (at most this long: a request whose
+# end the router never hears of)...
+PENDING_MAX_S = 600.0
+# ...and, once it ended with its figures recorded, for this many times the store's feedback lag
+# (the replica's flush and the ingress's refresh) and a second more.
+LANDING_LAGS = 2.0
 
 # A chat request whose messages carry at least this many characters has a document to work from
 # (a text to summarise, extract from or answer about; a long conversation): answers copy from it.
@@ -193,6 +203,14 @@ class Route:
     depth: int | None = None
 
 
+@dataclass(eq=False)  # each is its own: ``list.remove`` must find this one, not its equal
+class _Sent:
+    """One record of a request sent out, pending in the router's figures until ``due``."""
+
+    due: float
+    finished: bool = False
+
+
 @dataclass(frozen=True)
 class PreparedRoute:
     """A bucket's arm chosen ahead of its requests (``ArmRouter.prepare``): when, and the
@@ -205,7 +223,8 @@ class PreparedRoute:
 
 def posteriors(estimates: dict[str, ArmEstimate], prior: dict[str, float],
                prior_weight: float | Mapping[str, float] = 2.0,
-               rel_noise: float = DEFAULT_REL_NOISE, obs_noise: float | None = None
+               rel_noise: float = DEFAULT_REL_NOISE, obs_noise: float | None = None,
+               pending: Mapping[str, float] | None = None
                ) -> Iterator[tuple[str, float, float]]:
     """Each arm of ``prior`` with the mean and spread of its goodput's normal posterior.
 
@@ -217,26 +236,34 @@ def posteriors(estimates: dict[str, ArmEstimate], prior: dict[str, float],
     ``obs_noise * mean / sqrt(w + requests)``: an arm nobody has tried keeps the prior's spread
     whatever ``obs_noise`` is, while steady observations settle an arm sooner than noisy ones.
     ``prior_weight`` may differ by arm (a mapping; arms not in it weigh 2 requests).
+
+    ``pending``: requests per arm sent out whose figures are not in yet. Each counts as an
+    observation at the posterior's mean (its spread shrinks, its mean stays): a batch's
+    "hallucinated" observations, so the requests of a busy bucket routed before their
+    predecessors' figures arrive do not all follow one optimistic choice.
     """
     noise = rel_noise if obs_noise is None else obs_noise
+    pending = pending or {}
     for arm, prior_goodput in prior.items():
         weight = (prior_weight.get(arm, 2.0) if isinstance(prior_weight, Mapping)
                   else prior_weight) * (noise / rel_noise) ** 2
         est = estimates.get(arm)
         n = est.requests if est else 0.0
         mean = (prior_goodput * weight + (est.goodput * n if est else 0.0)) / (weight + n)
-        yield arm, mean, noise * max(mean, 1e-6) / math.sqrt(weight + n)
+        yield arm, mean, noise * max(mean, 1e-6) / math.sqrt(weight + n + pending.get(arm, 0.0))
 
 
 def thompson_choice(estimates: dict[str, ArmEstimate], prior: dict[str, float],
                     prior_weight: float | Mapping[str, float] = 2.0,
                     rel_noise: float = DEFAULT_REL_NOISE,
-                    rng: random.Random | None = None, obs_noise: float | None = None) -> str:
-    """Sample a goodput for each arm from its posterior (``posteriors``); return the arm with
-    the highest sample."""
+                    rng: random.Random | None = None, obs_noise: float | None = None,
+                    pending: Mapping[str, float] | None = None) -> str:
+    """Sample a goodput for each arm from its posterior (``posteriors``, ``pending`` requests
+    counted in); return the arm with the highest sample."""
     rng = rng or random
     best, best_value = None, -math.inf
-    for arm, mean, spread in posteriors(estimates, prior, prior_weight, rel_noise, obs_noise):
+    for arm, mean, spread in posteriors(estimates, prior, prior_weight, rel_noise, obs_noise,
+                                        pending):
         value = rng.gauss(mean, spread)
         if value > best_value:
             best, best_value = arm, value
@@ -257,17 +284,21 @@ def ucb_quantile(requests: float) -> float:
 
 def bayes_ucb_choice(estimates: dict[str, ArmEstimate], prior: dict[str, float],
                      prior_weight: float | Mapping[str, float] = 2.0,
-                     rel_noise: float = DEFAULT_REL_NOISE, obs_noise: float | None = None) -> str:
+                     rel_noise: float = DEFAULT_REL_NOISE, obs_noise: float | None = None,
+                     pending: Mapping[str, float] | None = None) -> str:
     """The arm whose posterior (``posteriors``) has the highest ``ucb_quantile`` quantile, for
     the requests the bucket has seen (Bayes-UCB). A bucket's first requests go to the arm
     the prior and the observations make likeliest best; optimism grows with the bucket's
     traffic, so an arm whose posterior still allows it to lead gets tried once enough requests
-    ride on the answer. Deterministic given the figures; ties go to the earlier arm of
-    ``prior``."""
+    ride on the answer. Deterministic given the figures and the ``pending`` requests (counted
+    in the traffic and the posteriors); ties go to the earlier arm of ``prior``."""
+    pending = pending or {}
     seen = sum(est.traffic for arm, est in estimates.items() if arm in prior)
+    seen += sum(count for arm, count in pending.items() if arm in prior)
     z = _STANDARD_NORMAL.inv_cdf(ucb_quantile(seen))
     best, best_value = None, -math.inf
-    for arm, mean, spread in posteriors(estimates, prior, prior_weight, rel_noise, obs_noise):
+    for arm, mean, spread in posteriors(estimates, prior, prior_weight, rel_noise, obs_noise,
+                                        pending):
         value = mean + z * spread
         if value > best_value:
             best, best_value = arm, value
@@ -471,16 +502,66 @@ class ArmRouter:
         self.route_max_age_s = math.inf
         self.prepared_s = 0.0  # time spent choosing routes ahead of requests, in all
         self.chosen_on_request = 0  # Bayes-UCB arms a following router had not prepared
+        # Records of requests sent out that a following router has not seen in its figures
+        # yet: by bucket and arm, in the order routed; and each arm's traffic at its last look.
+        self._pending: dict[str, dict[str, list[_Sent]]] = {}
+        self._traffic_seen: dict[str, dict[str, float]] = {}
+        self._next_due: dict[str, float] = {}  # by bucket, when its next pending one is overdue
+        self._counts_pending = False
+        self.pending_max_s = PENDING_MAX_S
+        self.landing_s = 1.0
 
     def choose(self, bucket: str, pinned: str | None = None) -> str:
         return self.route(bucket, pinned).arm
 
-    def route(self, bucket: str, pinned: str | None = None) -> Route:
+    def route(self, bucket: str, pinned: str | None = None, sent: int = 1) -> Route:
         """A pinned arm runs as it is; ``fixed`` mode runs the default arm; else the arm by
         Bayes-UCB or Thompson sampling (``exploration``) over goodput, and its depth from the
         bucket's acceptance curve. A router following a store looks a Bayes-UCB arm up among
         the prepared routes and chooses it here only when the bucket has none younger than
-        ``route_max_age_s``."""
+        ``route_max_age_s``.
+
+        An adaptive router following a store counts the ``sent`` records the request will make
+        (its choices; 0 for a decision no request runs) as pending on its arm until the
+        store's figures show them, and chooses the bucket's next arm with them counted in
+        (``posteriors``): requests routed before their predecessors' figures arrive would
+        otherwise all follow one choice."""
+        route = self._route(bucket, pinned)
+        if sent > 0 and self._counts_pending and self.mode == "adaptive":
+            due = self.clock() + self.pending_max_s
+            self._pending.setdefault(bucket, {}).setdefault(route.arm, []).extend(
+                _Sent(due) for _ in range(sent))
+            self._next_due[bucket] = min(self._next_due.get(bucket, math.inf), due)
+            self._routes.pop(bucket, None)
+        return route
+
+    def finished(self, bucket: str, arm: str, recorded: int, lost: int = 0) -> None:
+        """A request ``route`` sent to ``arm`` ended: ``recorded`` of its records are on their
+        way (they stay pending for the store's feedback lag, ``landing_s``, at most) and
+        ``lost`` never will be (it failed, was refused or its client left first): those stop
+        counting now."""
+        sent = self._pending.get(bucket, {}).get(arm)
+        if not sent:
+            return
+        running = [entry for entry in sent if not entry.finished]
+        lost = min(max(lost, 0), len(running))
+        for entry in running[len(running) - lost:]:
+            sent.remove(entry)
+        due = self.clock() + self.landing_s
+        for entry in running[:max(min(recorded, len(running) - lost), 0)]:
+            entry.finished, entry.due = True, due
+            self._next_due[bucket] = min(self._next_due.get(bucket, math.inf), due)
+        if lost:  # the bucket's next arm is chosen with fewer pending
+            self._routes.pop(bucket, None)
+
+    def pending(self, bucket: str) -> dict[str, int]:
+        """The bucket's records sent out, not yet in its figures and not overdue, by arm."""
+        now = self.clock()
+        counts = {arm: sum(entry.due >= now for entry in sent)
+                  for arm, sent in self._pending.get(bucket, {}).items()}
+        return {arm: count for arm, count in counts.items() if count}
+
+    def _route(self, bucket: str, pinned: str | None) -> Route:
         if pinned is not None:
             if pinned not in self.arms:
                 raise KeyError(pinned)
@@ -488,8 +569,9 @@ class ArmRouter:
         if self.mode == "fixed":
             return Route(self.default_arm)
         if self._prepares:
-            prepared = self._routes.get(bucket)
-            if prepared is None or self.clock() - prepared.at > self.route_max_age_s:
+            prepared, now = self._routes.get(bucket), self.clock()
+            if (prepared is None or now - prepared.at > self.route_max_age_s
+                    or self._next_due.get(bucket, math.inf) < now):  # pending ones overdue
                 prepared = self._prepare(bucket)
                 self.chosen_on_request += 1
             arm, stats = prepared.arm, prepared.stats
@@ -506,7 +588,7 @@ class ArmRouter:
         that the default arm serves)."""
         try:
             estimates = self.estimates(bucket)
-            arm = self._choose(bucket, estimates)
+            arm = self._choose(bucket, estimates, self._settle(bucket, estimates))
             if arm not in self.arms:  # e.g. no score comparable (NaN figures)
                 raise ValueError(f"no arm chosen: {arm!r}")
             return arm, estimates[arm].stats if arm in estimates else None
@@ -515,7 +597,30 @@ class ArmRouter:
                           self.default_arm)
             return self.default_arm, None
 
-    def _choose(self, bucket: str, estimates: dict[str, ArmEstimate]) -> str:
+    def _settle(self, bucket: str, estimates: dict[str, ArmEstimate]) -> dict[str, int]:
+        """The bucket's pending records (``route``), by arm, after crossing off, oldest first,
+        as many as each arm's traffic rose since the last look (other ingresses' requests rise
+        it too: the count then ends early, never late) and those past their time."""
+        seen = self._traffic_seen.setdefault(bucket, {})
+        pending = self._pending.get(bucket, {})
+        for arm in list(seen):
+            if arm not in estimates:  # expired from the store: its traffic starts again
+                del seen[arm]
+        for arm, est in estimates.items():
+            rise, seen[arm] = est.traffic - seen.get(arm, 0.0), est.traffic
+            if arm in pending and rise >= 0.5:
+                del pending[arm][:round(rise)]
+        now = self.clock()
+        for arm, sent in list(pending.items()):
+            sent[:] = [entry for entry in sent if entry.due >= now]
+            if not sent:
+                del pending[arm]
+        self._next_due[bucket] = min((entry.due for sent in pending.values() for entry in sent),
+                                     default=math.inf)
+        return {arm: len(sent) for arm, sent in pending.items()}
+
+    def _choose(self, bucket: str, estimates: dict[str, ArmEstimate],
+                pending: dict[str, int] | None = None) -> str:
         fields = bucket.split(".")
         temperature = fields[1] if len(fields) > 1 else None
         # The paired comparisons were measured on calibration prompts (up to a few hundred
@@ -528,8 +633,9 @@ class ArmRouter:
                 fields[0], paired=calibrated and temperature == temperature_bucket(0.0))
         prior, noise = calibrated_prior(estimates, prior), observed_noise(estimates)
         if self.exploration == "ucb":
-            return bayes_ucb_choice(estimates, prior, weight, obs_noise=noise)
-        return thompson_choice(estimates, prior, weight, rng=self.rng, obs_noise=noise)
+            return bayes_ucb_choice(estimates, prior, weight, obs_noise=noise, pending=pending)
+        return thompson_choice(estimates, prior, weight, rng=self.rng, obs_noise=noise,
+                               pending=pending)
 
     @property
     def _prepares(self) -> bool:
@@ -558,17 +664,24 @@ class ArmRouter:
             self._prepare(bucket)
         self.prepared_s += time.perf_counter() - started
 
-    def follow(self, store: StatsStore, model: str) -> None:
+    def follow(self, store: StatsStore, model: str, count_pending: bool = True) -> None:
         """Route by ``model``'s figures in ``store``, choosing each bucket's Bayes-UCB arm when
         they change (the store calls ``prepare``: on a record for the in-process store, on a
         refresh for Redis) rather than on each request. A prepared route is chosen again after
         ``ROUTE_MAX_AGE_HALF_LIVES`` of the store's half-life, when the decay has moved its
-        figures, on the store's clock."""
+        figures, on the store's clock. With ``count_pending``, requests sent out count as
+        pending until their records reach the store's figures (``route``); not where no
+        decoder writes to ``store``, where they never would."""
         self.estimates = store_estimates(store, model)
         self.clock = store.clock
         self.route_max_age_s = ROUTE_MAX_AGE_HALF_LIVES * store.half_life_s
         self._following = True
         self._routes.clear()
+        self._pending.clear()
+        self._traffic_seen.clear()
+        self._next_due.clear()
+        self._counts_pending = count_pending
+        self.landing_s = LANDING_LAGS * store.feedback_lag_s + 1.0
         store.subscribe(model, self.prepare)
         self.prepare()
 

@@ -329,6 +329,12 @@ class StatsStore(abc.ABC):
         self._buckets: dict[tuple[str, str], dict[StatsKey, ArmStats]] = {}
         self._listeners: list[tuple[str, Callable[[list[str]], None]]] = []
 
+    @property
+    def feedback_lag_s(self) -> float:
+        """How long a record written now takes, at most, to reach a reader's cache when all is
+        well: none in process."""
+        return 0.0
+
     def subscribe(self, model: str, listener: Callable[[list[str]], None]) -> None:
         """Call ``listener`` with ``model``'s buckets whose cached figures changed: after each
         record merged into the cache (in-process), after each refresh (Redis; an empty list
@@ -520,6 +526,11 @@ class RedisStatsStore(StatsStore):
         self._reachable: dict[str, bool] = {}
         self._available: bool | None = None
         self._drops_logged = False
+
+    @property
+    def feedback_lag_s(self) -> float:
+        """A writer's flush (on this store's interval) and a reader's refresh."""
+        return self.flush_interval_s + self.refresh_interval_s
 
     @property
     def available(self) -> bool:

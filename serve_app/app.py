@@ -409,7 +409,10 @@ class IngressBase(_StoreUser):
                                             exploration=self.config.router_exploration)
         # Bayes-UCB routes are chosen when the store's refresh brings new figures (on the
         # event loop, between requests); a request classifies its prompt and looks one up.
-        self.router.follow(self.store, self.config.stats_model)
+        # Requests in flight count in the router's figures until theirs arrive; without Redis
+        # no decoder writes to this store and none ever would.
+        self.router.follow(self.store, self.config.stats_model,
+                           count_pending=self.config.redis_url is not None)
         self._start_store()
         # One thread: a fast tokenizer used from two threads at once can fail ("Already
         # borrowed"), so requests take turns, off the event loop.
@@ -485,12 +488,13 @@ class IngressBase(_StoreUser):
         reproducible = req.seed is not None and req.temperature > 0
         pinned = req.arm if req.arm is not None or not reproducible else self.router.default_arm
         try:
-            route = self.router.route(bucket, pinned)
+            route = self.router.route(bucket, pinned, sent=req.n)
         except KeyError:
             names = ", ".join(a.name for a in self.profile.arms)
             raise APIError(400, f"unknown arm {req.arm!r}; arms: {names}", param="arm") from None
         self.metrics.observe_decision(time.perf_counter() - decided)
-        self.metrics.observe_arm(route.arm, pinned=req.arm is not None)
+        # Pinned: by the request, or to the default arm for a seeded sampled one.
+        self.metrics.observe_arm(route.arm, pinned=pinned is not None)
         payload = {"prompt_ids": ids, "max_tokens": max_tokens, "arm": route.arm,
                    "depth": route.depth, "n": req.n,
                    "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
@@ -547,6 +551,13 @@ class IngressBase(_StoreUser):
             await asyncio.sleep(retry_pause_s(attempt))
         raise RuntimeError("unreachable: the last attempt returns or raises")
 
+    def _finished(self, payload: dict, recorded: int) -> None:
+        """The request ended with ``recorded`` of its choices' final items (each sent after its
+        statistics were recorded), the others without: the router counts the first as pending
+        until its next figures, the others no more."""
+        self.router.finished(payload["bucket"], payload["arm"], recorded,
+                             payload["n"] - recorded)
+
     async def complete(self, req: SamplingFields, is_chat: bool):
         self._ensure_store()
         started = time.perf_counter()
@@ -556,9 +567,19 @@ class IngressBase(_StoreUser):
         if req.stream:
             items = self._stream(payload, retries=self.config.replica_retries)
             # Wait for the first delta before answering 200, so back-pressure is a real 503.
-            first = await anext(items, None)
-            return SSEResponse(self._sse(req, is_chat, first, items, prompt_tokens, rid, started))
-        texts, finals = await self._collect(payload, req.n)
+            try:
+                first = await anext(items, None)
+            except BaseException:
+                self._finished(payload, 0)
+                raise
+            return SSEResponse(self._sse(req, is_chat, first, items, prompt_tokens, rid, started,
+                                         payload))
+        try:
+            texts, finals = await self._collect(payload, req.n)
+        except BaseException:
+            self._finished(payload, 0)
+            raise
+        self._finished(payload, len(finals))
         choices = []
         for i, (text, final) in enumerate(zip(texts, finals)):
             if is_chat:
@@ -575,7 +596,7 @@ class IngressBase(_StoreUser):
 
     async def _sse(self, req: SamplingFields, is_chat: bool, first: dict | None,
                    items: AsyncGenerator[dict, None], prompt_tokens: int, rid: str,
-                   started: float) -> AsyncIterator[str]:
+                   started: float, payload: dict) -> AsyncIterator[str]:
         """The events of a streamed request: ``first``, then the rest of the decoder's
         ``items``, which are closed when this stream is (by ``SSEResponse``), at whichever
         ``yield`` it stands."""
@@ -625,6 +646,7 @@ class IngressBase(_StoreUser):
                 f"the decoder failed mid-stream: {type(exc).__name__}", "server_error",
                 code="decoder_failed")) + "\n\n"
         finally:  # closed at a yield (a client gone): close the decoder's stream now
+            self._finished(payload, len(finals))
             await items.aclose()
         yield "data: [DONE]\n\n"
 

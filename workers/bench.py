@@ -230,15 +230,16 @@ class Bench:
                                                 exploration=exploration)
                           for seed in (0, 1))
         # ``shadow`` makes the same decisions again on the same state, with random draws of its
-        # own (the requests' choices stay those of ``router``): enough timings for a p99 that is
-        # not just the slowest of a few dozen requests. Both follow the store as the ingress's
-        # router does: Bayes-UCB routes are chosen when a record changes their bucket's figures.
+        # own (the requests' choices stay those of ``router``; none counts as a request in
+        # flight): enough timings for a p99 that is not just the slowest of a few dozen
+        # requests. Both follow the store as the ingress's router does: Bayes-UCB routes are
+        # chosen when a record changes their bucket's figures.
         for policy in (router, shadow):
             policy.follow(store, "bench")
 
-        def decide(index: int, policy: ArmRouter) -> tuple[str, Route]:
+        def decide(index: int, policy: ArmRouter, sent: int = 1) -> tuple[str, Route]:
             bucket = self.bucket(index)
-            return bucket, policy.route(bucket)
+            return bucket, policy.route(bucket, sent=sent)
 
         def run(index: int, max_tokens: int) -> PromptRun:
             p = self.prompts[index]
@@ -249,7 +250,7 @@ class Bench:
             arm = route.arm
             for _ in range(REPEAT_DECISIONS):
                 started = time.perf_counter()
-                decide(index, shadow)
+                decide(index, shadow, sent=0)  # no request runs on the shadow's choice
                 log.decision_s.append(time.perf_counter() - started)
             gen = draws_from_pool(self.engine.generation(
                 self.ids[index], max_tokens, arm, self._params(index), route.depth, pool))

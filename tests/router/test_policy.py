@@ -27,6 +27,7 @@ from router.policy import (
     length_bucket,
     observed_noise,
     paired_prior_weights,
+    posteriors,
     store_estimates,
     temperature_bucket,
     thompson_choice,
@@ -736,23 +737,26 @@ def test_router_ends_near_the_per_bucket_best_arm_with_requests_in_flight(
         exploration: str) -> None:
     """A busy fleet: ten requests a second, each's record reaching the router 2.5 s after it
     decoded (the replica's flush, the ingress's refresh), so about 40 requests are routed
-    before the figures of those in flight are known. Bayes-UCB sends a bucket's requests of a
-    refresh interval to one arm, exploring arms in herds; it learns all the same."""
+    before the figures of those in flight are known. The router counts them as pending
+    observations: Bayes-UCB spread a bucket's requests over the arms instead of sending every
+    request of a refresh interval to one (its regret was 4.2x the regret with instant
+    figures on this seed, 1.14 against 0.27 tokens/s per request; now 1.7x)."""
     instant = simulate(TRUTH, MIX, REQUESTS, 0, half_life_s=1800.0, interval_s=0.1,
                        exploration=exploration)
     busy = simulate(TRUTH, MIX, REQUESTS, 0, half_life_s=1800.0, interval_s=0.1,
                     exploration=exploration, feedback_delay_s=2.5)
     assert busy.records != instant.records
-    # The first requests of every bucket go out before any figure is back: the prior's arm.
+    # The first 40 requests go out before any figure is back (the first lands after about
+    # 4.5 s): every bucket's are not all sent to one arm.
     first = {}
-    for record in busy.records[:30]:
+    for record in busy.records[:40]:
         first.setdefault(record.bucket, set()).add(record.arm)
-    if exploration == "ucb":
-        assert all(len(arms) == 1 for arms in first.values())
+    assert all(len(arms) > 1 for arms in first.values()), first
     last = busy.summary(2 * REQUESTS // 3)
     assert last.goodput_ratio >= 0.95
     assert min(busy.best_arm_share_last(200).values()) >= 0.85
-    assert busy.summary().regret_per_request > instant.summary().regret_per_request
+    regret, instant_regret = busy.summary().regret_per_request, instant.summary().regret_per_request
+    assert instant_regret < regret < 2.5 * instant_regret
 
 
 @pytest.mark.parametrize("exploration", EXPLORATIONS)
@@ -894,6 +898,11 @@ def following_pair(exploration: str = "ucb", half_life_s: float = 3600.0):
     return store, clock, follower, reader
 
 
+def look(router: ArmRouter, bucket: str) -> str:
+    """The arm ``router`` would send a request of ``bucket`` to now; no request is sent."""
+    return router.route(bucket, sent=0).arm
+
+
 def record_goodput(store: InProcessStatsStore, bucket: str, arm: str, goodput: float) -> None:
     store.record(StatsKey("m", bucket, arm), SpecDecodeStats(num_output_tokens=100),
                  100 / goodput)
@@ -924,7 +933,7 @@ def test_prepared_routes_are_the_routes_chosen_per_request() -> None:
         assert calls[0] == bucket
         swept = list(calls)
         prepared.update({other: reader.choose(other) for other in buckets if other in swept})
-        assert {other: follower.choose(other) for other in buckets} == prepared
+        assert {other: look(follower, other) for other in buckets} == prepared
         assert calls == swept  # ...and the requests only looked routes up
         clock.now += 1.0
     assert follower.chosen_on_request == 0
@@ -943,12 +952,12 @@ def test_an_old_prepared_route_is_chosen_again() -> None:
     # Few requests after a long pause: the evidence has decayed, the prior counts again.
     clock.now += 2000.0
     before = follower.chosen_on_request
-    assert follower.choose("code.t0.ps") == reader.choose("code.t0.ps")
+    assert look(follower, "code.t0.ps") == reader.choose("code.t0.ps")
     assert follower.chosen_on_request == before + 1
     clock.now += 26.0  # past half the maximum age: another bucket's record refreshes it too
     record_goodput(store, "chat.t0.ps", "none", 60.0)
     clock.now += 26.0  # 52 s after the request's choice, 26 s after the refresh
-    assert follower.choose("code.t0.ps") == reader.choose("code.t0.ps")
+    assert look(follower, "code.t0.ps") == reader.choose("code.t0.ps")
     assert follower.chosen_on_request == before + 1
 
 
@@ -1001,6 +1010,94 @@ def test_a_following_router_survives_a_failing_listener(caplog) -> None:
     assert heard == [["code.t0.ps"]]
     assert follower.choose("code.t0.ps") == reader.choose("code.t0.ps")
     assert follower.chosen_on_request == 0
+
+
+def test_pending_requests_narrow_an_arm_s_spread_not_its_mean() -> None:
+    """A pending request counts as an observation at the posterior's mean: the arm's spread
+    shrinks as if it had been seen, its mean stays, the other arms are untouched, and the
+    bucket's traffic (Bayes-UCB's quantile) counts it."""
+    estimates = {"a": ArmEstimate(70.0, 4.0), "b": ArmEstimate(60.0, 2.0)}
+    prior = {"a": 60.0, "b": 65.0, "c": 62.0}
+    plain = {arm: (mean, spread) for arm, mean, spread in posteriors(estimates, prior)}
+    with_pending = {arm: (mean, spread) for arm, mean, spread
+                    in posteriors(estimates, prior, pending={"a": 6})}
+    assert with_pending["a"][0] == pytest.approx(plain["a"][0])
+    # Prior weight 2 and 4 requests seen: the spread's sqrt(2 + 4) becomes sqrt(2 + 4 + 6).
+    assert with_pending["a"][1] == pytest.approx(plain["a"][1] * math.sqrt(6 / 12))
+    assert {arm: v for arm, v in with_pending.items() if arm != "a"} == {
+        arm: v for arm, v in plain.items() if arm != "a"}
+    # Six requests in flight on "a" with nothing seen yet: Bayes-UCB's quantile rises with them
+    # and "a" is no longer the only candidate it picks from its prior.
+    assert bayes_ucb_choice({}, {"a": 66.0, "b": 65.0, "c": 62.0}) == "a"
+    assert bayes_ucb_choice({}, {"a": 66.0, "b": 65.0, "c": 62.0}, pending={"a": 6}) == "b"
+
+
+def test_a_following_router_counts_requests_in_flight_until_their_records_arrive() -> None:
+    """Requests routed before their predecessors' figures are back no longer all follow one
+    Bayes-UCB choice: each counts as pending on its arm until a record more shows on it."""
+    store, clock, follower, reader = following_pair()
+    bucket = "code.t0.ps"
+    arms = [follower.choose(bucket) for _ in range(12)]
+    assert len(set(arms)) > 1, arms  # before: twelve times the prior's favourite
+    assert follower.pending(bucket) == Counter(arms)
+    # Each request moved the bucket's next choice: only the first found it prepared.
+    assert follower.chosen_on_request == 11
+    assert reader.choose(bucket) == arms[0]  # a router counting nothing keeps to one arm
+    first = arms[0]
+    record_goodput(store, bucket, first, 70.0)
+    assert follower.pending(bucket) == Counter(arms) - Counter([first])
+    # Records of other arms or buckets cross off nothing of this arm.
+    record_goodput(store, "chat.t0.ps", first, 70.0)
+    assert follower.pending(bucket)[first] == Counter(arms)[first] - 1
+    # A decision no request runs, and a router told not to count, leave nothing pending.
+    before = follower.pending(bucket)
+    assert look(follower, bucket) in ARMS and follower.pending(bucket) == before
+    quiet = ArmRouter(ARMS, "none", rng=random.Random(0))
+    quiet.follow(store, "m", count_pending=False)
+    assert len({quiet.choose("prose.t0.ps") for _ in range(12)}) == 1
+    assert quiet.pending("prose.t0.ps") == {}
+    # A pinned request counts on its arm.
+    follower.route("prose.t0.ps", pinned="skip_tree")
+    assert follower.pending("prose.t0.ps") == {"skip_tree": 1}
+
+
+def test_pending_requests_end_when_they_fail_or_their_records_are_overdue() -> None:
+    """A request that ended without its figures (failed, refused, its client gone) stops
+    counting at once; one that ended with them recorded counts for the store's feedback lag at
+    most; one never heard of again for ``pending_max_s``."""
+    store, clock, follower, reader = following_pair()
+    bucket = "chat.t0.ps"
+    follower.route(bucket, pinned="none", sent=3)  # three choices
+    follower.route(bucket, pinned="none")
+    assert follower.pending(bucket) == {"none": 4}
+    follower.finished(bucket, "none", recorded=1, lost=2)  # the 3-choice request
+    assert follower.pending(bucket) == {"none": 2}
+    follower.finished(bucket, "none", recorded=1)
+    assert follower.landing_s == pytest.approx(1.0)  # in process: records land at once
+    clock.now += 0.5
+    assert look(follower, bucket) and follower.pending(bucket) == {"none": 2}
+    clock.now += 1.0  # both past their landing time with no record: overdue
+    assert look(follower, bucket) and follower.pending(bucket) == {}
+    follower.route(bucket, pinned="none")
+    clock.now += follower.pending_max_s - 1
+    assert look(follower, bucket) and follower.pending(bucket) == {"none": 1}
+    clock.now += 2
+    assert look(follower, bucket) and follower.pending(bucket) == {}
+    # Finishing a request the router never counted changes nothing.
+    follower.finished("prose.thi.pl", "none", recorded=0, lost=1)
+    assert follower.pending("prose.thi.pl") == {}
+
+
+def test_a_redis_store_s_records_stay_pending_for_its_flush_and_refresh() -> None:
+    """The router waits for a record as long as the store takes to bring it: the writer's
+    flush and the reader's refresh, twice over, and a second more."""
+    from router.store import RedisStatsStore
+
+    store = RedisStatsStore("redis://127.0.0.1:1/0", refresh_interval_s=2.0,
+                            flush_interval_s=0.5)
+    router = ArmRouter(ARMS, "none")
+    router.follow(store, "m")
+    assert router.landing_s == pytest.approx(2 * 2.5 + 1)
 
 
 def test_a_failing_choice_routes_to_the_default_arm(caplog) -> None:

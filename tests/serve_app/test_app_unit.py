@@ -126,14 +126,14 @@ def test_a_disconnect_while_sending_closes_the_decoder_stream_at_once(is_chat):
         finally:
             closed.set()
 
-    ingress = IngressBase.__new__(IngressBase)
-    ingress.config = ServeConfig()
+    ingress = routed_ingress()
     req = SamplingFields(stream=True)
+    payload = routed_payload(ingress, req.n)
 
     async def main():
         items = decoder_items()
         response = SSEResponse(ingress._sse(req, is_chat, await anext(items), items, 1,
-                                            "cmpl-1", 0.0))
+                                            "cmpl-1", 0.0, payload))
         sending = asyncio.Event()
 
         async def send(message):
@@ -154,6 +154,80 @@ def test_a_disconnect_while_sending_closes_the_decoder_stream_at_once(is_chat):
         assert closed.is_set(), "the decoder's stream is still open"
 
     asyncio.run(main())
+    # The client left before the choice's final item: its record will never come.
+    assert ingress.router.pending(payload["bucket"]) == {}
+
+
+BUCKET = "chat.t0.ps"
+
+
+def routed_ingress() -> IngressBase:
+    """An ingress's request handling with a real router following an in-process store, counting
+    requests in flight as with Redis; no model, decoder or store behind it."""
+    from router.policy import ArmRouter
+    from router.store import InProcessStatsStore
+
+    ingress = IngressBase.__new__(IngressBase)
+    ingress.config = ServeConfig()
+    ingress.router = ArmRouter(["none", "ngram_tree"], "none")
+    ingress.router.follow(InProcessStatsStore(), "m", count_pending=True)
+    ingress.metrics = types.SimpleNamespace(observe_latency=lambda seconds: None)
+    ingress._ensure_store = lambda: None
+    return ingress
+
+
+def routed_payload(ingress: IngressBase, n: int) -> dict:
+    """What ``_prepare`` hands on for a request of ``n`` choices, routed as it routes one."""
+    route = ingress.router.route(BUCKET, sent=n)
+    return {"bucket": BUCKET, "arm": route.arm, "n": n}
+
+
+def final_item(index: int) -> dict:
+    return {"index": index, "text": "", "token_ids": [], "finish_reason": "stop",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            "spec_decode": {"arm": "none", "depth": None, "num_spec_steps": 0, "num_drafts": 0,
+                            "num_draft_tokens": 0, "num_accepted_tokens": 0}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("outcome", ["served", "refused", "failed"])
+def test_the_router_counts_a_request_pending_until_its_figures_can_arrive(stream, outcome):
+    """A request counts in its bucket's figures from its routing (so the next ones are not all
+    sent after it to one arm) until its records arrive; one refused (503) or failed before its
+    choices' final items never records, and stops counting when it ends."""
+    ingress = routed_ingress()
+    req = SamplingFields(stream=stream, n=2)
+
+    async def prepare(req, is_chat):
+        return routed_payload(ingress, req.n), 1
+
+    async def decoder_items(payload, retries):
+        if outcome == "refused":
+            raise APIError(503, "the server is at capacity; retry later", type="server_error")
+        yield {"index": 0, "text": "x", "token_ids": [1], "finish_reason": None}
+        if outcome == "failed":
+            raise RuntimeError("a replica died")
+        yield final_item(0)
+        yield final_item(1)
+
+    async def collect(payload, n):
+        items = [item async for item in decoder_items(payload, 0)]
+        return ["x", ""], [item for item in items if "spec_decode" in item]
+
+    ingress._prepare, ingress._stream, ingress._collect = prepare, decoder_items, collect
+
+    async def main():
+        try:
+            response = await ingress.complete(req, is_chat=True)
+        except (APIError, RuntimeError):
+            return
+        assert ingress.router.pending(BUCKET) == {"none": 2}  # answered or still decoding
+        if stream:
+            async for _ in response.body_iterator:
+                pass
+
+    asyncio.run(main())
+    assert ingress.router.pending(BUCKET) == ({"none": 2} if outcome == "served" else {})
 
 
 class _Store:
