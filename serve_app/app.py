@@ -10,6 +10,7 @@ records the request's acceptance statistics in the store.
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import hmac
 import json
@@ -223,8 +224,13 @@ class Decoder(_StoreUser):
             # The router compares arms by the request's own decoding time: its wall time
             # counts the other requests' steps between its own, which says how busy the
             # replica was, not how fast the arm decodes.
+            # Tokens a step committed past a stop string are not output (usage counts them
+            # out): the arm's goodput is the text's tokens over the time they took, as a plain
+            # arm's, which stops on the token that completes the stop.
+            recorded = stats if completion_tokens is None else dataclasses.replace(
+                stats, num_output_tokens=min(stats.num_output_tokens, completion_tokens))
             self.store.record(StatsKey(self.config.stats_model, payload["bucket"],
-                                       gen.arm.name), stats, max(stats.decode_time_s, 1e-6))
+                                       gen.arm.name), recorded, max(stats.decode_time_s, 1e-6))
         except Exception:
             log.exception("recording the statistics of a request failed")
         yield {"index": index, "text": "", "token_ids": [],

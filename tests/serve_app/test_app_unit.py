@@ -296,6 +296,31 @@ def test_a_replica_starts_its_store_before_any_request(deployment, monkeypatch):
     asyncio.run(main())
 
 
+@pytest.mark.model
+def test_a_step_past_a_stop_string_records_only_the_text_s_tokens():
+    """An n-gram step that commits ", 16," at once meets the stop string "16" at its fourth
+    token: the comma after it is not output (usage), and the replica's record for the router
+    counted it (the arm's goodput read higher than the text it gave)."""
+    async def main():
+        decoder = Decoder.func_or_class({})  # the bundled model; no Redis: its own store
+        ids = decoder.engine.tokenizer(", ".join(str(i) for i in range(1, 15)) + ",")
+        payload = {"prompt_ids": ids["input_ids"], "max_tokens": 24, "arm": "ngram_tree",
+                   "depth": None, "n": 1, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                   "seed": None, "stop": ["16"], "bucket": "prose.t0.ps"}
+        items = [item async for item in decoder.generate(payload)]
+        records = decoder.store.snapshot(decoder.config.stats_model, "prose.t0.ps")
+        await decoder.__del__()
+        return items, records
+
+    items, records = asyncio.run(main())
+    assert "".join(item["text"] for item in items) == " 15, "
+    committed = sum(len(item["token_ids"]) for item in items)
+    output = items[-1]["usage"]["completion_tokens"]
+    assert committed > output  # the step went past the stop
+    (record,) = records.values()
+    assert record.num_output_tokens == pytest.approx(output, abs=0.01)  # decayed a moment
+
+
 @pytest.mark.parametrize("fields,slots", [({"max_ongoing_requests": 3}, 3),
                                           ({"max_ongoing_requests": 3,
                                             "max_active_generations": 5}, 5)])
