@@ -19,8 +19,13 @@ Redis stamps records with its own clock, so writers' clocks need not agree: a wr
 record's age (its clock now minus the record's stamp, both on its clock), and the script stamps
 the record with the server's ``TIME`` minus that age. Stamps taken from writers' clocks once let
 a replica a day ahead freeze a key (every other record looked old beside it) and one 6 h behind
-decay its records to nothing while they still counted in ``lifetime_requests``. The reader
-decays the figures to its own clock, which must agree with the server's.
+decay its records to nothing while they still counted in ``lifetime_requests``. Readers'
+clocks need not agree either: each refresh reads the server's ``TIME`` with the records, and
+``snapshot()`` decays them to the reader's clock plus the last offset seen between the two. A
+reader an hour ahead of the server once read every figure halved (with a one-hour half-life),
+and one 6 h ahead read 1/64 of them and routed by its priors; one behind read them as fresher
+than they were. The reader's own clock stays local (``clock``, which the router uses for its
+intervals): only the decay is on the server's.
 
 Redis key schema (numbers only: no prompt text, nothing pickled; values are parsed with float()):
 
@@ -402,11 +407,11 @@ class StatsStore(abc.ABC):
 
     def snapshot(self, model: str | None = None,
                  bucket: str | None = None) -> dict[StatsKey, ArmStats]:
-        """Cached figures decayed to now, optionally of one model and one bucket; never touches
-        the network. Only the records asked for are decayed: a router asks for one bucket per
-        request, and a fleet's cache holds every bucket's (of the subscribed models, for a
-        Redis store with subscribers)."""
-        now = self.clock()
+        """Cached figures decayed to now (on the clock that stamped them: ``_now``), optionally
+        of one model and one bucket; never touches the network. Only the records asked for are
+        decayed: a router asks for one bucket per request, and a fleet's cache holds every
+        bucket's (of the subscribed models, for a Redis store with subscribers)."""
+        now = self._now()
         if model is not None and bucket is not None:
             records = self._buckets.get((model, bucket), {}).items()
         else:
@@ -414,6 +419,10 @@ class StatsStore(abc.ABC):
                        if (model is None or m == model) and (bucket is None or b == bucket)
                        for key, stats in arms.items())
         return {key: stats.decayed(now, self.half_life_s) for key, stats in records}
+
+    def _now(self) -> float:
+        """Now on the clock the records are stamped with: the store's own clock in process."""
+        return self.clock()
 
     def _replace_cache(self, records: Mapping[StatsKey, ArmStats]) -> None:
         buckets: dict[tuple[str, str], dict[StatsKey, ArmStats]] = {}
@@ -515,6 +524,10 @@ class RedisStatsStore(StatsStore):
         self._script_sha: str | None = None
         # Index members whose hash could not be parsed, warned about once while they last.
         self._malformed: set[str] = set()
+        # The server's clock minus this store's, as the last refresh that read ``TIME`` saw it
+        # (0 before: the clocks taken to agree until then).
+        self._server_offset_s = 0.0
+        self._time_refusal_logged = False
         # Waiting records by key, oldest key first: (merged record, requests in it).
         self._buffer: dict[StatsKey, tuple[ArmStats, int]] = {}
         self._in_flight = 0
@@ -715,6 +728,11 @@ class RedisStatsStore(StatsStore):
         on the event loop every refresh was work for nothing."""
         return {model for model, _ in self._listeners} or None
 
+    def _now(self) -> float:
+        """Now on the server's clock, which stamps the records: this store's clock plus the
+        offset the last refresh measured."""
+        return self.clock() + self._server_offset_s
+
     async def _read(self) -> dict[StatsKey, ArmStats]:
         names = await self._redis.zrange(self.index_key, 0, -1)
         models = self._models_read()
@@ -722,11 +740,16 @@ class RedisStatsStore(StatsStore):
             heads = tuple(f"{self.prefix}:{_escape(model)}:" for model in models)
             names = [name for name in names if name.startswith(heads)]
         async with self._redis.pipeline(transaction=False) as pipe:
+            # The server's clock, read in the round trip of the records it stamped.
+            pipe.time()
             for name in names:
                 pipe.hgetall(name)
+            before = self.clock()
             # One key of the wrong type (written by something else under the prefix) skips
             # that key, not the refresh.
-            hashes = await pipe.execute(raise_on_error=False)
+            server_time, *hashes = await pipe.execute(raise_on_error=False)
+            after = self.clock()
+        self._measure_offset(server_time, (before + after) / 2)
         cache, malformed = {}, {}
         for name, fields in zip(names, hashes, strict=True):
             if isinstance(fields, Exception):
@@ -751,6 +774,24 @@ class RedisStatsStore(StatsStore):
             await self._discard(name, exc)
         self._malformed = set(malformed)
         return cache
+
+    def _measure_offset(self, server_time: tuple[int, int] | Exception, local: float) -> None:
+        """Keep the server's ``TIME`` reply minus ``local``, this store's clock midway through
+        the round trip (off by half of it at most: nothing beside a half-life). A refused
+        ``TIME`` (an ACL that denies it) keeps the last offset, warned about once; an outage
+        fails the refresh like the records' replies would."""
+        if isinstance(server_time, Exception):
+            if _is_outage(server_time):
+                raise server_time
+            if not self._time_refusal_logged:
+                self._time_refusal_logged = True
+                log.warning("reading the clock of %s failed (%r): figures are decayed to this "
+                            "store's clock, with the last offset measured (%.3f s)", self._where,
+                            server_time, self._server_offset_s)
+            return
+        seconds, micros = server_time
+        self._server_offset_s = seconds + micros / 1e6 - local
+        self._time_refusal_logged = False
 
     async def _discard(self, name: str, error: ValueError) -> None:
         """Delete a hash that cannot be parsed (a NaN stored by a writer from before the checks)

@@ -397,10 +397,11 @@ def test_outage_buffers_boundedly_and_recovers_by_itself(redis_server):
 
         await eventually(buffered_writes_landed)
         assert await store.refresh()
-        # the test server keeps nothing across restarts: only the buffered records remain
+        # the test server keeps nothing across restarts: only the buffered records remain,
+        # decayed for the milliseconds since they landed (on the server's clock)
         landed = {key.arm: stats.requests for key, stats in store.snapshot().items()}
         assert landed == pytest.approx({"arm3": 1.0, "arm4": 1.0, "arm5": 1.0, "arm6": 1.0,
-                                        "arm7": 4.0})
+                                        "arm7": 4.0}, rel=1e-3)
         await store.close()
 
     asyncio.run(scenario())
@@ -939,6 +940,92 @@ def test_writers_clocks_do_not_stamp_records(redis_server):
             await store.close()
 
     asyncio.run(scenario())
+
+
+class ShiftedClock:
+    """This machine's clock (the test server's too) set ``offset_s`` off."""
+
+    def __init__(self, offset_s: float = 0.0):
+        self.offset_s = offset_s
+
+    def __call__(self) -> float:
+        return time.time() + self.offset_s
+
+
+@pytest.mark.redis
+def test_readers_clocks_do_not_decay_the_figures(redis_server):
+    """The figures are decayed to the server's clock, which stamped them, as the reader's last
+    refresh read it: a reader 6 h ahead of the server read them decayed by 216 half-lives here
+    (with the default hour's half-life, to 1/64: the router fell back to its priors), and one
+    6 h behind read a record a half-life old as new. Between refreshes they decay on with the
+    reader's clock, which stays its own (the router times its intervals on it)."""
+    async def scenario():
+        prefix, hours = unique_prefix(), 6 * 3600
+        clock = FakeClock(time.time() - HALF_LIFE)
+        writer = fast_store(redis_server.url, prefix, half_life_s=HALF_LIFE, clock=clock)
+        writer.record(KEY, spec_stats(), decode_time_s=0.5)
+        clock.now = time.time()
+        assert await writer.flush()  # stamped a half-life old
+        readers = {name: fast_store(redis_server.url, prefix, half_life_s=HALF_LIFE,
+                                    clock=ShiftedClock(shift))
+                   for name, shift in (("right", 0.0), ("ahead", hours), ("behind", -hours))}
+        for reader in readers.values():
+            assert await reader.refresh()
+        seen = {name: reader.snapshot()[KEY] for name, reader in readers.items()}
+        for stats in seen.values():
+            assert stats.requests == pytest.approx(0.5, rel=1e-3)
+            assert stats.goodput_sum == pytest.approx(9.0, rel=1e-3)  # 18 tokens/s, halved
+            assert stats.goodput_tokens_per_s == pytest.approx(18.0)
+            assert stats.counter_fields() == pytest.approx(seen["right"].counter_fields(),
+                                                           rel=1e-3)
+            assert stats.lifetime_requests == 1.0
+        for reader in readers.values():
+            reader.clock.offset_s += HALF_LIFE  # a half-life later, no refresh since
+        for reader in readers.values():
+            assert reader.snapshot()[KEY].requests == pytest.approx(0.25, rel=1e-3)
+        assert readers["ahead"].clock() == pytest.approx(time.time() + hours + HALF_LIFE,
+                                                         abs=1.0)
+        for store in (writer, *readers.values()):
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.redis
+def test_a_reader_refused_the_servers_clock_keeps_the_last_offset(redis_server, caplog):
+    """A server that refuses ``TIME`` to the reader (an ACL) fails no refresh: the figures are
+    decayed with the offset last measured, warned about once while it lasts."""
+    user = f"reader-{uuid.uuid4().hex[:12]}"
+    raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    raw.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all"])
+
+    async def scenario():
+        prefix = unique_prefix()
+        writer = fast_store(redis_server.url, prefix, half_life_s=HALF_LIFE)
+        writer.record(KEY, spec_stats(), decode_time_s=0.5)
+        assert await writer.flush()
+        reader = fast_store(f"redis://{user}:pw@127.0.0.1:{redis_server.port}/0", prefix,
+                            half_life_s=HALF_LIFE, clock=ShiftedClock(6 * 3600))
+        assert await reader.refresh()
+        assert reader.snapshot()[KEY].requests == pytest.approx(1.0, rel=1e-3)
+        raw.acl_setuser(user, enabled=True, commands=["-time"])
+        writer.record(KEY, spec_stats(), decode_time_s=0.5)
+        assert await writer.flush()
+        with caplog.at_level("WARNING", logger="router.store"):
+            for _ in range(3):
+                assert await reader.refresh() and reader.available
+                assert reader.snapshot()[KEY].requests == pytest.approx(2.0, rel=1e-3)
+        warnings = [r.getMessage() for r in caplog.records if "clock of" in r.getMessage()]
+        assert len(warnings) == 1 and "last offset measured" in warnings[0]
+        assert reader.read_errors == 0
+        for store in (writer, reader):
+            await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        raw.acl_deluser(user)
+        raw.close()
 
 
 def fetched_hashes(store: RedisStatsStore) -> list[str]:
