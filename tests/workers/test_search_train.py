@@ -4,6 +4,7 @@ prompts and sources they use, and files that survive a process killed mid-write.
 import json
 import re
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -341,6 +342,28 @@ def test_rollouts_kept_survive_a_write_cut_short(tmp_path, monkeypatch):
             corpus.load_rollouts(engine, path, "chat", 2, 8, log=lambda m: None)
     assert json.loads(path.read_text())["key"]["count"] == 1
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_write_removes_the_temporaries_a_killed_writer_left(tmp_path):
+    """A writer killed mid-write (SIGKILL: no cleanup runs) leaves its hidden temporary file;
+    the next write of that file removes it once a day old, and leaves a younger one (another
+    process may be writing it) and other files' alone."""
+    import os
+
+    from workers.files import STALE_TEMPORARY_S, write_text
+
+    path = tmp_path / "ckpt[1].pt"  # a name with glob's brackets
+    stale = tmp_path / ".ckpt[1].pt.4242.deadbeef.tmp"
+    young = tmp_path / ".ckpt[1].pt.4243.cafe.tmp"
+    other = tmp_path / ".ckpt1.pt.4242.deadbeef.tmp"
+    for left in (stale, young, other):
+        left.write_text("half a checkpoint")
+    day_ago = time.time() - STALE_TEMPORARY_S - 60
+    for old in (stale, other):
+        os.utime(old, (day_ago, day_ago))
+    write_text(path, "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [path.name, young.name, other.name])
 
 
 def test_replacing_keeps_the_old_file_on_an_error_and_writes_with_the_usual_permissions(tmp_path):
