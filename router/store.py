@@ -524,6 +524,10 @@ class RedisStatsStore(StatsStore):
         self._script_sha: str | None = None
         # Index members whose hash could not be parsed, warned about once while they last.
         self._malformed: set[str] = set()
+        # Index members skipped (a name this store does not write, a key of another type),
+        # warned about and counted in ``read_errors`` once while they last: they stay until the
+        # index prunes them a TTL after their score, and a refresh every 2 s warned each time.
+        self._skipped: set[str] = set()
         # The server's clock minus this store's, as the last refresh that read ``TIME`` saw it
         # (0 before: the clocks taken to agree until then).
         self._server_offset_s = 0.0
@@ -739,10 +743,16 @@ class RedisStatsStore(StatsStore):
         if models is not None:
             heads = tuple(f"{self.prefix}:{_escape(model)}:" for model in models)
             names = [name for name in names if name.startswith(heads)]
+        keys, skipped = {}, {}
+        for name in names:
+            try:
+                keys[name] = self.parse_hash_key(name)
+            except ValueError:  # not fetched: nothing of it could be read
+                skipped[name] = "not a name this store writes"
         async with self._redis.pipeline(transaction=False) as pipe:
             # The server's clock, read in the round trip of the records it stamped.
             pipe.time()
-            for name in names:
+            for name in keys:
                 pipe.hgetall(name)
             before = self.clock()
             # One key of the wrong type (written by something else under the prefix) skips
@@ -751,25 +761,21 @@ class RedisStatsStore(StatsStore):
             after = self.clock()
         self._measure_offset(server_time, (before + after) / 2)
         cache, malformed = {}, {}
-        for name, fields in zip(names, hashes, strict=True):
+        for (name, key), fields in zip(keys.items(), hashes, strict=True):
             if isinstance(fields, Exception):
                 if _is_outage(fields):
                     raise fields
+                skipped[name] = repr(fields)
+            elif fields:
+                try:
+                    cache[key] = ArmStats.from_fields(fields)
+                except ValueError as exc:
+                    malformed[name] = exc
+        for name, why in skipped.items():
+            if name not in self._skipped:
                 self.read_errors += 1
-                log.warning("skipping unreadable statistics key %s: %r", name, fields)
-                continue
-            if not fields:
-                continue
-            try:
-                key = self.parse_hash_key(name)
-            except ValueError:
-                self.read_errors += 1
-                log.warning("skipping statistics key %s: not a name this store writes", name)
-                continue
-            try:
-                cache[key] = ArmStats.from_fields(fields)
-            except ValueError as exc:
-                malformed[name] = exc
+                log.warning("skipping statistics key %s while it is in the index: %s", name, why)
+        self._skipped = set(skipped)
         for name, exc in malformed.items():
             await self._discard(name, exc)
         self._malformed = set(malformed)

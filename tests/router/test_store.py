@@ -556,7 +556,11 @@ def test_transient_server_replies_count_as_outages():
 
 
 @pytest.mark.redis
-def test_a_key_of_another_type_in_the_index_skips_that_key_only(redis_server):
+def test_a_key_of_another_type_in_the_index_skips_that_key_only(redis_server, caplog):
+    """A key of another type, or a member whose name this store does not write (another
+    schema's), skips that key, not the refresh; each is warned about and counted once while it
+    stays in the index (until pruned a TTL on), not on every refresh, and a foreign name's key
+    is not fetched."""
     async def scenario():
         prefix, clock = unique_prefix(), FakeClock()
         store = fast_store(redis_server.url, prefix, clock=clock)
@@ -565,11 +569,19 @@ def test_a_key_of_another_type_in_the_index_skips_that_key_only(redis_server):
         assert await store.flush()
         raw = redis.Redis.from_url(redis_server.url)
         stray = f"{prefix}:tiny-llama:short:stray"
+        foreign = f"{prefix}:tiny-llama:short:arm:v2-field"
         raw.set(stray, "not a hash")
-        raw.zadd(f"{prefix}:index", {stray: clock.now})
+        raw.hset(foreign, "requests", "1")
+        raw.zadd(f"{prefix}:index", {stray: clock.now, foreign: clock.now})
         raw.close()
-        assert await store.refresh()
-        assert list(store.snapshot()) == [KEY] and store.read_errors == 1
+        fetched = fetched_hashes(store)
+        with caplog.at_level("WARNING", logger="router.store"):
+            for _ in range(3):
+                assert await store.refresh()
+                assert list(store.snapshot()) == [KEY] and store.read_errors == 2
+        warned = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+        assert len(warned) == 2, warned
+        assert foreign not in fetched and stray in fetched
         await store.close()
 
     asyncio.run(scenario())
