@@ -508,6 +508,7 @@ class ArmRouter:
         self._traffic_seen: dict[str, dict[str, float]] = {}
         self._next_due: dict[str, float] = {}  # by bucket, when its next pending one is overdue
         self._counts_pending = False
+        self._store: StatsStore | None = None  # followed
         self.pending_max_s = PENDING_MAX_S
         self.landing_s = 1.0
 
@@ -528,7 +529,9 @@ class ArmRouter:
         otherwise all follow one choice."""
         route = self._route(bucket, pinned)
         if sent > 0 and self._counts_pending and self.mode == "adaptive":
-            due = self.clock() + self.pending_max_s
+            now = self.clock()
+            self._expire(bucket, now)
+            due = now + self.pending_max_s
             self._pending.setdefault(bucket, {}).setdefault(route.arm, []).extend(
                 _Sent(due) for _ in range(sent))
             self._next_due[bucket] = min(self._next_due.get(bucket, math.inf), due)
@@ -540,6 +543,8 @@ class ArmRouter:
         way (they stay pending for the store's feedback lag, ``landing_s``, at most) and
         ``lost`` never will be (it failed, was refused or its client left first): those stop
         counting now."""
+        now = self.clock()
+        self._expire(bucket, now)
         sent = self._pending.get(bucket, {}).get(arm)
         if not sent:
             return
@@ -547,7 +552,7 @@ class ArmRouter:
         lost = min(max(lost, 0), len(running))
         for entry in running[len(running) - lost:]:
             sent.remove(entry)
-        due = self.clock() + self.landing_s
+        due = now + self.landing_s
         for entry in running[:max(min(recorded, len(running) - lost), 0)]:
             entry.finished, entry.due = True, due
             self._next_due[bucket] = min(self._next_due.get(bucket, math.inf), due)
@@ -597,10 +602,25 @@ class ArmRouter:
                           self.default_arm)
             return self.default_arm, None
 
+    def _expire(self, bucket: str, now: float) -> None:
+        """Drop the bucket's pending records past their time, once one is: a bucket whose
+        requests are all pinned is never decided, and its list grew by every request."""
+        if self._next_due.get(bucket, math.inf) >= now:
+            return
+        pending = self._pending.get(bucket, {})
+        for arm, sent in list(pending.items()):
+            sent[:] = [entry for entry in sent if entry.due >= now]
+            if not sent:
+                del pending[arm]
+        self._next_due[bucket] = min((entry.due for sent in pending.values() for entry in sent),
+                                     default=math.inf)
+
     def _settle(self, bucket: str, estimates: dict[str, ArmEstimate]) -> dict[str, int]:
         """The bucket's pending records (``route``), by arm, after crossing off, oldest first,
         as many as each arm's traffic rose since the last look (other ingresses' requests rise
-        it too: the count then ends early, never late) and those past their time."""
+        it too: the count then ends early, never late) and those past their time; none while
+        the store is unavailable (no record can arrive: counted, they would explore the arms
+        for nothing)."""
         seen = self._traffic_seen.setdefault(bucket, {})
         pending = self._pending.get(bucket, {})
         for arm in list(seen):
@@ -610,13 +630,11 @@ class ArmRouter:
             rise, seen[arm] = est.traffic - seen.get(arm, 0.0), est.traffic
             if arm in pending and rise >= 0.5:
                 del pending[arm][:round(rise)]
-        now = self.clock()
-        for arm, sent in list(pending.items()):
-            sent[:] = [entry for entry in sent if entry.due >= now]
-            if not sent:
-                del pending[arm]
-        self._next_due[bucket] = min((entry.due for sent in pending.values() for entry in sent),
-                                     default=math.inf)
+                if not pending[arm]:
+                    del pending[arm]
+        self._expire(bucket, self.clock())
+        if self._store is None or not self._store.available:
+            return {}
         return {arm: len(sent) for arm, sent in pending.items()}
 
     def _choose(self, bucket: str, estimates: dict[str, ArmEstimate],
@@ -664,13 +682,14 @@ class ArmRouter:
             self._prepare(bucket)
         self.prepared_s += time.perf_counter() - started
 
-    def follow(self, store: StatsStore, model: str, count_pending: bool = True) -> None:
+    def follow(self, store: StatsStore, model: str, count_pending: bool | None = None) -> None:
         """Route by ``model``'s figures in ``store``, choosing each bucket's Bayes-UCB arm when
         they change (the store calls ``prepare``: on a record for the in-process store, on a
         refresh for Redis) rather than on each request. A prepared route is chosen again after
         ``ROUTE_MAX_AGE_HALF_LIVES`` of the store's half-life, when the decay has moved its
-        figures, on the store's clock. With ``count_pending``, requests sent out count as
-        pending until their records reach the store's figures (``route``); not where no
+        figures, on the store's clock. With ``count_pending`` (default: when the store is
+        shared, as Redis is, with the decoders that write the records), requests sent out count
+        as pending until their records reach the store's figures (``route``); not where no
         decoder writes to ``store``, where they never would."""
         self.estimates = store_estimates(store, model)
         self.clock = store.clock
@@ -680,7 +699,8 @@ class ArmRouter:
         self._pending.clear()
         self._traffic_seen.clear()
         self._next_due.clear()
-        self._counts_pending = count_pending
+        self._counts_pending = store.shared if count_pending is None else count_pending
+        self._store = store
         self.landing_s = LANDING_LAGS * store.feedback_lag_s + 1.0
         store.subscribe(model, self.prepare)
         self.prepare()

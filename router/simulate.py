@@ -171,7 +171,9 @@ def simulate(truth: Truth, mix: Mapping[str, float], requests: int, seed: int, *
     default = default_arm or arms[0]
     router = ArmRouter(arms, default, Priors.of(arms, default, prior), mode,
                        rng=random.Random(f"{seed}:router"), exploration=exploration)
-    router.follow(store, MODEL)
+    # As an ingress's router with Redis: requests in flight count as pending until their
+    # records land (at once, or ``feedback_delay_s`` after decoding).
+    router.follow(store, MODEL, count_pending=True)
     rng = random.Random(f"{seed}:traffic")
     buckets, weights = list(mix), list(mix.values())
     records = []

@@ -340,6 +340,12 @@ class StatsStore(abc.ABC):
         well: none in process."""
         return 0.0
 
+    @property
+    def shared(self) -> bool:
+        """Whether other processes (the decoder replicas) write to this store: not in process,
+        where the router of an ingress without Redis reads a store nobody writes."""
+        return False
+
     def subscribe(self, model: str, listener: Callable[[list[str]], None]) -> None:
         """Call ``listener`` with ``model``'s buckets whose cached figures changed: after each
         record merged into the cache (in-process), after each refresh (Redis; an empty list
@@ -548,6 +554,10 @@ class RedisStatsStore(StatsStore):
     def feedback_lag_s(self) -> float:
         """A writer's flush (on this store's interval) and a reader's refresh."""
         return self.flush_interval_s + self.refresh_interval_s
+
+    @property
+    def shared(self) -> bool:
+        return True
 
     @property
     def available(self) -> bool:

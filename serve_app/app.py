@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, HTTPException, Request
@@ -254,13 +254,22 @@ class SSEResponse(StreamingResponse):
     the chain of generators down to the decoder's stream (which frees the replica's slot when
     closed) stayed suspended until garbage collection, and the replica kept decoding."""
 
-    def __init__(self, events: AsyncIterator[str]):
+    def __init__(self, events: AsyncIterator[str],
+                 on_close: Callable[[], Awaitable[None]] | None = None):
+        """``on_close`` is awaited once the response ends, however it ends: also when its events
+        never started (the response failed or was cancelled while sending its headers), where
+        the events' own ``finally`` never runs."""
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
-        async with contextlib.aclosing(self.body_iterator):
-            await super().__call__(scope, receive, send)
+        try:
+            async with contextlib.aclosing(self.body_iterator):
+                await super().__call__(scope, receive, send)
+        finally:
+            if self.on_close is not None:
+                await self.on_close()
 
 
 def _api_error_response(exc: APIError) -> JSONResponse:
@@ -406,7 +415,7 @@ class IngressBase(_StoreUser):
         self.metrics = IngressMetrics()
         self.store = make_store(self.config.redis_url, prefix=self.config.stats_prefix,
                                 on_availability_change=self.metrics.set_store_available)
-        if self.config.redis_url is None and self.config.router == "adaptive":
+        if not self.store.shared and self.config.router == "adaptive":
             log.warning("no redis_url: the ingress's statistics store is its own, which no "
                         "decoder replica writes to, so the adaptive router keeps to the "
                         "profile's priors; set redis_url to route by measured goodput")
@@ -415,10 +424,9 @@ class IngressBase(_StoreUser):
                                             exploration=self.config.router_exploration)
         # Bayes-UCB routes are chosen when the store's refresh brings new figures (on the
         # event loop, between requests); a request classifies its prompt and looks one up.
-        # Requests in flight count in the router's figures until theirs arrive; without Redis
-        # no decoder writes to this store and none ever would.
-        self.router.follow(self.store, self.config.stats_model,
-                           count_pending=self.config.redis_url is not None)
+        # With Redis, requests in flight count in the router's figures until theirs arrive
+        # (without, no decoder writes to this store and none ever would).
+        self.router.follow(self.store, self.config.stats_model)
         self._start_store()
         # One thread: a fast tokenizer used from two threads at once can fail ("Already
         # borrowed"), so requests take turns, off the event loop.
@@ -564,6 +572,23 @@ class IngressBase(_StoreUser):
         self.router.finished(payload["bucket"], payload["arm"], recorded,
                              payload["n"] - recorded)
 
+    def _stream_end(self, payload: dict, items: AsyncGenerator[dict, None]
+                    ) -> tuple[dict[int, dict], Callable[[], Awaitable[None]]]:
+        """A streamed request's final items by choice (``_sse`` fills it) and what ends the
+        request once, however its response ends: the router hears how many choices finished,
+        and the decoder's stream is closed."""
+        finals: dict[int, dict] = {}
+        ended = False
+
+        async def end() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self._finished(payload, len(finals))
+            await items.aclose()
+
+        return finals, end
+
     async def complete(self, req: SamplingFields, is_chat: bool):
         self._ensure_store()
         started = time.perf_counter()
@@ -578,14 +603,15 @@ class IngressBase(_StoreUser):
             except BaseException:
                 self._finished(payload, 0)
                 raise
+            finals, end = self._stream_end(payload, items)
             return SSEResponse(self._sse(req, is_chat, first, items, prompt_tokens, rid, started,
-                                         payload))
+                                         finals, end), on_close=end)
         try:
             texts, finals = await self._collect(payload, req.n)
         except BaseException:
             self._finished(payload, 0)
             raise
-        self._finished(payload, len(finals))
+        self._finished(payload, sum(1 for final in finals if final))
         choices = []
         for i, (text, final) in enumerate(zip(texts, finals)):
             if is_chat:
@@ -602,14 +628,15 @@ class IngressBase(_StoreUser):
 
     async def _sse(self, req: SamplingFields, is_chat: bool, first: dict | None,
                    items: AsyncGenerator[dict, None], prompt_tokens: int, rid: str,
-                   started: float, payload: dict) -> AsyncIterator[str]:
+                   started: float, finals: dict[int, dict],
+                   end: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
         """The events of a streamed request: ``first``, then the rest of the decoder's
-        ``items``, which are closed when this stream is (by ``SSEResponse``), at whichever
-        ``yield`` it stands."""
+        ``items``; ``end`` (which closes them) is awaited when this stream is closed (by
+        ``SSEResponse``), at whichever ``yield`` it stands. The choices' final items go to
+        ``finals``."""
         obj = "chat.completion.chunk" if is_chat else "text_completion"
         created = now()
         model = self.config.served_model_name
-        finals: dict[int, dict] = {}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         # With usage asked for, every chunk says ``"usage": null`` but the last, as OpenAI's do.
         no_usage = {"usage": None} if include_usage else {}
@@ -652,8 +679,7 @@ class IngressBase(_StoreUser):
                 f"the decoder failed mid-stream: {type(exc).__name__}", "server_error",
                 code="decoder_failed")) + "\n\n"
         finally:  # closed at a yield (a client gone): close the decoder's stream now
-            self._finished(payload, len(finals))
-            await items.aclose()
+            await end()
         yield "data: [DONE]\n\n"
 
 

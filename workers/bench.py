@@ -129,7 +129,8 @@ def truncate_at_stop(tokens: list[int], stops: frozenset[int]) -> list[int]:
     return tokens
 
 
-# A router method times each request's decision and this many more on the same state.
+# A router method times each request's decision and this many more on the same figures, each
+# chosen on the request.
 REPEAT_DECISIONS = 25
 
 
@@ -229,17 +230,21 @@ class Bench:
         router, shadow = (ArmRouter.for_profile(profile, rng=random.Random(seed), dtype=dtype,
                                                 exploration=exploration)
                           for seed in (0, 1))
-        # ``shadow`` makes the same decisions again on the same state, with random draws of its
-        # own (the requests' choices stay those of ``router``; none counts as a request in
-        # flight): enough timings for a p99 that is not just the slowest of a few dozen
-        # requests. Both follow the store as the ingress's router does: Bayes-UCB routes are
-        # chosen when a record changes their bucket's figures.
+        # ``shadow`` makes the same decisions again on the same figures, with random draws of
+        # its own (the requests' choices stay those of ``router``): enough timings for a p99
+        # that is not just the slowest of a few dozen requests. Both follow the store as the
+        # ingress's router does with Redis: Bayes-UCB routes are chosen when a record changes
+        # their bucket's figures, and a request sent out counts as pending on its arm until its
+        # record arrives, so the bucket's next request chooses its arm on the request. Each of
+        # the shadow's requests ends unrecorded at once: its decisions are all chosen on the
+        # request, as a busy bucket's are (the requests' own, made one at a time, find their
+        # routes prepared by the last record, as a quiet bucket's do).
         for policy in (router, shadow):
-            policy.follow(store, "bench")
+            policy.follow(store, "bench", count_pending=True)
 
-        def decide(index: int, policy: ArmRouter, sent: int = 1) -> tuple[str, Route]:
+        def decide(index: int, policy: ArmRouter) -> tuple[str, Route]:
             bucket = self.bucket(index)
-            return bucket, policy.route(bucket, sent=sent)
+            return bucket, policy.route(bucket)
 
         def run(index: int, max_tokens: int) -> PromptRun:
             p = self.prompts[index]
@@ -250,8 +255,9 @@ class Bench:
             arm = route.arm
             for _ in range(REPEAT_DECISIONS):
                 started = time.perf_counter()
-                decide(index, shadow, sent=0)  # no request runs on the shadow's choice
+                shadowed = decide(index, shadow)[1]
                 log.decision_s.append(time.perf_counter() - started)
+                shadow.finished(bucket, shadowed.arm, recorded=0, lost=1)  # none runs
             gen = draws_from_pool(self.engine.generation(
                 self.ids[index], max_tokens, arm, self._params(index), route.depth, pool))
             t0 = time.perf_counter()  # from here, as for the static methods
@@ -260,8 +266,9 @@ class Bench:
             prepared_s = router.prepared_s
             # Recorded as a replica does: its own steps after the first token.
             store.record(StatsKey("bench", bucket, arm), gen.stats, gen.stats.decode_time_s)
+            router.finished(bucket, arm, recorded=1)
             log.prepare_s.append(router.prepared_s - prepared_s)
-            log.chosen_on_request = router.chosen_on_request + shadow.chosen_on_request
+            log.chosen_on_request = router.chosen_on_request  # the shadow's always are
             log.choices.append(arm)
             return PromptRun(p.id, p.category, gen.output, seconds, gen.stats, arm)
 
@@ -746,7 +753,8 @@ def router_summary(router: dict) -> str:
     detail = router.get("detail", {})
     if "decision_ms_p99" in detail:
         over = (f"{detail['decisions']} decisions ({router['prompts']} requests', and "
-                f"{REPEAT_DECISIONS} more per request on the same state)"
+                f"{REPEAT_DECISIONS} more per request on the same figures, chosen on the "
+                f"request)"
                 if "decisions" in detail else f"{router['prompts']} requests")
         slowest = (f", slowest {_fmt(detail['decision_ms_p100'], 3)} ms"
                    if "decision_ms_p100" in detail else "")
@@ -764,7 +772,8 @@ def router_summary(router: dict) -> str:
         parts.append(f"Routes chosen ahead of requests, after each request's record: p50 "
                      f"{_fmt(detail['prepare_ms_p50'], 3)} ms, p99 "
                      f"{_fmt(detail['prepare_ms_p99'], 3)} ms; "
-                     f"{detail['chosen_on_request']} decisions chose their arm on the request.")
+                     f"{detail['chosen_on_request']} of the requests' decisions chose their arm "
+                     f"on the request.")
     if detail.get("choices"):
         parts.append("Arms chosen: " + ", ".join(
             f"{arm} {n}" for arm, n in sorted(detail["choices"].items(), key=lambda kv: -kv[1]))

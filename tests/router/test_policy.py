@@ -886,13 +886,14 @@ def test_every_context_bucket_is_one_of_all_buckets() -> None:
 
 
 def following_pair(exploration: str = "ucb", half_life_s: float = 3600.0):
-    """A router following an in-process store, and one reading the same store per request."""
+    """A router following an in-process store (counting requests in flight, as over Redis), and
+    one reading the same store per request."""
     clock = SimClock()
     store = InProcessStatsStore(half_life_s=half_life_s, clock=clock)
     priors = Priors.of(ARMS, "none", {"none": 60.0, "skip_chain": 66.0, "skip_tree": 63.0,
                                       "ngram_tree": 64.0})
     follower = ArmRouter(ARMS, "none", priors, rng=random.Random(0), exploration=exploration)
-    follower.follow(store, "m")
+    follower.follow(store, "m", count_pending=True)  # as an ingress with Redis
     reader = ArmRouter(ARMS, "none", priors, estimates=store_estimates(store, "m"),
                        rng=random.Random(0), exploration=exploration)
     return store, clock, follower, reader
@@ -1086,6 +1087,59 @@ def test_pending_requests_end_when_they_fail_or_their_records_are_overdue() -> N
     # Finishing a request the router never counted changes nothing.
     follower.finished("prose.thi.pl", "none", recorded=0, lost=1)
     assert follower.pending("prose.thi.pl") == {}
+
+
+def test_a_pinned_bucket_s_pending_records_do_not_pile_up() -> None:
+    """A bucket whose requests are all pinned is never decided, where pending records were
+    dropped when overdue: its list grew by every request (100,000 in half an hour at 50 a
+    second, each request's end scanning them all)."""
+    store, clock, follower, reader = following_pair()
+    bucket = "code.thi.pl"
+    for _ in range(2000):
+        follower.route(bucket, pinned="none")
+        follower.finished(bucket, "none", recorded=1)  # its record skipped: none ever lands
+        clock.now += 0.1
+    assert len(follower._pending[bucket]["none"]) <= follower.landing_s / 0.1 + 2
+    assert follower.pending(bucket)["none"] <= follower.landing_s / 0.1 + 1
+
+
+def test_pending_records_count_only_while_the_store_is_available() -> None:
+    """With the store down no record can come: counted, the pending ones would narrow the
+    arms' spreads with no figure ever to correct them, and the router would explore arms for
+    nothing for the outage's length. They are kept (the records may land after it) and count
+    again once it is back."""
+    class FlakyStore(InProcessStatsStore):
+        up = True
+
+        @property
+        def available(self) -> bool:
+            return self.up
+
+    store = FlakyStore(clock=SimClock())
+    follower = ArmRouter(ARMS, "none", rng=random.Random(0))
+    follower.follow(store, "m", count_pending=True)
+    bucket = "code.t0.ps"
+    store.up = False
+    arms = [follower.choose(bucket) for _ in range(12)]
+    assert set(arms) == {"none"}  # the arm its figures (the prior's) name, every time
+    assert follower.pending(bucket) == {"none": 12}  # still kept
+    store.up = True
+    assert len({follower.choose(bucket) for _ in range(12)}) > 1
+
+
+def test_only_a_shared_store_s_router_counts_requests_in_flight() -> None:
+    """By default a router counts pending requests when it follows a store the decoders write
+    to (Redis); not an in-process one, which an ingress without Redis reads alone (its
+    pending requests would only ever expire, and explore the arms for nothing)."""
+    from router.store import RedisStatsStore
+
+    alone = ArmRouter(ARMS, "none")
+    alone.follow(InProcessStatsStore(clock=SimClock()), "m")
+    assert len({alone.choose("code.t0.ps") for _ in range(20)}) == 1
+    assert alone.pending("code.t0.ps") == {}
+    shared = ArmRouter(ARMS, "none")
+    shared.follow(RedisStatsStore("redis://127.0.0.1:1/0"), "m")
+    assert shared._counts_pending
 
 
 def test_a_redis_store_s_records_stay_pending_for_its_flush_and_refresh() -> None:

@@ -111,66 +111,21 @@ def test_an_error_quoting_a_lone_surrogate_is_sent_as_a_400():
                                                                       "code"}
 
 
-@pytest.mark.parametrize("is_chat", [False, True], ids=["completion", "chat"])
-def test_a_disconnect_while_sending_closes_the_decoder_stream_at_once(is_chat):
-    """A client's disconnect cancelling the response while it awaited ``send`` left the event
-    generators suspended at ``yield``: the decoder's stream (and the replica's slot) was only
-    released at garbage collection. A chat stream is cut while its first event (the role,
-    before any decoded item) is being sent."""
-    closed = asyncio.Event()
-
-    async def decoder_items():
-        try:
-            while True:
-                yield {"index": 0, "text": "x", "token_ids": [1], "finish_reason": None}
-        finally:
-            closed.set()
-
-    ingress = routed_ingress()
-    req = SamplingFields(stream=True)
-    payload = routed_payload(ingress, req.n)
-
-    async def main():
-        items = decoder_items()
-        response = SSEResponse(ingress._sse(req, is_chat, await anext(items), items, 1,
-                                            "cmpl-1", 0.0, payload))
-        sending = asyncio.Event()
-
-        async def send(message):
-            if message["type"] == "http.response.body":
-                sending.set()
-                await asyncio.Event().wait()  # a client that stopped reading
-
-        async def receive():
-            await asyncio.Event().wait()
-
-        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
-        task = asyncio.create_task(response(scope, receive, send))
-        await sending.wait()
-        task.cancel()  # what a disconnect does to the request's task
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        # ``response`` still holds the stream: only an explicit close releases the decoder's.
-        assert closed.is_set(), "the decoder's stream is still open"
-
-    asyncio.run(main())
-    # The client left before the choice's final item: its record will never come.
-    assert ingress.router.pending(payload["bucket"]) == {}
-
-
 BUCKET = "chat.t0.ps"
 
 
 def routed_ingress() -> IngressBase:
-    """An ingress's request handling with a real router following an in-process store, counting
-    requests in flight as with Redis; no model, decoder or store behind it."""
+    """An ingress's request handling with a real router following an in-process store on a
+    clock of the test's, counting requests in flight as with Redis; no model, decoder or store
+    behind it."""
     from router.policy import ArmRouter
+    from router.simulate import SimClock
     from router.store import InProcessStatsStore
 
     ingress = IngressBase.__new__(IngressBase)
     ingress.config = ServeConfig()
     ingress.router = ArmRouter(["none", "ngram_tree"], "none")
-    ingress.router.follow(InProcessStatsStore(), "m", count_pending=True)
+    ingress.router.follow(InProcessStatsStore(clock=SimClock()), "m", count_pending=True)
     ingress.metrics = types.SimpleNamespace(observe_latency=lambda seconds: None)
     ingress._ensure_store = lambda: None
     return ingress
@@ -193,9 +148,11 @@ def final_item(index: int) -> dict:
 @pytest.mark.parametrize("outcome", ["served", "refused", "failed"])
 def test_the_router_counts_a_request_pending_until_its_figures_can_arrive(stream, outcome):
     """A request counts in its bucket's figures from its routing (so the next ones are not all
-    sent after it to one arm) until its records arrive; one refused (503) or failed before its
-    choices' final items never records, and stops counting when it ends."""
+    sent after it to one arm) until its records arrive, and once it ended with its choices'
+    final items for the store's feedback lag at most; one refused (503) or failed before
+    them never records, and stops counting when it ends."""
     ingress = routed_ingress()
+    router = ingress.router
     req = SamplingFields(stream=stream, n=2)
 
     async def prepare(req, is_chat):
@@ -210,9 +167,12 @@ def test_the_router_counts_a_request_pending_until_its_figures_can_arrive(stream
         yield final_item(0)
         yield final_item(1)
 
-    async def collect(payload, n):
-        items = [item async for item in decoder_items(payload, 0)]
-        return ["x", ""], [item for item in items if "spec_decode" in item]
+    async def collect(payload, n):  # as ``_collect``: a final item, or {}, per choice
+        finals = [{}] * n
+        async for item in decoder_items(payload, 0):
+            if "spec_decode" in item:
+                finals[item["index"]] = item
+        return ["x", ""], finals
 
     ingress._prepare, ingress._stream, ingress._collect = prepare, decoder_items, collect
 
@@ -221,13 +181,67 @@ def test_the_router_counts_a_request_pending_until_its_figures_can_arrive(stream
             response = await ingress.complete(req, is_chat=True)
         except (APIError, RuntimeError):
             return
-        assert ingress.router.pending(BUCKET) == {"none": 2}  # answered or still decoding
+        assert router.pending(BUCKET) == {"none": 2}  # answered or still decoding
         if stream:
             async for _ in response.body_iterator:
                 pass
 
     asyncio.run(main())
-    assert ingress.router.pending(BUCKET) == ({"none": 2} if outcome == "served" else {})
+    assert router.pending(BUCKET) == ({"none": 2} if outcome == "served" else {})
+    router.clock.now += router.landing_s + 0.1  # no record came in the store's feedback lag
+    assert router.pending(BUCKET) == {}
+
+
+@pytest.mark.parametrize("spec", ["2.3", "2.4"])
+@pytest.mark.parametrize("cut_at", ["http.response.start", "http.response.body"],
+                         ids=["headers", "body"])
+@pytest.mark.parametrize("is_chat", [False, True], ids=["completion", "chat"])
+def test_a_disconnect_while_sending_closes_the_decoder_stream_at_once(is_chat, cut_at, spec):
+    """A client's disconnect cancelling the response while it awaited ``send`` left the event
+    generators suspended at ``yield``: the decoder's stream (and the replica's slot) was only
+    released at garbage collection. A chat stream is cut while its first event (the role,
+    before any decoded item) is being sent. Cut while sending the headers, the events'
+    generator never started and its ``finally`` never ran: the request also stayed pending in
+    the router for 10 minutes."""
+    closed = asyncio.Event()
+    ingress = routed_ingress()
+    req = SamplingFields(stream=True)
+    payload = routed_payload(ingress, req.n)
+
+    async def decoder_items():
+        try:
+            while True:
+                yield {"index": 0, "text": "x", "token_ids": [1], "finish_reason": None}
+        finally:
+            closed.set()
+
+    async def main():
+        items = decoder_items()
+        finals, end = ingress._stream_end(payload, items)
+        response = SSEResponse(ingress._sse(req, is_chat, await anext(items), items, 1,
+                                            "cmpl-1", 0.0, finals, end), on_close=end)
+        sending = asyncio.Event()
+
+        async def send(message):
+            if message["type"] == cut_at:
+                sending.set()
+                await asyncio.Event().wait()  # a client that stopped reading
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        scope = {"type": "http", "asgi": {"spec_version": spec}}
+        task = asyncio.create_task(response(scope, receive, send))
+        await sending.wait()
+        task.cancel()  # what a disconnect does to the request's task
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # ``response`` still holds the stream: only an explicit close releases the decoder's.
+        assert closed.is_set(), "the decoder's stream is still open"
+
+    asyncio.run(main())
+    # The client left before the choice's final item: its record will never come.
+    assert ingress.router.pending(BUCKET) == {}
 
 
 class _Store:

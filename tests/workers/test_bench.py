@@ -100,7 +100,7 @@ def test_bench_runs_methods_side_by_side_and_reports_them(bundled, tmp_path):
             # Bayes-UCB's routes are prepared after each record: every decision looked one up.
             assert detail["prepares"] == 3 and detail["prepare_ms_p99"] > 0
             assert detail["chosen_on_request"] == 0
-            assert "0 decisions chose their arm on the request" in summary
+            assert "0 of the requests' decisions chose their arm on the request" in summary
         else:
             assert "prepares" not in detail and "ahead of requests" not in summary
         assert summary.startswith(f"{router}: {vs['ratio']:.2f}x the best static method "
