@@ -561,10 +561,8 @@ class ArmRouter:
 
     def pending(self, bucket: str) -> dict[str, int]:
         """The bucket's records sent out, not yet in its figures and not overdue, by arm."""
-        now = self.clock()
-        counts = {arm: sum(entry.due >= now for entry in sent)
-                  for arm, sent in self._pending.get(bucket, {}).items()}
-        return {arm: count for arm, count in counts.items() if count}
+        self._expire(bucket, self.clock())
+        return {arm: len(sent) for arm, sent in self._pending.get(bucket, {}).items() if sent}
 
     def _route(self, bucket: str, pinned: str | None) -> Route:
         if pinned is not None:

@@ -598,12 +598,12 @@ class IngressBase(_StoreUser):
         if req.stream:
             items = self._stream(payload, retries=self.config.replica_retries)
             # Wait for the first delta before answering 200, so back-pressure is a real 503.
+            finals, end = self._stream_end(payload, items)
             try:
                 first = await anext(items, None)
             except BaseException:
-                self._finished(payload, 0)
+                await end()
                 raise
-            finals, end = self._stream_end(payload, items)
             return SSEResponse(self._sse(req, is_chat, first, items, prompt_tokens, rid, started,
                                          finals, end), on_close=end)
         try:
